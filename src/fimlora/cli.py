@@ -1,0 +1,181 @@
+"""The ``fimlora`` command line. Bad input → one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fimlora.errors import FimloraError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fisher-information-guided adaptive LoRA rank allocation.",
+)
+
+EXIT_USAGE = 2
+
+
+def _echo(message: str) -> None:
+    typer.echo(message)
+
+
+def _target_spec(value: str | None) -> str | list[str] | None:
+    """``query,value`` → a list of names; ``re:<pattern>`` → a regex; empty → the default targets."""
+    if not value:
+        return None
+    if value.startswith("re:"):
+        return value[3:]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see README, 'Configuration').")],
+    output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run every method of an experiment config and print the comparison."""
+    from fimlora.config import load_config
+    from fimlora.experiment import run_experiment
+    from fimlora.report import results_table
+
+    overrides: dict[str, Any] = {"output_dir": output_dir} if output_dir else {}
+    cfg = load_config(config, overrides)
+    _, results = run_experiment(cfg, progress=progress, overwrite=overwrite, log=_echo)
+    _echo("")
+    _echo(results_table(results))
+
+
+@app.command()
+def fisher(
+    model: Annotated[str, typer.Option(help="Built-in name (minilm, smollm2), local directory or hub id.")],
+    dataset: Annotated[str, typer.Option(help="Built-in dataset, local .csv/.json/.jsonl or hub id.")],
+    output: Annotated[Path, typer.Option(help="Directory for fisher.safetensors and fisher.json.")],
+    num_examples: Annotated[int, typer.Option(help="Calibration examples from the training split.")] = 256,
+    batch_size: int = 16,
+    estimator: Annotated[str, typer.Option(help="empirical or mc.")] = "empirical",
+    max_length: int = 64,
+    target_modules: Annotated[
+        str | None, typer.Option(help="Comma-separated names, or re:<regex>; default: all linear layers.")
+    ] = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> None:
+    """Estimate the per-example diagonal Fisher of the target weights and save it (safetensors + JSON)."""
+    from fimlora.config import parse_config
+    from fimlora.experiment import compute_fisher, prepare
+    from fimlora.fisher.result import summarize_scores
+
+    cfg = parse_config(
+        {
+            "model": model,
+            "dataset": dataset,
+            "methods": ["fim-lora"],
+            "seed": seed,
+            "target_modules": _target_spec(target_modules),
+            "trust_remote_code": trust_remote_code,
+            "dataset_options": {"text_column": text_column, "label_column": label_column},
+            "fisher": {"estimator": estimator, "num_examples": num_examples, "batch_size": batch_size},
+            "train": {"max_length": max_length},
+        },
+        source="fisher options",
+    )
+    prepared = prepare(cfg)
+    result = compute_fisher(prepared, output, progress=progress)
+    scores = result.scores("mean")
+    spread = summarize_scores(scores)
+    _echo(f"Fisher of {len(scores)} modules from {result.num_examples} examples written to {output}")
+    _echo(f"mean-score spread: max/min = {spread['max_over_min']:.3g}")
+    for name, value in sorted(scores.items(), key=lambda kv: -kv[1])[:10]:
+        _echo(f"  {value:.4e}  {name}")
+
+
+@app.command()
+def allocate(
+    fisher_dir: Annotated[Path, typer.Argument(help="Directory written by `fimlora fisher`.")],
+    output: Annotated[Path, typer.Option(help="Directory for allocation.json and adapter_config.json.")],
+    budget_rank: Annotated[
+        int | None, typer.Option(help="Budget = what uniform LoRA of this rank costs (default 8).")
+    ] = None,
+    budget_params: Annotated[int | None, typer.Option(help="Budget in trainable LoRA parameters.")] = None,
+    strategy: Annotated[str, typer.Option(help="proportional, uniform or random.")] = "proportional",
+    aggregation: Annotated[str, typer.Option(help="Per-module Fisher score: mean or trace.")] = "mean",
+    tau: float = 1.0,
+    r_min: int = 1,
+    r_max: int | None = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="Default: 2 × the budget's reference rank.")
+    ] = None,
+    scaling: Annotated[str, typer.Option(help="alpha_over_r or constant.")] = "alpha_over_r",
+    seed: int = 0,
+) -> None:
+    """Allocate ranks from a saved Fisher; write allocation.json and a PEFT adapter_config.json."""
+    from fimlora.allocation import allocate_ranks, uniform_rank_budget
+    from fimlora.fisher import FisherResult
+    from fimlora.report import rank_table
+
+    if budget_rank is not None and budget_params is not None:
+        raise FimloraError("Give either --budget-rank or --budget-params, not both.")
+    result = FisherResult.load(fisher_dir)
+    shapes = result.shapes
+    reference_rank = budget_rank or 8
+    budget = budget_params or uniform_rank_budget(shapes, reference_rank)
+    allocation = allocate_ranks(
+        result.scores(aggregation),
+        shapes,
+        budget=budget,
+        strategy=strategy,
+        r_min=r_min,
+        r_max=r_max,
+        tau=tau,
+        seed=seed,
+    )
+    task = result.metadata.get("task")
+    lora_config = allocation.to_lora_config(
+        lora_alpha=lora_alpha if lora_alpha is not None else 2.0 * reference_rank,
+        scaling=scaling,
+        task_type={"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(str(task)),
+        base_model_name_or_path=result.metadata.get("base_model_name_or_path"),
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    allocation.save(output / "allocation.json")
+    # PEFT's own writer: it serialises target_modules (a set) the way LoraConfig.from_pretrained reads it.
+    lora_config.save_pretrained(str(output))
+    _echo(rank_table(allocation.ranks))
+    _echo(f"{allocation.num_params:,} of {budget:,} budgeted parameters; written to {output}")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[str, typer.Option(help="Where the runs and report.md go.")] = "runs/demo",
+    steps: Annotated[int | None, typer.Option(help="Training steps per method (default 120).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+) -> None:
+    """MiniLM + movie reviews: Fisher-guided vs uniform vs random ranks at the same budget."""
+    from fimlora.demo import demo_config, run_demo
+
+    run_demo(demo_config(output_dir=output_dir, steps=steps), overwrite=overwrite, log=_echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except FimloraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: unfinished runs have no result.json and will re-run.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

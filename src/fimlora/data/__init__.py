@@ -1,0 +1,95 @@
+"""Datasets for fimlora as ``datasets.Dataset`` splits, plus tokenization and batching.
+
+:func:`load_task_data` resolves a name in this order:
+
+1. a registered built-in (:func:`available_datasets`; see :mod:`fimlora.data.builtin`);
+2. a local ``.csv``, ``.json`` or ``.jsonl`` file (:mod:`fimlora.data.files`);
+3. a Hugging Face hub dataset id (:mod:`fimlora.data.hub`; needs network access).
+
+Whatever the source, the result is a :class:`TaskData` with ``train``/``validation``/``test`` splits,
+a ``text`` column and, for classification, a ``label`` column of ids ``0..K-1``.
+"""
+
+from __future__ import annotations
+
+from fimlora.data import builtin as _builtin  # noqa: F401  (registers the built-in datasets)
+from fimlora.data.files import load_file_dataset, looks_like_file
+from fimlora.data.hub import load_hub_dataset
+from fimlora.data.registry import (
+    TASKS,
+    Task,
+    TaskData,
+    available_datasets,
+    check_task,
+    load_builtin,
+    quiet_datasets,
+    register_dataset,
+    registered_task,
+)
+from fimlora.data.tokenize import calibration_subset, make_collator, tokenize_task_data
+from fimlora.errors import FimloraError
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "TaskData",
+    "available_datasets",
+    "calibration_subset",
+    "load_task_data",
+    "make_collator",
+    "register_dataset",
+    "tokenize_task_data",
+]
+
+
+def load_task_data(
+    name: str,
+    *,
+    seed: int = 0,
+    task: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    hub_config: str | None = None,
+    trust_remote_code: bool = False,
+) -> TaskData:
+    """Load dataset ``name`` (built-in, local file or hub id) as :class:`TaskData` with seeded splits.
+
+    ``task`` defaults to the built-in's task, or for files/hub to classification when a label column
+    exists and causal-lm otherwise. ``text_column``/``label_column`` name the user's columns;
+    ``hub_config`` and ``trust_remote_code`` are passed to ``datasets.load_dataset`` for hub ids.
+    """
+    if task is not None:
+        check_task(task)
+    builtin_task = registered_task(name)
+    if builtin_task is not None:
+        if task is not None and task != builtin_task:
+            raise FimloraError(
+                f"Built-in dataset {name!r} is a {builtin_task} dataset, not {task}; drop the "
+                "task option or choose another dataset."
+            )
+        extras = {"text_column": text_column, "label_column": label_column, "hub_config": hub_config}
+        given = [key for key, value in extras.items() if value is not None]
+        if given:
+            raise FimloraError(
+                f"Option(s) {', '.join(given)} apply only to local files and hub datasets, "
+                f"not to the built-in dataset {name!r}; remove them."
+            )
+        return load_builtin(name, seed=seed)
+    if looks_like_file(name):
+        if hub_config is not None:
+            raise FimloraError(
+                f"hub_config applies only to hub datasets, not to the local file {name!r}; remove it."
+            )
+        with quiet_datasets():
+            return load_file_dataset(
+                name, seed=seed, task=task, text_column=text_column, label_column=label_column
+            )
+    return load_hub_dataset(
+        name,
+        seed=seed,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        hub_config=hub_config,
+        trust_remote_code=trust_remote_code,
+    )

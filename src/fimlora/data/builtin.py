@@ -1,0 +1,171 @@
+"""Built-in datasets, all from offline assets (see :mod:`fimlora.assets`); deterministic given ``seed``.
+
+Classification (VADER human-rated snippets, Hutto & Gilbert 2014; each line ``id<TAB>score<TAB>text``
+with a mean rating in -4..+4):
+
+- ``movie-reviews``: 10,072 Rotten Tomatoes snippets with ``|score| >= 0.5`` (4,996 positive / 5,076
+  negative), split 80/10/10 (8,058 / 1,007 / 1,007).
+- ``sentiment-domains``: the same rule over all four VADER sources (movie, tweets, amazon, nyt): 19,459
+  snippets with a ``domain`` column, split 80/10/10.
+
+Snippets rated near zero are dropped because their polarity is not clear to human raters either. Extra
+columns ``id`` (the source id, unique within a domain) and ``score`` are kept.
+
+Causal language modelling (Brown corpus, 1961 American English, 15 genres):
+
+- ``brown``: one example per corpus file (500 files, ~2,000 words each), split by file 90/5/5
+  (450 / 25 / 25) so no document spans two splits; columns ``text``, ``file`` and ``genre`` (the
+  genre letter, 2nd letter of the file name).
+- ``brown-fiction``: only the fiction genres k, l, m, n, p, r (general fiction, mystery, science fiction,
+  adventure, romance, humour): 126 files split 114 / 6 / 6.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from fimlora.assets import brown_dir, vader_dir
+from fimlora.data.registry import TaskData, register_dataset, split_three_ways
+from fimlora.errors import FimloraError
+
+MIN_ABS_SCORE = 0.5
+SENTIMENT_LABELS = ["negative", "positive"]
+VADER_DOMAINS = {
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+BROWN_FICTION_GENRES = frozenset("klmnpr")
+BROWN_GENRES = {
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles-lettres",
+    "h": "miscellaneous: government and house organs",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery and detective",
+    "m": "fiction: science",
+    "n": "fiction: adventure and western",
+    "p": "fiction: romance and love story",
+    "r": "humor",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# VADER sentiment snippets
+
+
+def read_vader_file(path: Path, domain: str) -> dict[str, list]:
+    """Rows of one ``*_GroundTruth.txt`` with ``|score| >= MIN_ABS_SCORE``, as columns.
+
+    The files are UTF-8 with CRLF line ends and no trailing newline; a few texts carry stray spaces.
+    """
+    columns: dict[str, list] = {"text": [], "label": [], "domain": [], "id": [], "score": []}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            raise FimloraError(
+                f"{path}:{lineno} is not id<TAB>score<TAB>text; delete {path.parent} so that it is "
+                "fetched again."
+            )
+        ident, score_str, text = parts
+        score = float(score_str)
+        text = text.strip()
+        if abs(score) < MIN_ABS_SCORE or not text:
+            continue
+        columns["text"].append(text)
+        columns["label"].append(int(score > 0))
+        columns["domain"].append(domain)
+        columns["id"].append(ident)
+        columns["score"].append(score)
+    return columns
+
+
+def _vader_task(name: str, domains: list[str], seed: int) -> TaskData:
+    root = vader_dir()
+    merged: dict[str, list] = {}
+    for domain in domains:
+        for key, values in read_vader_file(root / VADER_DOMAINS[domain], domain).items():
+            merged.setdefault(key, []).extend(values)
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=SENTIMENT_LABELS),
+            "domain": datasets.Value("string"),
+            "id": datasets.Value("string"),
+            "score": datasets.Value("float64"),
+        }
+    )
+    full = datasets.Dataset.from_dict(merged, features=features)
+    splits = split_three_ways(full, seed=seed, source=f"The {name} dataset")
+    return TaskData(name, "classification", splits, list(SENTIMENT_LABELS))
+
+
+@register_dataset("movie-reviews", task="classification")
+def load_movie_reviews(*, seed: int) -> TaskData:
+    """VADER Rotten Tomatoes snippets, positive vs negative (10,072 examples)."""
+    return _vader_task("movie-reviews", ["movie"], seed)
+
+
+@register_dataset("sentiment-domains", task="classification")
+def load_sentiment_domains(*, seed: int) -> TaskData:
+    """All four VADER sources with a ``domain`` column (19,459 examples)."""
+    return _vader_task("sentiment-domains", list(VADER_DOMAINS), seed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Brown corpus
+
+# The corpus writes opening/closing double quotes as `` and ''; plain quotes read more like the text a
+# pretrained LM has seen, which keeps perplexities comparable with other corpora.
+_QUOTE_TOKENS = {"``": '"', "''": '"'}
+
+
+def brown_plain_text(tagged: str) -> str:
+    """Strip POS tags from one Brown file: one sentence per line, tokens joined by single spaces.
+
+    Tags are removed with ``tok.rsplit("/", 1)[0]`` so words containing a slash (``1-1/2/cd``) survive.
+    """
+    sentences = []
+    for line in tagged.splitlines():
+        words = [tok.rsplit("/", 1)[0] for tok in line.split()]
+        if words:
+            sentences.append(" ".join(_QUOTE_TOKENS.get(w, w) for w in words))
+    return "\n".join(sentences)
+
+
+def _brown_task(name: str, genres: frozenset[str] | None, seed: int) -> TaskData:
+    root = brown_dir()
+    columns: dict[str, list[str]] = {"text": [], "file": [], "genre": []}
+    for path in sorted(root.glob("c[a-r][0-9][0-9]")):
+        genre = path.name[1]
+        if genres is not None and genre not in genres:
+            continue
+        # The files are latin-1 (in practice plain ASCII); latin-1 cannot fail to decode.
+        columns["text"].append(brown_plain_text(path.read_text(encoding="latin-1")))
+        columns["file"].append(path.name)
+        columns["genre"].append(genre)
+    full = datasets.Dataset.from_dict(columns)
+    splits = split_three_ways(full, seed=seed, fractions=(0.05, 0.05), source=f"The {name} dataset")
+    return TaskData(name, "causal-lm", splits)
+
+
+@register_dataset("brown", task="causal-lm")
+def load_brown(*, seed: int) -> TaskData:
+    """The whole Brown corpus, one example per file (500 files, 15 genres)."""
+    return _brown_task("brown", None, seed)
+
+
+@register_dataset("brown-fiction", task="causal-lm")
+def load_brown_fiction(*, seed: int) -> TaskData:
+    """The fiction genres of the Brown corpus (126 files)."""
+    return _brown_task("brown-fiction", BROWN_FICTION_GENRES, seed)

@@ -1,0 +1,281 @@
+"""User-supplied data: local CSV/JSON/JSONL files, and the column normalisation shared with hub datasets.
+
+Column resolution (:func:`normalize_splits`):
+
+- text: ``text_column`` if given, else the first of ``text``, ``sentence``, ``content`` that exists;
+- label: ``label_column`` if given, else ``label`` or ``labels`` if present, else none;
+- task: as given, else ``classification`` when a label column exists and ``causal-lm`` otherwise.
+
+Labels become ids ``0..K-1``: a ``ClassLabel`` column keeps its ids and names; any other labels (strings,
+ints, bools, integral floats) are mapped in sorted order of their distinct values across all splits, and
+``label_names`` holds their string forms. Rows with a missing text or label are dropped (with a warning).
+
+Splits: ``train`` must exist (a source with a single split uses it as train); ``validation`` may also be
+called ``valid``, ``val`` or ``dev``. Missing validation/test splits are carved out of train with a seeded
+split, 10% of train each (so 80/10/10 when both are missing). A provided split with no labels at all (e.g. a
+GLUE-style test set with label -1) counts as missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+
+from fimlora.data.registry import SPLITS, Task, TaskData, carve_splits, check_task, check_task_data
+from fimlora.errors import FimloraError
+
+logger = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+DEFAULT_TEXT_COLUMNS = ("text", "sentence", "content")
+DEFAULT_LABEL_COLUMNS = ("label", "labels")
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+CARVE_SHARE = 0.1
+
+
+def looks_like_file(name: str) -> bool:
+    """True if ``name`` should be treated as a local file path rather than a hub dataset id."""
+    path = Path(name).expanduser()
+    return path.suffix.lower() in FILE_BUILDERS or path.exists()
+
+
+def load_file_dataset(
+    name: str,
+    *,
+    seed: int,
+    task: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> TaskData:
+    """Load a local ``.csv``, ``.json`` (array or lines) or ``.jsonl`` file as :class:`TaskData`."""
+    path = Path(name).expanduser()
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise FimloraError(
+            f"{name!r} exists but is not a .csv, .json or .jsonl file; convert it to one of those formats."
+        )
+    if not path.is_file():
+        raise FimloraError(f"Data file {name!r} does not exist; check the path.")
+    if path.stat().st_size == 0:
+        raise FimloraError(f"Data file {name!r} is empty; it needs a header (CSV) or records (JSON).")
+    try:
+        raw = datasets.load_dataset(builder, data_files={"train": str(path.resolve())})
+    except Exception as exc:
+        reason = _first_line(exc)
+        if "corresponds to no data" in reason:
+            # datasets' wording when the file parses but holds no records (e.g. a CSV with only a header).
+            raise FimloraError(f"Data file {name!r} has no data rows; add some examples.") from exc
+        raise FimloraError(
+            f"Could not read {name!r} as {builder.upper()}: {reason}; fix the file's format."
+        ) from exc
+    return normalize_splits(
+        raw, name=name, seed=seed, task=task, text_column=text_column, label_column=label_column
+    )
+
+
+def normalize_splits(
+    raw: datasets.DatasetDict,
+    *,
+    name: str,
+    seed: int,
+    task: str | None,
+    text_column: str | None,
+    label_column: str | None,
+) -> TaskData:
+    """Turn a source's splits with arbitrary columns into :class:`TaskData` (see module docstring)."""
+    splits = _canonical_splits(raw, name)
+    columns = splits["train"].column_names
+    text_col = _pick_column(columns, text_column, DEFAULT_TEXT_COLUMNS, "text", name)
+    if text_col is None:
+        raise FimloraError(
+            f"Dataset {name!r} has no text column (looked for {list(DEFAULT_TEXT_COLUMNS)}); available "
+            f"columns: {columns}; pass text_column."
+        )
+    label_col = _pick_column(columns, label_column, DEFAULT_LABEL_COLUMNS, "label", name)
+    inferred: Task = "classification" if label_col else "causal-lm"
+    resolved = inferred if task is None else check_task(task)
+    if resolved == "classification" and label_col is None:
+        raise FimloraError(
+            f"Dataset {name!r} has no label column (looked for {list(DEFAULT_LABEL_COLUMNS)}; "
+            f"available columns: {columns}); pass label_column or use task='causal-lm'."
+        )
+    if resolved == "causal-lm":
+        if label_column is not None:
+            raise FimloraError(
+                f"label_column={label_column!r} was given but the task is causal-lm, which "
+                "uses no labels; drop label_column or use task='classification'."
+            )
+        label_col = None
+
+    for split, ds in splits.items():
+        wanted = [text_col] + ([label_col] if label_col else [])
+        missing = [c for c in wanted if c not in ds.column_names]
+        if missing:
+            raise FimloraError(
+                f"The {split} split of {name!r} lacks column(s) {missing}; available columns: "
+                f"{ds.column_names}."
+            )
+        splits[split] = _rename(ds, {text_col: "text", **({label_col: "label"} if label_col else {})})
+        _require_string_text(splits[split], text_col, name)
+
+    splits = {split: _drop_missing(ds, "text", name, split) for split, ds in splits.items()}
+    label_names = None
+    if resolved == "classification":
+        splits, label_names = _encode_labels(splits, name)
+        class_label = datasets.ClassLabel(names=label_names)
+        splits = {
+            split: _drop_missing(ds, "label", name, split).cast_column("label", class_label)
+            for split, ds in splits.items()
+        }
+        for split in ("validation", "test"):
+            # An unlabeled evaluation split is useless for classification: replace it by a carved one.
+            if split in splits and len(splits[split]) == 0 and len(raw[_raw_name(raw, split)]) > 0:
+                logger.warning("the %s split of %s has no labels; carving a new one from train", split, name)
+                del splits[split]
+
+    if len(splits["train"]) == 0:
+        raise FimloraError(
+            f"Dataset {name!r} has no usable training examples (empty, or every row lacks a "
+            "text or label); provide a non-empty dataset."
+        )
+    shares = {split: CARVE_SHARE for split in ("validation", "test") if split not in splits}
+    if shares:
+        carved = carve_splits(splits["train"], shares, seed=seed, source=f"Dataset {name!r}")
+        splits.update(carved)
+    return check_task_data(
+        TaskData(name, resolved, datasets.DatasetDict({s: splits[s] for s in SPLITS}), label_names)
+    )
+
+
+def _canonical_splits(raw: datasets.DatasetDict, name: str) -> dict[str, datasets.Dataset]:
+    found: dict[str, datasets.Dataset] = {}
+    for split, ds in raw.items():
+        canonical = SPLIT_ALIASES.get(str(split).lower())
+        if canonical is None and len(raw) == 1:
+            canonical = "train"
+        if canonical is None:
+            logger.warning("ignoring split %r of %s (not train/validation/test)", split, name)
+            continue
+        if canonical in found:
+            raise FimloraError(
+                f"Dataset {name!r} has two splits that both mean {canonical!r} ({list(raw)}); keep only one."
+            )
+        found[canonical] = ds
+    if "train" not in found:
+        raise FimloraError(f"Dataset {name!r} has no train split (it has {list(raw)}); provide one.")
+    return found
+
+
+def _raw_name(raw: datasets.DatasetDict, canonical: str) -> str:
+    return next(str(s) for s in raw if SPLIT_ALIASES.get(str(s).lower()) == canonical)
+
+
+def _pick_column(
+    columns: list[str], requested: str | None, defaults: tuple[str, ...], role: str, name: str
+) -> str | None:
+    """The requested column (which must exist), else the first default present, else None."""
+    if requested is not None:
+        if requested not in columns:
+            raise FimloraError(
+                f"Dataset {name!r} has no {role} column {requested!r}; available columns: {columns}."
+            )
+        return requested
+    return next((c for c in defaults if c in columns), None)
+
+
+def _rename(ds: datasets.Dataset, mapping: dict[str, str]) -> datasets.Dataset:
+    # A source column already called "text"/"label" that is *not* the chosen one would collide; it is
+    # dropped, since the user explicitly picked another column for that role.
+    clashes = [new for old, new in mapping.items() if new != old and new in ds.column_names]
+    if clashes:
+        ds = ds.remove_columns(clashes)
+    return ds.rename_columns({old: new for old, new in mapping.items() if old != new})
+
+
+def _require_string_text(ds: datasets.Dataset, source_column: str, name: str) -> None:
+    feature = ds.features["text"]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+        raise FimloraError(
+            f"Column {source_column!r} of {name!r} holds {feature}, not text; choose a text "
+            "column with text_column."
+        )
+
+
+def _drop_missing(ds: datasets.Dataset, column: str, name: str, split: str) -> datasets.Dataset:
+    # Slicing reads the column in one batch; iterating a Column would format row by row.
+    values = ds[column][:]
+    if column == "text":
+        keep = [i for i, v in enumerate(values) if v is not None and v.strip()]
+    else:
+        keep = [i for i, v in enumerate(values) if v is not None and v >= 0]
+    if len(keep) < len(ds):
+        logger.warning(
+            "dropping %d of %d %s rows of %s with a missing %s",
+            len(ds) - len(keep),
+            len(ds),
+            split,
+            name,
+            column,
+        )
+        ds = ds.select(keep)
+    return ds
+
+
+def _encode_labels(
+    splits: dict[str, datasets.Dataset], name: str
+) -> tuple[dict[str, datasets.Dataset], list[str]]:
+    """Map labels to ids 0..K-1; returns the new splits (missing labels as -1) and the label names."""
+    feature = splits["train"].features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return splits, list(feature.names)
+    if not isinstance(feature, datasets.Value):
+        raise FimloraError(
+            f"The label column of {name!r} holds {feature}; expected one class per row "
+            "(a string, integer or boolean)."
+        )
+    distinct: set = set()
+    for ds in splits.values():
+        distinct.update(v for v in ds.unique("label") if v is not None)
+    if any(isinstance(v, float) for v in distinct):
+        if not all(float(v).is_integer() for v in distinct):
+            raise FimloraError(
+                f"The label column of {name!r} holds non-integer numbers (regression "
+                "targets?); only classification labels are supported."
+            )
+        distinct = {int(v) for v in distinct}
+    try:
+        ordered = sorted(distinct)
+    except TypeError as exc:
+        raise FimloraError(
+            f"The label column of {name!r} mixes value types ({sorted(map(repr, distinct))[:5]}"
+            "...); make every label the same type."
+        ) from exc
+    if len(ordered) > 1000:
+        raise FimloraError(
+            f"The label column of {name!r} has {len(ordered)} distinct values; that looks "
+            "like an id or a regression target, not a class label."
+        )
+    ids = {value: i for i, value in enumerate(ordered)}
+    names = [str(v) for v in ordered]
+    encoded = {}
+    for split, ds in splits.items():
+        # None becomes -1 so that _drop_missing removes it like a ClassLabel's "no label".
+        column = [-1 if v is None else ids[int(v) if isinstance(v, float) else v] for v in ds["label"][:]]
+        encoded[split] = ds.remove_columns("label").add_column(
+            "label", column, feature=datasets.Value("int64")
+        )
+    return encoded, names
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")

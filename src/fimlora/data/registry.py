@@ -1,0 +1,212 @@
+"""The :class:`TaskData` contract and the registry of built-in dataset loaders.
+
+Conventions every loader (built-in, local file, hub) must meet, checked by :func:`check_task_data`:
+
+- ``splits`` has exactly the keys ``"train"``, ``"validation"`` and ``"test"``, none of them empty;
+- every split has a ``text`` column of strings; classification splits also have ``label`` (int ids
+  ``0..K-1`` indexing ``label_names``); other columns (``domain``, ``genre``, ...) may remain;
+- splits are a pure function of the source and ``seed``: the same seed gives identical splits.
+
+Built-in loaders are registered lm-evaluation-harness style::
+
+    @register_dataset("movie-reviews", task="classification")
+    def load_movie_reviews(*, seed: int) -> TaskData: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import datasets
+import numpy as np
+
+from fimlora.errors import FimloraError
+
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[str, ...] = get_args(Task)
+SPLITS: tuple[str, str, str] = ("train", "validation", "test")
+
+Loader = Callable[..., "TaskData"]
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' per-operation bars while loading: small files load in a blink, and their
+    bars would bury an error message in front of the user."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+@dataclass
+class TaskData:
+    """A dataset normalised for fimlora: three named splits and, for classification, the label names."""
+
+    name: str
+    task: Task
+    splits: datasets.DatasetDict
+    label_names: list[str] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes K (labels are ``0..K-1``); a FimloraError for a causal-lm dataset."""
+        if self.task != "classification" or self.label_names is None:
+            raise FimloraError(f"Dataset {self.name!r} is a {self.task} dataset and has no labels.")
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    task: Task
+    loader: Loader
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def check_task(task: str) -> Task:
+    """Return ``task`` if it is a supported task name, else raise a FimloraError naming the valid ones."""
+    if task not in TASKS:
+        raise FimloraError(f"Unknown task {task!r}; use one of: {', '.join(TASKS)}.")
+    return task  # type: ignore[return-value]
+
+
+def register_dataset(name: str, task: str) -> Callable[[Loader], Loader]:
+    """Decorator registering ``loader(*, seed: int) -> TaskData`` as the built-in dataset ``name``.
+
+    Names are unique; registering one twice is an error (so a plugin cannot silently replace a built-in).
+    """
+    checked = check_task(task)
+
+    def decorator(loader: Loader) -> Loader:
+        if name in _REGISTRY:
+            raise FimloraError(f"A dataset named {name!r} is already registered; choose another name.")
+        _REGISTRY[name] = _Entry(checked, loader)
+        return loader
+
+    return decorator
+
+
+def _ensure_builtins() -> None:
+    # Imported lazily: builtin.py imports this module to register itself.
+    importlib.import_module("fimlora.data.builtin")
+
+
+def available_datasets() -> list[str]:
+    """Sorted names of the registered built-in datasets."""
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def registered_task(name: str) -> Task | None:
+    """The task of built-in dataset ``name``, or None if ``name`` is not registered."""
+    _ensure_builtins()
+    entry = _REGISTRY.get(name)
+    return entry.task if entry else None
+
+
+def load_builtin(name: str, *, seed: int) -> TaskData:
+    """Run the registered loader for ``name`` and check what it returns against the contract."""
+    _ensure_builtins()
+    entry = _REGISTRY[name]
+    data = entry.loader(seed=seed)
+    if data.task != entry.task:
+        raise FimloraError(
+            f"Built-in dataset {name!r} is registered as {entry.task} but its loader "
+            f"returned {data.task} data; this is a bug in its loader."
+        )
+    return check_task_data(data)
+
+
+def split_three_ways(
+    dataset: datasets.Dataset,
+    *,
+    seed: int,
+    fractions: tuple[float, float] = (0.1, 0.1),
+    source: str,
+) -> datasets.DatasetDict:
+    """Split one dataset into train/validation/test with a seeded permutation.
+
+    ``fractions`` are the validation and test shares (default 80/10/10); see :func:`carve_splits`.
+    """
+    parts = carve_splits(
+        dataset, {"validation": fractions[0], "test": fractions[1]}, seed=seed, source=source
+    )
+    return datasets.DatasetDict({split: parts[split] for split in SPLITS})
+
+
+def carve_splits(
+    dataset: datasets.Dataset, shares: dict[str, float], *, seed: int, source: str
+) -> dict[str, datasets.Dataset]:
+    """Carve the splits named in ``shares`` out of ``dataset``; what remains is returned as ``"train"``.
+
+    Each carved split gets ``round(share * n)`` rows but at least one, and train must keep at least one.
+    The rows are chosen by a permutation drawn from ``numpy.random.default_rng(seed)`` (carved splits
+    taken in the order of ``shares``) and keep their original relative order within each split, so the
+    result depends only on the rows and ``seed``.
+    """
+    n = len(dataset)
+    sizes = {split: max(1, round(share * n)) for split, share in shares.items()}
+    if n - sum(sizes.values()) < 1:
+        raise FimloraError(
+            f"{source} has only {n} usable example(s), too few to make train, validation and test "
+            "splits; provide more data."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    parts: dict[str, np.ndarray] = {}
+    start = 0
+    for split, size in sizes.items():
+        parts[split] = order[start : start + size]
+        start += size
+    parts["train"] = order[start:]
+    return {split: dataset.select(np.sort(idx)) for split, idx in parts.items()}
+
+
+def check_task_data(data: TaskData) -> TaskData:
+    """Validate ``data`` against the module conventions; return it unchanged or raise FimloraError."""
+    check_task(data.task)
+    if sorted(data.splits) != sorted(SPLITS):
+        raise FimloraError(
+            f"Dataset {data.name!r} has splits {sorted(data.splits)}; expected exactly {list(SPLITS)}."
+        )
+    for split in SPLITS:
+        ds = data.splits[split]
+        if len(ds) == 0:
+            raise FimloraError(
+                f"The {split} split of dataset {data.name!r} is empty; provide more data "
+                "or a non-empty split."
+            )
+        _require_columns(ds, ["text"] + (["label"] if data.task == "classification" else []), data.name)
+    if data.task == "classification":
+        if not data.label_names or len(data.label_names) < 2:
+            raise FimloraError(
+                f"Classification dataset {data.name!r} has {len(data.label_names or [])} "
+                "distinct label(s); at least 2 are needed."
+            )
+        k = len(data.label_names)
+        for split in SPLITS:
+            labels = np.asarray(data.splits[split]["label"][:])
+            if labels.size and (labels.min() < 0 or labels.max() >= k):
+                raise FimloraError(
+                    f"The {split} split of {data.name!r} has label ids outside 0..{k - 1}; "
+                    "this is a bug in its loader."
+                )
+    elif data.label_names is not None:
+        raise FimloraError(
+            f"Causal-LM dataset {data.name!r} must not have label names; this is a bug in its loader."
+        )
+    return data
+
+
+def _require_columns(ds: datasets.Dataset, columns: Sequence[str], name: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise FimloraError(f"Dataset {name!r} lacks column(s) {missing}; it has {ds.column_names}.")

