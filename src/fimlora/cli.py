@@ -157,7 +157,7 @@ def allocate(
 @app.command()
 def demo(
     output_dir: Annotated[str, typer.Option(help="Where the runs and report.md go.")] = "runs/demo",
-    steps: Annotated[int | None, typer.Option(help="Training steps per method (default 120).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps per method (default 100).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
 ) -> None:
     """MiniLM + movie reviews: Fisher-guided vs uniform vs random ranks at the same budget."""

@@ -23,7 +23,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "fisher": {"estimator": "empirical", "num_examples": 256, "batch_size": 16, "aggregation": "mean"},
     "lora": {"alpha": 8, "dropout": 0.0, "scaling": "alpha_over_r"},
     "train": {
-        "steps": 120,
+        "steps": 100,
         "batch_size": 16,
         "learning_rate": 2e-3,
         "max_length": 64,
@@ -61,7 +61,8 @@ def run_demo(
         "model": config.model,
         "dataset": f"{config.dataset} (evaluated on the {config.train.eval_split} split)",
         "targets": f"{len(prepared.targets)} linear modules",
-        "budget": f"{prepared.budget:,} trainable LoRA parameters (uniform rank {config.budget.reference_rank})",
+        "budget": f"{prepared.budget:,} trainable LoRA parameters "
+        f"(uniform rank {config.budget.reference_rank})",
         "Fisher": f"{config.fisher.estimator}, {config.fisher.num_examples} calibration examples from the "
         f"training split, aggregation '{config.fisher.aggregation}'",
         "training": f"{config.train.steps} steps × batch {config.train.batch_size}, "

@@ -195,7 +195,10 @@ def run_method(
         )
     eval_data = prepared.tokenized[config.train.eval_split]
     if config.train.eval_examples is not None:
-        eval_data = eval_data.select(range(min(config.train.eval_examples, len(eval_data))))
+        # A seeded random subset: the split keeps its source order, whose head need not be typical.
+        eval_data = eval_data.shuffle(seed=config.seed).select(
+            range(min(config.train.eval_examples, len(eval_data)))
+        )
     metrics = evaluate(
         model,
         eval_data,

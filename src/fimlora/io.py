@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it onto ``path``.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic on POSIX.

@@ -98,7 +98,7 @@ def load_model(
                     output_loading_info=True,
                 )
             else:
-                model, info = AutoModelForCausalLM.from_pretrained(
+                model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
                     source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
                 )
     except FimloraError:

@@ -54,7 +54,7 @@ def git_revision(path: Path) -> str | None:
 
 
 def environment(seed: int) -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -7,6 +7,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from fimlora.config import TrainSettings
 from fimlora.errors import FimloraError
+
+# transformers' own deprecation notice, raised from inside PEFT and Trainer; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def build_peft_model(model: nn.Module, lora_config: LoraConfig, *, seed: int) -> PeftModel:
@@ -88,6 +92,14 @@ class PeakMemory:
     @property
     def kind(self) -> str:
         return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+
+
+class _LossInProgressBar(ProgressCallback):
+    """Trainer's progress bar, with the loss shown on the bar instead of a printed dict every step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
 
 class _StepLog(TrainerCallback):
@@ -169,6 +181,9 @@ def train(
         data_collator=collator,
         callbacks=[step_log],
     )
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_LossInProgressBar())
     device = next(model.parameters()).device
     started = time.perf_counter()
     with PeakMemory(device) as memory:

@@ -44,7 +44,8 @@ def test_movie_reviews_counts_and_labels(movies: TaskData) -> None:
     assert movies.label_names == ["negative", "positive"]
     assert movies.num_labels == 2
     sizes = {s: len(movies.splits[s]) for s in SPLITS}
-    assert sizes == {"train": 8058, "validation": 1007, "test": 1007}
+    # 80/10/10 of 10,072, give or take a duplicated snippet kept with its twin.
+    assert sizes == {"train": 8057, "validation": 1007, "test": 1008}
     assert sum(sizes.values()) == 10_072
     labels = [label for s in SPLITS for label in movies.splits[s]["label"][:]]
     assert labels.count(1) == 4_996
@@ -62,6 +63,11 @@ def test_movie_reviews_splits_are_disjoint(movies: TaskData) -> None:
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
+    # The source repeats a few snippets under two ids; every copy lands in the same split.
+    texts = {s: set(movies.splits[s]["text"][:]) for s in SPLITS}
+    assert sum(len(t) for t in texts.values()) < 10_072
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["test"]
 
 
 def test_movie_reviews_deterministic_per_seed(movies: TaskData) -> None:
@@ -70,7 +76,7 @@ def test_movie_reviews_deterministic_per_seed(movies: TaskData) -> None:
     for s in SPLITS:
         assert _keys(again.splits[s], "id", "text", "label") == _keys(movies.splits[s], "id", "text", "label")
     assert set(other.splits["test"]["id"][:]) != set(movies.splits["test"]["id"][:])
-    assert len(other.splits["test"]) == len(movies.splits["test"])
+    assert abs(len(other.splits["test"]) - len(movies.splits["test"])) <= 2
 
 
 def test_sentiment_domains() -> None:

@@ -60,11 +60,8 @@ def brute_force_fisher(model, batches, names):
             else:
                 label = batch["labels"][i][keep].unsqueeze(0)
                 n_tokens = int((label[:, 1:] != -100).sum())
-                if n_tokens == 0:
-                    loss = None
-                else:
-                    # HF's LM loss is the mean over labelled tokens; ℓ_n is their sum.
-                    loss = model(input_ids=ids, labels=label).loss * n_tokens
+                # HF's LM loss is the mean over labelled tokens; ℓ_n is their sum.
+                loss = None if n_tokens == 0 else model(input_ids=ids, labels=label).loss * n_tokens
             if loss is not None:
                 grads = torch.autograd.grad(loss, weights)
                 for s, g in zip(sums, grads, strict=True):

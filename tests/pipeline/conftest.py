@@ -24,7 +24,7 @@ def write_sentiment_csv(path: Path, n: int = 160, seed: int = 0) -> Path:
         writer.writerow(["review", "sentiment"])
         for _ in range(n):
             positive = rng.random() < 0.5
-            words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+            words = [*rng.sample(FILLER, 5), rng.choice(POSITIVE if positive else NEGATIVE)]
             rng.shuffle(words)
             writer.writerow([" ".join(words), "pos" if positive else "neg"])
     return path

@@ -107,10 +107,16 @@ def test_fisher_then_allocate_writes_a_plain_peft_config(capsys, tiny_bert_dir, 
     from peft import LoraConfig
 
     fisher_dir, alloc_dir = tmp_path / "fisher", tmp_path / "alloc"
-    code, out, _ = run_cli(
-        capsys, "fisher", "--model", str(tiny_bert_dir), "--dataset", str(sentiment_csv), "--output", str(fisher_dir),
-        "--num-examples", "16", "--text-column", "review", "--label-column", "sentiment", "--no-progress",
-    )  # fmt: skip
+    fisher_args = [
+        "--model",
+        str(tiny_bert_dir),
+        "--dataset",
+        str(sentiment_csv),
+        "--output",
+        str(fisher_dir),
+    ]
+    fisher_args += ["--num-examples", "16", "--text-column", "review", "--label-column", "sentiment"]
+    code, out, _ = run_cli(capsys, "fisher", *fisher_args, "--no-progress")
     assert code == 0 and "16 examples" in out
     code, out, _ = run_cli(
         capsys, "allocate", str(fisher_dir), "--output", str(alloc_dir), "--budget-rank", "2"

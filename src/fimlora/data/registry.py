@@ -161,13 +161,26 @@ def carve_splits(
             "splits; provide more data."
         )
     order = np.random.default_rng(seed).permutation(n)
-    parts: dict[str, np.ndarray] = {}
+    names = [*sizes, "train"]
+    assigned = np.empty(n, dtype=np.int64)
     start = 0
-    for split, size in sizes.items():
-        parts[split] = order[start : start + size]
+    for k, size in enumerate(sizes.values()):
+        assigned[order[start : start + size]] = k
         start += size
-    parts["train"] = order[start:]
-    return {split: dataset.select(np.sort(idx)) for split, idx in parts.items()}
+    assigned[order[start:]] = len(names) - 1
+    if "text" in dataset.column_names:
+        assigned = _keep_duplicates_together(dataset["text"][:], order, assigned)
+    return {split: dataset.select(np.flatnonzero(assigned == k)) for k, split in enumerate(names)}
+
+
+def _keep_duplicates_together(texts: Sequence[str], order: np.ndarray, assigned: np.ndarray) -> np.ndarray:
+    """Every copy of a text goes where its first copy in the permutation went: a snippet duplicated in
+    the source (the VADER files have a few) never sits in train and test at once."""
+    first_split: dict[str, int] = {}
+    result = assigned.copy()
+    for row in order:
+        result[row] = first_split.setdefault(texts[row], int(assigned[row]))
+    return result
 
 
 def check_task_data(data: TaskData) -> TaskData:

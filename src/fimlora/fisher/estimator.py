@@ -28,8 +28,9 @@ from fimlora.models import linear_modules, resolve_target_modules
 
 ESTIMATORS = ("empirical", "mc")
 
-# Bound on the per-example gradient block materialised at once (elements): 2**26 float32 = 256 MiB.
-DEFAULT_MAX_CHUNK_ELEMENTS = 2**26
+# Bound on the per-example gradient block materialised at once (elements). 2**20 float32 = 4 MiB keeps
+# the block in cache while it is squared and summed; larger blocks measured 1.2-1.7x slower on MiniLM.
+DEFAULT_MAX_CHUNK_ELEMENTS = 2**20
 
 
 class _SquaredGradAccumulator:
