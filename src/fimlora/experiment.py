@@ -26,6 +26,7 @@ from fimlora.data import TaskData, calibration_subset, load_task_data, make_coll
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
+from fimlora.io import ordinary_permissions
 from fimlora.methods import AllocationRequest, get_method
 from fimlora.models import LoadedModel, load_model, resolve_target_modules, weight_shapes
 from fimlora.runs import RunDirectory, environment
@@ -242,6 +243,7 @@ def save_adapter(model: Any, directory: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory.parent))
     try:
         model.save_pretrained(str(tmp))
+        ordinary_permissions(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

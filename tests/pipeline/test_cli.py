@@ -146,3 +146,21 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "mapping" in proc.stderr
+
+
+def test_run_prints_the_comparison_and_reuses_finished_runs(
+    capsys, write_config, tiny_bert_dir, sentiment_csv, tmp_path
+):
+    out = tmp_path / "runs"
+    text = (
+        f"model: {tiny_bert_dir}\ndataset: {sentiment_csv}\noutput_dir: {out}\nmethods: [lora]\n"
+        "dataset_options: {text_column: review, label_column: sentiment}\nbudget: {uniform_rank: 2}\n"
+        "train: {steps: 2, batch_size: 4, max_length: 16}\n"
+    )
+    config = write_config(text)
+    code, stdout, _ = run_cli(capsys, "run", str(config), "--no-progress")
+    assert code == 0
+    assert "| lora |" in stdout and "adapter params" in stdout
+    assert (out / "lora" / "result.json").is_file()
+    code, stdout, _ = run_cli(capsys, "run", str(config), "--no-progress")
+    assert code == 0 and "already finished" in stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,13 @@ from fimlora.config import parse_config
 from fimlora.experiment import compute_fisher, prepare, run_experiment, run_method
 from fimlora.methods import get_method
 from fimlora.runs import RunDirectory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 RUN_FILES = {"config.yaml", "environment.json", "allocation.json", "adapter", "metrics.jsonl", "result.json"}
 
@@ -78,6 +86,7 @@ def test_run_directories_are_complete(classification_runs):
         env = json.loads(run.file("environment.json").read_text())
         assert env["seed"] == 0 and env["packages"]["peft"]
         assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["num_examples"] == 16
+        assert run.file("adapter").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not tempfile's 0700
         has_fisher = run.file("fisher.safetensors").exists()
         assert has_fisher == (r["method"] != "lora")
         cfg = run.file("config.yaml").read_text()

@@ -150,7 +150,11 @@ def estimate_fisher(
     device = _model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     seen = 0
-    bar = tqdm(total=max_examples, desc=f"Fisher ({estimator})", unit="ex", disable=not progress)
+    dataset = getattr(dataloader, "dataset", None)
+    total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    if max_examples is not None:
+        total = min(total, max_examples) if total is not None else max_examples
+    bar = tqdm(total=total, desc=f"Fisher ({estimator})", unit="ex", disable=not progress)
     accumulator = _SquaredGradAccumulator({n: linears[n] for n in names}, max_chunk_elements)
     with _frozen_eval(model), accumulator, torch.enable_grad():
         for batch_index, raw in enumerate(dataloader):
