@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import ExperimentConfig
@@ -65,6 +66,8 @@ def prepare(config: ExperimentConfig) -> Prepared:
         hub_config=options.hub_config,
         trust_remote_code=config.trust_remote_code,
     )
+    # The task head is initialised randomly at load time: seed first, or no run is reproducible.
+    set_seed(config.seed)
     loaded = load_model(
         config.model,
         data.task,  # type: ignore[arg-type]

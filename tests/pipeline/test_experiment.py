@@ -202,3 +202,22 @@ def test_trained_causal_lm_reloads_in_plain_peft_with_identical_logits(tiny_llam
     adapter_dir = tmp_path / "runs" / "fim-lora" / "adapter"
     got = _fresh_process_logits("AutoModelForCausalLM", prepared.loaded.source, adapter_dir, inputs, tmp_path)
     assert torch.equal(got, want)
+
+
+def test_same_seed_reproduces_the_run_exactly(tiny_bert_dir, sentiment_csv, tmp_path):
+    outcomes = []
+    for attempt in ("a", "b"):
+        config = tiny_config(
+            tiny_bert_dir,
+            sentiment_csv,
+            tmp_path / attempt,
+            methods=["fim-lora"],
+            dataset_options={"text_column": "review", "label_column": "sentiment"},
+        )
+        _, results = run_experiment(config, progress=False, log=lambda _: None)
+        weights = load_file(str(tmp_path / attempt / "fim-lora" / "adapter" / "adapter_model.safetensors"))
+        outcomes.append((results[0], weights))
+    (first, w1), (second, w2) = outcomes
+    assert first["metrics"] == second["metrics"]
+    assert first["train"]["final_train_loss"] == second["train"]["final_train_loss"]
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
