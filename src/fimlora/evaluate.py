@@ -35,7 +35,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    # Metrics do not depend on order; batching examples of similar length wastes far less on padding.
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    ordered = dataset.select(np.argsort(lengths, kind="stable"))
+    loader = DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collator)
     total_loss, total_count = 0.0, 0
     predictions: list[np.ndarray] = []
     references: list[np.ndarray] = []
