@@ -33,14 +33,13 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-def demo_config(**overrides: Any) -> ExperimentConfig:
-    data = dict(DEMO_CONFIG)
-    train = dict(data["train"])
-    if overrides.get("steps") is not None:
-        train["steps"] = overrides.pop("steps")
-    overrides.pop("steps", None)
-    data["train"] = train
-    data.update({k: v for k, v in overrides.items() if v is not None})
+def demo_config(*, output_dir: str | None = None, steps: int | None = None) -> ExperimentConfig:
+    """The demo's experiment, optionally elsewhere or with another number of training steps."""
+    data = {**DEMO_CONFIG, "train": dict(DEMO_CONFIG["train"])}
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    if steps is not None:
+        data["train"]["steps"] = steps
     return parse_config(data, source="demo config")
 
 

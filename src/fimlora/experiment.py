@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class Prepared:
     budget: int
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
