@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fimlora.errors import FimloraError
+from fimlora.io import ordinary_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ def _ensure_cached(
 
     tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(name), dir=root))
     try:
-        # mkdtemp makes the directory private (0700); a finished cache entry should read like any other.
-        tmp.chmod(0o755)
+        ordinary_permissions(tmp)  # mkdtemp makes it private; a cache entry should read like any other
         build(tmp)
         if not is_complete(tmp):
             raise FimloraError(

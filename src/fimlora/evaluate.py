@@ -36,7 +36,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     # Metrics do not depend on order; batching examples of similar length wastes far less on padding.
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    lengths = np.array([len(ids) for ids in dataset["input_ids"][:]])  # [:] reads the column at once
     ordered = dataset.select(np.argsort(lengths, kind="stable"))
     loader = DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=collator)
     total_loss, total_count = 0.0, 0
