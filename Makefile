@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets demo test test-slow lint typecheck clean
+.PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot
 
 setup: $(STAMP) $(ASSETS_STAMP)
 
@@ -52,6 +52,26 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
+
+# Render DIR's report (default: the demo's runs) and screenshot report.html in headless Chromium, to
+# check its layout: make report-screenshot REPORT_DIR=runs/sweep
+REPORT_DIR ?= runs/demo
+CHROMIUM ?= /usr/bin/chromium
+report-screenshot: setup
+	$(BIN)/fimlora report $(REPORT_DIR)
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,3000 \
+		--screenshot=$(abspath $(REPORT_DIR))/report-screenshot.png file://$(abspath $(REPORT_DIR))/report.html
+	@echo "screenshot: $(REPORT_DIR)/report-screenshot.png"
+
+# Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, and training-step
+# time. BENCH_ARGS go to both scripts (--quick, --device cuda, --threads N); FISHER_BENCH_ARGS only to
+# fisher_cost.py (e.g. --full). Results land in benchmarks/results/.
+BENCH_ARGS ?=
+FISHER_BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(BIN)/python benchmarks/fisher_cost.py $(BENCH_ARGS) $(FISHER_BENCH_ARGS)
+	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

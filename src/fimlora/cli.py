@@ -155,6 +155,27 @@ def allocate(
 
 
 @app.command()
+def methods(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML: count parameters at its budget (no training).")
+    ] = None,
+    every_preset: Annotated[bool, typer.Option("--all", help="Count every preset instead.")] = False,
+) -> None:
+    """List the method presets, or what each method trains at a config's budget."""
+    from fimlora.inventory import inventory_table, parameter_inventory, presets_table
+
+    if config is None:
+        _echo(presets_table())
+        return
+    from fimlora.config import load_config
+    from fimlora.methods import PRESETS
+
+    cfg = load_config(config)
+    rows = parameter_inventory(cfg, list(PRESETS) if every_preset else None, log=_echo)
+    _echo(inventory_table(rows))
+
+
+@app.command()
 def demo(
     output_dir: Annotated[str, typer.Option(help="Where the runs and report.md go.")] = "runs/demo",
     steps: Annotated[int | None, typer.Option(help="Training steps per method (default 100).")] = None,
@@ -164,6 +185,132 @@ def demo(
     from fimlora.demo import demo_config, run_demo
 
     run_demo(demo_config(output_dir=output_dir, steps=steps), overwrite=overwrite, log=_echo)
+
+
+@app.command()
+def results(
+    runs_dir: Annotated[Path, typer.Argument(help="Directory searched recursively for run directories.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where results.parquet/.csv and unfinished.csv go (default: DIR).")
+    ] = None,
+) -> None:
+    """Collect every finished run below DIR into one table (Parquet + CSV); unfinished runs kept apart."""
+    from fimlora.results import collect_results
+
+    table = collect_results(runs_dir)
+    paths = table.write(out or runs_dir)
+    _echo(f"{len(table.frame)} finished run(s) written to {paths['parquet']} and {paths['csv']}")
+    counts = table.frame.groupby(["dataset", "model", "budget_label", "method"], dropna=False).size()
+    for (dataset, model, budget, method), n in counts.items():
+        _echo(f"  {dataset} / {model} / {budget} / {method}: {n} run(s)")
+    if table.unfinished:
+        _echo(f"{len(table.unfinished)} unfinished run(s), not in the table (see {paths['unfinished']}):")
+        for run_ in table.unfinished:
+            _echo(f"  {run_.path} ({run_.reason})")
+
+
+@app.command()
+def report(
+    runs_dir: Annotated[Path, typer.Argument(help="Directory searched recursively for runs.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where report.md, report.html, report_files/ go (default: DIR).")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="Primary metric (default: accuracy, or perplexity for causal LM).")
+    ] = None,
+    baseline: Annotated[str, typer.Option(help="Method the paired comparisons are made against.")] = "lora",
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples (at least 10,000).")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Statistics over seeds, paired comparisons and plots of every finished run below DIR: md + html."""
+    from fimlora.reporting import build_report
+
+    if resamples < 10_000:
+        raise FimloraError(f"--resamples must be at least 10000 for stable 95% intervals, got {resamples}.")
+    files = build_report(runs_dir, out, metric=metric, baseline=baseline, n_resamples=resamples, seed=seed)
+    _echo(f"report: {files.markdown} and {files.html} ({len(files.images)} figures in {files.html.parent})")
+
+
+@app.command()
+def calibration(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML: model, dataset, targets, Fisher batch.")],
+    sizes: Annotated[str, typer.Option(help="Comma-separated calibration sizes.")] = "16,64,256",
+    repeats: Annotated[int, typer.Option(help="Disjoint subsets per size (pairs compared: all).")] = 3,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: <output_dir>/calibration).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="k of the top-k overlap (default: modules / 4).")] = None,
+    mc: Annotated[bool, typer.Option(help="Also estimate the Monte-Carlo Fisher and compare.")] = True,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the subsets and MC labels (default: the config's).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+) -> None:
+    """Fisher ranking stability across disjoint calibration subsets, per size; empirical vs MC Fisher."""
+    from fimlora.analysis import calibration_stability
+    from fimlora.config import load_config
+    from fimlora.experiment import prepare
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise FimloraError(f"--sizes must be comma-separated integers, got {sizes!r}.") from None
+    cfg = load_config(config)
+    prepared = prepare(cfg)
+    result = calibration_stability(
+        prepared,
+        size_list,
+        repeats,
+        estimators=("empirical", "mc") if mc else ("empirical",),
+        k=top_k,
+        seed=seed,
+        progress=progress,
+        log=_echo,
+    )
+    paths = result.write(out or Path(cfg.output_dir) / "calibration")
+    summary = result.summary()
+    for _, row in summary[summary["aggregation"] == cfg.fisher.aggregation].iterrows():
+        _echo(
+            f"  size {row['size']:>5}  {row['comparison']:<16} {row['estimator']:<13} "
+            f"Kendall τ {row['kendall_tau_mean']:.3f}  top-{row['k']} overlap {row['top_k_overlap_mean']:.2f}"
+        )
+    _echo(f"written to {paths['json']} and {paths['csv']}")
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see README, 'Sweeps').")],
+    dry_run: Annotated[bool, typer.Option(help="List the runs and which are done; run nothing.")] = False,
+    backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    workers: Annotated[
+        int | None, typer.Option(help="Local worker processes (default 1: runs in this process).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join ('auto': the running one); default: start one.")
+    ] = None,
+    cpus_per_run: Annotated[float | None, typer.Option(help="Ray: CPUs per run (default 1).")] = None,
+    gpus_per_run: Annotated[float | None, typer.Option(help="Ray: GPUs per run (default 0).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over runs.")] = True,
+) -> None:
+    """Run every grid point of a sweep spec once: finished runs are skipped, unfinished ones re-run.
+
+    Exit code 1 when any run failed (the others still ran), 2 for a bad spec or bad options.
+    """
+    from fimlora.sweep import load_spec, run_sweep
+
+    summary = run_sweep(
+        load_spec(spec),
+        dry_run=dry_run,
+        backend=backend,  # type: ignore[arg-type]
+        workers=workers,
+        ray_address=ray_address,
+        cpus_per_run=cpus_per_run,
+        gpus_per_run=gpus_per_run,
+        progress=progress,
+        log=_echo,
+    )
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,6 +61,90 @@ class LoraSettings(_Strict):
     scaling: Literal["alpha_over_r", "constant"] = "alpha_over_r"
 
 
+class AdaLoraSettings(_Strict):
+    init_rank_factor: float = Field(
+        1.5, ge=1, description="init_r = ceil(factor × the budget's reference rank)."
+    )
+    tinit_ratio: float = Field(0.1, ge=0, lt=1, description="Steps before pruning starts, as a fraction.")
+    tfinal_ratio: float = Field(
+        0.2, ge=0, lt=1, description="Final steps at the target budget, as a fraction."
+    )
+    delta_t: int = Field(1, ge=1, description="Steps between two re-allocations.")
+    beta1: float = Field(0.85, gt=0, lt=1)
+    beta2: float = Field(0.85, gt=0, lt=1)
+    orth_reg_weight: float = Field(0.5, ge=0)
+    budget_unit: Literal["params", "ranks"] = Field(
+        "params", description="params: prune to the parameter budget; ranks: PEFT's rank budget unchanged."
+    )
+
+
+class EvaSettings(_Strict):
+    rho: float = Field(2.0, ge=1, description="A module may get up to rho × r ranks.")
+    tau: float = Field(0.99, gt=0, le=1, description="Cosine-similarity threshold for SVD convergence.")
+
+
+class LoraPlusSettings(_Strict):
+    lr_ratio: float = Field(16.0, ge=1, description="Learning rate of B over that of A.")
+
+
+class RiemannianSettings(_Strict):
+    reg: float = Field(1e-2, ge=0, description="Damping λ of the r×r preconditioners.")
+    base_optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="Optimizer fed the preconditioned gradients."
+    )
+
+
+class VeraSettings(_Strict):
+    rank: int = Field(256, ge=1, description="Rank of the shared random projections (capped by layer dims).")
+    d_initial: float = Field(0.1, gt=0)
+
+
+class DeltaLoraSettings(_Strict):
+    lambda_: float = Field(2.0, ge=0, alias="lambda", description="W moves by λ·Δ(sBA) after warm-up.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Steps before W moves, as a fraction.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class HydraLoraSettings(_Strict):
+    num_heads: int | Literal["auto"] = Field(
+        "auto", description="Number of B heads k, or 'auto': cluster the training texts (k ≤ k_max)."
+    )
+    k_max: int = Field(8, ge=2)
+    balance_weight: float = Field(0.0, ge=0, description="Weight of the router load-balance loss.")
+
+
+class SpectralSettings(_Strict):
+    damping: float = Field(1e-3, ge=0, description="K-FAC damping (× mean eigenvalue) for the whitened gain.")
+
+
+class FullFtSettings(_Strict):
+    lr_scale: float = Field(0.1, gt=0, description="Full fine-tuning lr = train.learning_rate × lr_scale.")
+
+
+class MethodOptions(_Strict):
+    """Knobs of individual methods; each applies only to the methods that use it."""
+
+    adalora: AdaLoraSettings = AdaLoraSettings()
+    eva: EvaSettings = EvaSettings()
+    loraplus: LoraPlusSettings = LoraPlusSettings()
+    riemannian: RiemannianSettings = RiemannianSettings()
+    vera: VeraSettings = VeraSettings()
+    delta_lora: DeltaLoraSettings = DeltaLoraSettings()
+    hydralora: HydraLoraSettings = HydraLoraSettings()
+    spectral: SpectralSettings = SpectralSettings()
+    full_ft: FullFtSettings = FullFtSettings()
+
+
+class MethodEntry(_Strict):
+    """A method given by its axes; unspecified axes come from the preset of that name, if any."""
+
+    name: str
+    allocation: str | None = None
+    adapter: str | None = None
+    optimizer: str | None = None
+
+
 class TrainSettings(_Strict):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -72,6 +156,10 @@ class TrainSettings(_Strict):
     eval_split: Literal["validation", "test"] = "test"
     eval_examples: int | None = Field(None, ge=1, description="Cap on evaluated examples; None = all.")
     eval_batch_size: int = Field(64, ge=1)
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trainer loggers (tensorboard, mlflow, wandb, …); logs go to the run's logs/ directory.",
+    )
 
 
 class ExperimentConfig(_Strict):
@@ -81,7 +169,11 @@ class ExperimentConfig(_Strict):
     dataset: str = Field(description="Built-in name, local .csv/.json/.jsonl file or hub dataset id.")
     task: Literal["classification", "causal-lm"] | None = None
     dataset_options: DatasetSettings = DatasetSettings()
-    methods: list[str] = Field(default_factory=lambda: ["lora", "fim-lora", "random-rank"], min_length=1)
+    methods: list[str | MethodEntry] = Field(
+        default_factory=lambda: list[str | MethodEntry](["lora", "fim-lora", "random-rank"]),
+        min_length=1,
+        description="Preset names or {name, allocation, adapter, optimizer} mappings.",
+    )
     target_modules: list[str] | str | None = None
     seed: int = 0
     output_dir: str = "runs/experiment"
@@ -91,26 +183,37 @@ class ExperimentConfig(_Strict):
     allocation: AllocationSettings = AllocationSettings()
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
+    method_options: MethodOptions = MethodOptions()
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        from fimlora.methods import METHODS
+    def _known_methods(cls, methods: list[str | MethodEntry]) -> list[str | MethodEntry]:
+        from fimlora.methods import method_name, resolve_method
 
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
-        if len(set(methods)) != len(methods):
-            raise ValueError("methods must not repeat")
+        for entry in methods:
+            try:
+                resolve_method(entry)
+            except FimloraError as exc:
+                raise ValueError(str(exc)) from None
+        names = [method_name(m) for m in methods]
+        if len(set(names)) != len(names):
+            raise ValueError("method names must not repeat")
         return methods
+
+    @property
+    def method_names(self) -> list[str]:
+        from fimlora.methods import method_name
+
+        return [method_name(m) for m in self.methods]
 
     @property
     def lora_alpha(self) -> float:
         return self.lora.alpha if self.lora.alpha is not None else 2.0 * self.budget.reference_rank
 
     def for_method(self, method: str) -> ExperimentConfig:
-        """The resolved config of one run: this experiment restricted to ``method``."""
-        return self.model_copy(update={"methods": [method]})
+        """The resolved config of one run: this experiment restricted to the method named ``method``."""
+        entry = self.methods[self.method_names.index(method)]
+        return self.model_copy(update={"methods": [entry]})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

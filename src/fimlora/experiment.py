@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,35 @@ from transformers import set_seed
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
 from fimlora.io import ordinary_permissions
-from fimlora.methods import AllocationRequest, get_method
+from fimlora.methods import (
+    MethodContext,
+    MethodSpec,
+    get_adapter,
+    get_allocation,
+    get_optimizer,
+    method_name,
+    resolve_method,
+)
+from fimlora.methods.base import (
+    NEEDS_DIAGONAL,
+    NEEDS_GRADIENTS,
+    NEEDS_KFAC,
+    AdapterKind,
+    AllocationRule,
+    Component,
+    OptimizerKind,
+)
 from fimlora.models import LoadedModel, load_model, resolve_target_modules, weight_shapes
 from fimlora.runs import RunDirectory, environment
-from fimlora.train import build_peft_model, parameter_counts, train
+from fimlora.train import train
 
 FISHER_DIR = "fisher"
+KFAC_DIR = "fisher-kfac"
 _TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -51,6 +70,7 @@ class Prepared:
     budget: int
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
+    kfac: FisherResult | None = None
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -90,7 +110,9 @@ def prepare(config: ExperimentConfig) -> Prepared:
     return Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
 
 
-def _fisher_fingerprint(config: ExperimentConfig, targets: list[str]) -> str:
+def _fisher_fingerprint(
+    config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
+) -> str:
     """Hash of everything the Fisher depends on, so a cached Fisher is reused only when still valid."""
     relevant = {
         "model": config.model,
@@ -100,25 +122,41 @@ def _fisher_fingerprint(config: ExperimentConfig, targets: list[str]) -> str:
         "fisher": config.fisher.model_dump(exclude={"aggregation"}),
         "max_length": config.train.max_length,
         "targets": targets,
+        "statistic": statistic,
+        "with_gradient": with_gradient,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def compute_fisher(prepared: Prepared, directory: Path, *, progress: bool = True) -> FisherResult:
+def calibration_loader(prepared: Prepared) -> DataLoader:
+    """The calibration batches: a seeded subset of the training split, shared by Fisher, EVA and LoRA-GA."""
+    config = prepared.config
+    subset = calibration_subset(prepared.tokenized["train"], config.fisher.num_examples, seed=config.seed)
+    return DataLoader(subset, batch_size=config.fisher.batch_size, collate_fn=prepared.collator)
+
+
+def compute_fisher(
+    prepared: Prepared,
+    directory: Path,
+    *,
+    statistic: str = "diagonal",
+    with_gradient: bool = False,
+    progress: bool = True,
+) -> FisherResult:
     """Estimate the Fisher on the calibration subset of the training split, or reuse a valid cached one."""
     config = prepared.config
-    fingerprint = _fisher_fingerprint(config, prepared.targets)
+    fingerprint = _fisher_fingerprint(config, prepared.targets, statistic, with_gradient)
     if (directory / META_FILE).is_file():
         cached = FisherResult.load(directory)
         if cached.metadata.get("fingerprint") == fingerprint:
             return cached
-    subset = calibration_subset(prepared.tokenized["train"], config.fisher.num_examples, seed=config.seed)
-    loader = DataLoader(subset, batch_size=config.fisher.batch_size, collate_fn=prepared.collator)
     result = estimate_fisher(
         prepared.loaded.model,
-        loader,
+        calibration_loader(prepared),
         target_modules=prepared.targets,
         estimator=config.fisher.estimator,
+        statistic=statistic,
+        with_gradient=with_gradient,
         seed=config.seed,
         progress=progress,
     )
@@ -136,6 +174,7 @@ def compute_fisher(prepared: Prepared, directory: Path, *, progress: bool = True
 
 
 def lora_config_for(prepared: Prepared, allocation: Allocation):  # -> peft.LoraConfig
+    """The plain-LoRA ``LoraConfig`` of an allocation under this experiment's settings."""
     config = prepared.config
     return allocation.to_lora_config(
         lora_alpha=config.lora_alpha,
@@ -149,7 +188,126 @@ def lora_config_for(prepared: Prepared, allocation: Allocation):  # -> peft.Lora
 @dataclass
 class MethodOutcome:
     result: dict[str, Any]
-    model: Any  # the trained PeftModel, in eval mode
+    model: Any  # the trained model, in eval mode
+
+
+def method_context(prepared: Prepared, spec: MethodSpec) -> MethodContext:
+    config = prepared.config
+    return MethodContext(
+        config=config,
+        spec=spec,
+        task=prepared.data.task,
+        targets=list(prepared.targets),
+        shapes=dict(prepared.shapes),
+        budget=prepared.budget,
+        head_modules=list(prepared.loaded.head_modules),
+        base_name_or_path=prepared.loaded.source,
+        seed=config.seed,
+        base_model=prepared.loaded.model,
+        fisher=prepared.fisher,
+        kfac=prepared.kfac,
+        calibration_batches=lambda: calibration_loader(prepared),
+        train_texts=lambda: list(prepared.data.splits["train"]["text"][:]),
+        domain_batches=_domain_batches(prepared),
+    )
+
+
+def _domain_batches(
+    prepared: Prepared, per_domain: int = 256
+) -> Callable[[], dict[str, Iterable[dict[str, torch.Tensor]]]] | None:
+    """Evaluation batches grouped by the split's ``domain`` column (classification rows stay aligned)."""
+    split = prepared.config.train.eval_split
+    raw = prepared.data.splits[split]
+    if prepared.data.task != "classification" or "domain" not in raw.column_names:
+        return None
+
+    def batches() -> dict[str, Iterable[dict[str, torch.Tensor]]]:
+        domains = raw["domain"][:]
+        out: dict[str, Iterable[dict[str, torch.Tensor]]] = {}
+        for domain in sorted(set(domains)):
+            rows = [i for i, d in enumerate(domains) if d == domain][:per_domain]
+            subset = prepared.tokenized[split].select(rows)
+            out[domain] = DataLoader(subset, batch_size=64, collate_fn=prepared.collator)
+        return out
+
+    return batches
+
+
+def allocate_for(
+    rule: AllocationRule, adapter: AdapterKind, ctx: MethodContext
+) -> tuple[Allocation | None, int]:
+    """The method's rank allocation and the parameters its adapter trains besides the ranks.
+
+    A budget-matched adapter spends ``budget`` in true trainable parameters: fixed per-module extras
+    (DoRA's magnitude vector, HydraLoRA's router) are paid first, and a rank costs what it costs in that
+    adapter (HydraLoRA: d_in + k·d_out).
+    """
+    if not adapter.rank_based:
+        return None, 0
+    costs = {name: adapter.cost(shape, ctx) for name, shape in ctx.shapes.items()}
+    fixed = sum(c.fixed for c in costs.values())
+    budget = ctx.budget - fixed if adapter.budget_matched else ctx.budget
+    if budget <= 0:
+        raise FimloraError(
+            f"Method {ctx.spec.name!r}: the adapter's fixed parameters ({fixed:,}) exceed the budget "
+            f"({ctx.budget:,}); raise the budget."
+        )
+    shapes = {name: c.per_rank_shape for name, c in costs.items()}
+    try:
+        return rule.allocate(ctx, shapes, budget), fixed
+    except FimloraError as exc:
+        extra = f" after its {fixed:,} fixed parameters" if fixed else ""
+        raise FimloraError(f"Method {ctx.spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
+
+
+@dataclass
+class BuiltMethod:
+    """A method ready to train: its components, context, allocation and wrapped model."""
+
+    spec: MethodSpec
+    rule: AllocationRule
+    adapter: AdapterKind
+    optimizer_kind: OptimizerKind
+    ctx: MethodContext
+    allocation: Allocation | None
+    model: Any
+    counts: dict[str, int]
+
+    @property
+    def components(self) -> list[Component]:
+        return [self.rule, self.adapter, self.optimizer_kind]
+
+
+def build_method(prepared: Prepared, method: str) -> BuiltMethod:
+    """Resolve ``method`` (a name in the config), allocate its ranks and wrap a copy of the base model."""
+    config = prepared.config
+    spec = resolve_method(config.methods[config.method_names.index(method)])
+    rule, adapter = get_allocation(spec.allocation), get_adapter(spec.adapter)
+    ctx = method_context(prepared, spec)
+    allocation, fixed_params = allocate_for(rule, adapter, ctx)
+    model = adapter.build(copy.deepcopy(prepared.loaded.model), allocation, rule, ctx)
+    counts = adapter.trainable_counts(model, ctx)
+    if allocation is not None and rule.static_ranks and adapter.budget_matched:
+        expected = allocation.num_params + fixed_params
+        if counts["adapter_params"] != expected:
+            raise RuntimeError(
+                f"{spec.name}: the adapter trains {counts['adapter_params']} parameters but the allocation "
+                f"accounts for {expected}: the rank pattern did not apply as intended."
+            )
+    return BuiltMethod(spec, rule, adapter, get_optimizer(spec.optimizer), ctx, allocation, model, counts)
+
+
+def _summed(losses: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor] | None:
+    if not losses:
+        return None
+
+    def total() -> torch.Tensor:
+        value = losses[0]()
+        for fn in losses[1:]:
+            value = value + fn()
+        return value
+
+    return total
 
 
 def run_method(
@@ -157,34 +315,21 @@ def run_method(
 ) -> MethodOutcome:
     """Allocate, wrap, train, evaluate and save one method into its run directory."""
     config = prepared.config
-    method = get_method(method_name)
     run.start(config.for_method(method_name).to_yaml(), environment(config.seed))
-    scores = prepared.fisher.scores(config.fisher.aggregation) if prepared.fisher is not None else None
-    allocation = method.allocate(
-        AllocationRequest(
-            shapes=prepared.shapes,
-            budget=prepared.budget,
-            scores=scores,
-            r_min=config.allocation.r_min,
-            r_max=config.allocation.r_max,
-            tau=config.allocation.tau,
-            seed=config.seed,
-        )
-    )
-    allocation.save(run.file("allocation.json"))
-    if method.needs_fisher and prepared.fisher_dir is not None:
+    built = build_method(prepared, method_name)
+    spec, rule, adapter, ctx, model = built.spec, built.rule, built.adapter, built.ctx, built.model
+    allocation, counts, components = built.allocation, built.counts, built.components
+    if allocation is not None:
+        allocation.save(run.file("allocation.json"))
+    if rule.needs and prepared.fisher_dir is not None:
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
-
-    model = build_peft_model(
-        copy.deepcopy(prepared.loaded.model), lora_config_for(prepared, allocation), seed=config.seed
-    )
-    counts = parameter_counts(model)
-    if counts["adapter_params"] != allocation.num_params:
-        raise RuntimeError(
-            f"PEFT built {counts['adapter_params']} adapter parameters but the allocation has "
-            f"{allocation.num_params}: the rank pattern did not apply as intended."
-        )
+    optimizer = built.optimizer_kind.build(model, ctx)
+    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
+    losses = [fn for c in components if (fn := c.extra_loss(model, ctx)) is not None]
+    learning_rate = config.train.learning_rate
+    if not adapter.rank_based:
+        learning_rate *= config.method_options.full_ft.lr_scale
     with tempfile.TemporaryDirectory(prefix="fimlora-trainer-") as work_dir:
         outcome = train(
             model,
@@ -195,7 +340,15 @@ def run_method(
             work_dir=Path(work_dir),
             metrics_path=run.file("metrics.jsonl"),
             progress=progress,
+            optimizer=optimizer,
+            callbacks=callbacks,
+            extra_loss=_summed(losses),
+            learning_rate=learning_rate,
+            logging_dir=run.file("logs"),
         )
+    records: dict[str, Any] = {}
+    for component in components:
+        records.update(component.finalize(model, ctx))
     eval_data = prepared.tokenized[config.train.eval_split]
     if config.train.eval_examples is not None:
         # A seeded random subset: the split keeps its source order, whose head need not be typical.
@@ -210,9 +363,11 @@ def run_method(
         batch_size=config.train.eval_batch_size,
         progress=progress,
     )
-    save_adapter(model, run.file("adapter"))
+    save_atomically(lambda tmp: adapter.save(model, tmp, ctx), run.file("adapter"))
+    effective = records.get("adalora", {}).get("final_params") if spec.allocation == "adalora" else None
     result = {
-        "method": method_name,
+        "method": spec.name,
+        "method_spec": spec.to_dict(),
         "model": config.model,
         "dataset": config.dataset,
         "task": prepared.data.task,
@@ -220,11 +375,15 @@ def run_method(
         "eval_split": config.train.eval_split,
         "metrics": metrics,
         "budget": prepared.budget,
+        "budget_matched": adapter.budget_matched,
         **counts,
+        # Trainable parameters the method ends with (AdaLoRA: unmasked triplets after pruning).
+        "effective_adapter_params": counts["adapter_params"] if effective is None else effective,
         "num_target_modules": len(prepared.targets),
-        "allocation": allocation.summary(),
+        "allocation": allocation.summary() if allocation is not None else None,
         "lora_alpha": config.lora_alpha,
         "scaling": config.lora.scaling,
+        "learning_rate": learning_rate,
         "train": outcome.to_dict(),
         "fisher": (
             {
@@ -232,19 +391,25 @@ def run_method(
                 "num_examples": prepared.fisher.num_examples,
                 "aggregation": config.fisher.aggregation,
             }
-            if method.needs_fisher and prepared.fisher is not None
+            if rule.needs and prepared.fisher is not None
             else None
         ),
+        "records": records,
     }
     run.finish(result)
     return MethodOutcome(result=result, model=model)
 
 
 def save_adapter(model: Any, directory: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then rename: no half-written adapter directory."""
+    """``save_pretrained`` atomically (see :func:`save_atomically`)."""
+    save_atomically(lambda tmp: model.save_pretrained(str(tmp)), directory)
+
+
+def save_atomically(write: Callable[[Path], None], directory: Path) -> None:
+    """``write`` into a temporary sibling, then rename: no half-written adapter directory."""
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory.parent))
     try:
-        model.save_pretrained(str(tmp))
+        write(tmp)
         ordinary_permissions(tmp)
         if directory.exists():
             shutil.rmtree(directory)
@@ -252,6 +417,27 @@ def save_adapter(model: Any, directory: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def calibrate(
+    prepared: Prepared, needs: set[str], *, progress: bool = True, log: Callable[[str], None] = print
+) -> None:
+    """Run (or reuse from the output directory) the calibration passes the methods ``needs``."""
+    config = prepared.config
+    out = Path(config.output_dir)
+    if needs & {NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
+        with_gradient = NEEDS_GRADIENTS in needs
+        what = "Fisher" + (" and gradients" if with_gradient else "")
+        log(f"{what} ({config.fisher.estimator}) on {config.fisher.num_examples} calibration examples")
+        prepared.fisher_dir = out / FISHER_DIR
+        prepared.fisher = compute_fisher(
+            prepared, prepared.fisher_dir, with_gradient=with_gradient, progress=progress
+        )
+    if NEEDS_KFAC in needs:
+        log(f"K-FAC factors ({config.fisher.estimator}) on {config.fisher.num_examples} calibration examples")
+        prepared.kfac = compute_fisher(
+            prepared, out / KFAC_DIR, statistic="kfac", with_gradient=True, progress=progress
+        )
 
 
 def run_experiment(
@@ -264,14 +450,16 @@ def run_experiment(
     """Run every method of ``config``; finished runs are reused unless ``overwrite``."""
     out = Path(config.output_dir)
     prepared = prepare(config)
-    runs = {name: RunDirectory(out / name) for name in config.methods}
-    pending = [name for name in config.methods if overwrite or not runs[name].is_finished]
-    if any(get_method(name).needs_fisher for name in pending):
-        log(f"Fisher ({config.fisher.estimator}) on {config.fisher.num_examples} calibration examples")
-        prepared.fisher_dir = out / FISHER_DIR
-        prepared.fisher = compute_fisher(prepared, prepared.fisher_dir, progress=progress)
+    names = config.method_names
+    runs = {name: RunDirectory(out / name) for name in names}
+    pending = [name for name in names if overwrite or not runs[name].is_finished]
+    needs: set[str] = set()
+    for entry in config.methods:
+        if method_name(entry) in pending:
+            needs |= get_allocation(resolve_method(entry).allocation).needs
+    calibrate(prepared, needs, progress=progress, log=log)
     results = []
-    for name in config.methods:
+    for name in names:
         if name not in pending:
             log(f"{name}: already finished in {runs[name].path}, reusing its result")
             results.append(runs[name].read_result())

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from fimlora.config import TrainSettings
 from fimlora.errors import FimloraError
@@ -31,7 +38,7 @@ def build_peft_model(model: nn.Module, lora_config: LoraConfig, *, seed: int) ->
     return get_peft_model(model, lora_config)
 
 
-def parameter_counts(model: PeftModel) -> dict[str, int]:
+def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameters split into the LoRA adapter and the fully trained head (modules_to_save)."""
     adapter = head = other = 0
     for name, param in model.named_parameters():
@@ -125,6 +132,31 @@ class _StepLog(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class _MethodTrainer(Trainer):
+    """The Trainer, plus an optional auxiliary loss of the method (e.g. HydraLoRA's router balance)."""
+
+    extra_loss: Callable[[], torch.Tensor] | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss()
+        return (loss, outputs) if return_outputs else loss
+
+
+def _loggers(report_to: list[str], logging_dir: Path | None) -> tuple[list[str], list[TrainerCallback]]:
+    """Trainer ``report_to`` passthrough; TensorBoard writes into the run's own ``logging_dir``."""
+    if "tensorboard" not in report_to or logging_dir is None:
+        return list(report_to) or ["none"], []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    others = [r for r in report_to if r != "tensorboard"]
+    return others or ["none"], [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir)))]
+
+
 @dataclass
 class TrainOutcome:
     steps: int
@@ -140,7 +172,7 @@ class TrainOutcome:
 
 
 def train(
-    model: PeftModel,
+    model: nn.Module,
     train_dataset: Any,
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     settings: TrainSettings,
@@ -149,22 +181,33 @@ def train(
     work_dir: Path,
     metrics_path: Path,
     progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    learning_rate: float | None = None,
+    logging_dir: Path | None = None,
 ) -> TrainOutcome:
-    """Train for ``settings.steps`` optimiser steps with AdamW; per-step metrics go to ``metrics_path``."""
+    """Train for ``settings.steps`` optimiser steps; per-step metrics go to ``metrics_path``.
+
+    ``optimizer`` replaces the Trainer's AdamW (the Trainer still builds the warm-up/decay schedule
+    around it); ``callbacks`` and ``extra_loss`` are the method's training-time hooks;
+    ``learning_rate`` overrides ``settings.learning_rate`` (full fine-tuning's scaled rate).
+    """
     if len(train_dataset) == 0:
         raise FimloraError("The training split is empty.")
+    report_to, logger_callbacks = _loggers(settings.report_to, logging_dir)
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=settings.steps,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
         weight_decay=settings.weight_decay,
         warmup_steps=int(settings.warmup_ratio * settings.steps),
         lr_scheduler_type=settings.lr_scheduler,
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
-        report_to="none",
+        report_to=report_to,
         seed=seed,
         data_seed=seed,
         disable_tqdm=not progress,
@@ -174,21 +217,30 @@ def train(
         use_cpu=not torch.cuda.is_available(),
     )
     step_log = _StepLog(metrics_path)
-    trainer = Trainer(
+    trainer = _MethodTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         data_collator=collator,
-        callbacks=[step_log],
+        callbacks=[step_log, *logger_callbacks, *callbacks],
+        optimizers=(optimizer, None),
     )
+    trainer.extra_loss = extra_loss
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_LossInProgressBar())
+    else:
+        # Without a bar the Trainer prints every log dict; the step log already keeps them.
+        trainer.remove_callback(PrinterCallback)
     device = next(model.parameters()).device
     started = time.perf_counter()
     with PeakMemory(device) as memory:
         trainer.train()
     wall = time.perf_counter() - started
+    for callback in logger_callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        if writer is not None:
+            writer.close()
     examples = settings.steps * settings.batch_size
     model.eval()
     return TrainOutcome(

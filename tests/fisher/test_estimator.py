@@ -4,77 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fisher.fisher_testing import (
+    assert_close_relative,
+    brute_force_fisher,
+    padded_batches,
+    with_sampled_labels,
+)
 from tiny_models import make_tiny_bert, make_tiny_llama
 
 from fimlora import estimate_fisher
 from fimlora.errors import FimloraError
-from fimlora.fisher.losses import sample_model_labels
-from fimlora.models import default_target_modules, linear_modules
-
-
-def padded_batches(lengths, *, vocab=60, num_labels=None, batch_size=3, seed=0, mask_prefix=0):
-    """Right-padded batches of random sequences; LM labels mask padding and the first tokens."""
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for length in lengths:
-        ids = torch.randint(1, vocab, (length,), generator=g)
-        if num_labels is not None:
-            label = torch.randint(0, num_labels, (), generator=g)
-        else:
-            label = ids.clone()
-            label[: min(mask_prefix, length)] = -100
-        examples.append((ids, label))
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        labels = (
-            torch.stack([lab for _, lab in chunk])
-            if num_labels is not None
-            else torch.full((len(chunk), width), -100)
-        )
-        for i, (ids, lab) in enumerate(chunk):
-            input_ids[i, : len(ids)] = ids
-            mask[i, : len(ids)] = 1
-            if num_labels is None:
-                labels[i, : len(ids)] = lab
-        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
-    return batches
-
-
-def brute_force_fisher(model, batches, names):
-    """(1/N) Σ_n (∂ℓ_n/∂W)² with one unpadded forward/backward per example, using the model's own loss."""
-    linears = linear_modules(model)
-    weights = [linears[n].weight for n in names]
-    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
-    count = 0
-    for batch in batches:
-        for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            ids = batch["input_ids"][i][keep].unsqueeze(0)
-            if batch["labels"].dim() == 1:
-                label = batch["labels"][i : i + 1]
-                loss = model(input_ids=ids, labels=label).loss
-            else:
-                label = batch["labels"][i][keep].unsqueeze(0)
-                n_tokens = int((label[:, 1:] != -100).sum())
-                # HF's LM loss is the mean over labelled tokens; ℓ_n is their sum.
-                loss = None if n_tokens == 0 else model(input_ids=ids, labels=label).loss * n_tokens
-            if loss is not None:
-                grads = torch.autograd.grad(loss, weights)
-                for s, g in zip(sums, grads, strict=True):
-                    s += g.double() ** 2
-            count += 1
-    return {n: (s / count).float() for n, s in zip(names, sums, strict=True)}
-
-
-def assert_close_relative(actual, expected, tol=1e-4):
-    assert set(actual) == set(expected)
-    for name in expected:
-        err = (actual[name] - expected[name]).norm() / expected[name].norm()
-        assert err <= tol, f"{name}: relative error {err:.2e}"
+from fimlora.models import default_target_modules
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "mc"])
@@ -85,7 +25,7 @@ def test_bert_matches_brute_force(estimator):
     names = default_target_modules(model)
     assert len(names) == 12 and sorted(result.diagonal) == sorted(names)
     if estimator == "mc":
-        batches = _with_sampled_labels(model, batches, seed=7)
+        batches = with_sampled_labels(model, batches, seed=7)
     expected = brute_force_fisher(model, batches, names)
     assert_close_relative(result.diagonal, expected)
     assert result.num_examples == 7
@@ -99,26 +39,15 @@ def test_llama_matches_brute_force_with_padding_and_masked_labels(estimator):
     names = default_target_modules(model)
     assert len(names) == 14
     if estimator == "mc":
-        batches = _with_sampled_labels(model, batches, seed=3)
+        batches = with_sampled_labels(model, batches, seed=3)
     expected = brute_force_fisher(model, batches, names)
     assert_close_relative(result.diagonal, expected)
-
-
-def _with_sampled_labels(model, batches, seed):
-    """The labels the MC estimator draws: same generator, same order, same logits."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out.append({**batch, "labels": sample_model_labels(logits, batch["labels"], generator)})
-    return out
 
 
 def test_mc_labels_differ_from_data_and_keep_ignored_positions():
     model = make_tiny_llama()
     batch = padded_batches([10, 10], batch_size=2, mask_prefix=4)[0]
-    sampled = _with_sampled_labels(model, [batch], seed=0)[0]["labels"]
+    sampled = with_sampled_labels(model, [batch], seed=0)[0]["labels"]
     ignored = batch["labels"] == -100
     assert torch.equal(sampled == -100, ignored)
     assert not torch.equal(sampled[~ignored], batch["labels"][~ignored])

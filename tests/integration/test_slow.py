@@ -43,3 +43,42 @@ def test_smollm2_causal_lm_few_steps(tmp_path):
     for r in results:
         assert r["adapter_params"] <= r["budget"] and r["head_params"] == 0
         assert r["metrics"]["perplexity"] > 1
+
+
+def _every_preset_config(model, dataset, out, **train):
+    from fimlora.methods import PRESETS
+
+    return parse_config(
+        {
+            "model": model,
+            "dataset": dataset,
+            "output_dir": str(out),
+            "methods": list(PRESETS),
+            "budget": {"uniform_rank": 4},
+            "fisher": {"num_examples": 16, "batch_size": 4},
+            "train": {"steps": 3, "eval_examples": 16, "eval_batch_size": 8, "report_to": [], **train},
+            "method_options": {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.34}},
+        }
+    )
+
+
+def test_every_method_on_minilm_classification(tmp_path):
+    config = _every_preset_config("minilm", "movie-reviews", tmp_path, batch_size=8, max_length=32)
+    _, results = run_experiment(config, progress=False, log=lambda _: None)
+    assert {r["method"] for r in results} == set(config.method_names)
+    for r in results:
+        if r["budget_matched"]:
+            assert r["effective_adapter_params"] <= r["budget"], r["method"]
+        assert 0 <= r["metrics"]["accuracy"] <= 1
+
+
+def test_every_method_on_smollm2_causal_lm(tmp_path):
+    config = _every_preset_config(
+        "smollm2", "brown-fiction", tmp_path, batch_size=2, max_length=32, learning_rate=1e-4
+    )
+    _, results = run_experiment(config, progress=False, log=lambda _: None)
+    assert {r["method"] for r in results} == set(config.method_names)
+    for r in results:
+        if r["budget_matched"]:
+            assert r["effective_adapter_params"] <= r["budget"], r["method"]
+        assert r["metrics"]["perplexity"] > 1

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from fimlora.allocation import Allocation
 from fimlora.config import parse_config
 from fimlora.experiment import compute_fisher, prepare, run_experiment, run_method
-from fimlora.methods import get_method
+from fimlora.methods import get_allocation, resolve_method
 from fimlora.runs import RunDirectory
 
 
@@ -138,7 +138,7 @@ def _fresh_process_logits(model_class, base_dir, adapter_dir, inputs, tmp_path):
 
 def _train_one(config, method):
     prepared = prepare(config)
-    if get_method(method).needs_fisher:
+    if get_allocation(resolve_method(method).allocation).needs:
         prepared.fisher_dir = Path(config.output_dir) / "fisher"
         prepared.fisher = compute_fisher(prepared, prepared.fisher_dir, progress=False)
     outcome = run_method(prepared, method, RunDirectory(Path(config.output_dir) / method), progress=False)

@@ -2,5 +2,14 @@
 
 from fimlora.allocation.allocate import STRATEGIES, allocate_ranks, uniform_rank_budget
 from fimlora.allocation.allocation import Allocation
+from fimlora.allocation.spectral import SPECTRAL_STRATEGIES, allocate_spectral, marginal_gains
 
-__all__ = ["STRATEGIES", "Allocation", "allocate_ranks", "uniform_rank_budget"]
+__all__ = [
+    "SPECTRAL_STRATEGIES",
+    "STRATEGIES",
+    "Allocation",
+    "allocate_ranks",
+    "allocate_spectral",
+    "marginal_gains",
+    "uniform_rank_budget",
+]

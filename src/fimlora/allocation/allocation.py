@@ -13,7 +13,7 @@ from typing import Any
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write_text
 
-SCALINGS: tuple[str, ...] = ("alpha_over_r", "constant")
+SCALINGS: tuple[str, ...] = ("alpha_over_r", "constant", "alpha_over_sqrt_r")
 
 # LoraConfig arguments that to_lora_config sets itself, or that would change which modules get an
 # adapter, their rank or their scaling, and so break the one-to-one link with the allocation.
@@ -120,11 +120,13 @@ class Allocation:
         * ``"constant"``: every module gets ``scaling_i = lora_alpha / r``, with ``r`` the config's
           reference rank, independent of its own rank. Implemented with
           ``alpha_pattern[name] = lora_alpha * r_i / r`` for each module whose rank differs from ``r``.
+        * ``"alpha_over_sqrt_r"``: rsLoRA (Kalajdzievski, 2023), ``scaling_i = lora_alpha / sqrt(r_i)``,
+          through PEFT's own ``use_rslora=True``.
 
         ``kwargs`` pass through to ``LoraConfig`` (e.g. ``lora_dropout``, ``task_type``,
         ``modules_to_save``). Arguments that would override the ranks, targets or scaling (``r``,
         ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``lora_alpha``, layer filters) and
-        ``use_rslora=True`` (a third scaling convention, ``lora_alpha / sqrt(r_i)``) are refused.
+        ``use_rslora`` (choose ``scaling="alpha_over_sqrt_r"`` instead) are refused.
 
         Caveat inherited from PEFT: a target name also matches any module whose name ends with
         ``"." + name``; with full names from ``named_modules()`` that only happens in models that nest a
@@ -145,6 +147,8 @@ class Allocation:
             # Modules at r_ref keep lora_alpha itself, so float round-off never lands them in the pattern.
             alphas = {n: lora_alpha if r == r_ref else lora_alpha * r / r_ref for n, r in self.ranks.items()}
             config_kwargs["alpha_pattern"] = _resolvable_pattern(alphas, default=lora_alpha)
+        elif scaling == "alpha_over_sqrt_r":
+            config_kwargs["use_rslora"] = True
         return LoraConfig(**config_kwargs, **kwargs)
 
     @staticmethod
@@ -163,10 +167,10 @@ class Allocation:
                 f"to_lora_config sets {', '.join(conflicts)} from the allocation itself; "
                 "remove them from the keyword arguments (pass lora_alpha as the named argument)."
             )
-        if kwargs.get("use_rslora"):
+        if "use_rslora" in kwargs:
             raise FimloraError(
-                "use_rslora=True would replace the chosen scaling convention with lora_alpha / sqrt(r); "
-                "drop it and pick scaling='alpha_over_r' or 'constant'."
+                "use_rslora is set by the scaling convention; drop it and pass "
+                "scaling='alpha_over_sqrt_r' for rsLoRA's lora_alpha / sqrt(r)."
             )
 
     # ----------------------------------------------------------------------------------------------

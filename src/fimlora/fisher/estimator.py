@@ -1,19 +1,25 @@
-"""Exact per-example diagonal Fisher of frozen linear weights, in batched passes.
+"""Fisher statistics of frozen linear weights from one batched pass: exact per example, no per-example loop.
 
 For a linear layer y = W a, example n's weight gradient is G_n = Σ_t δ_{n,t} a_{n,t}ᵀ, where a_{n,t} is the
 layer's input at token t and δ_{n,t} = ∂ℓ_n/∂y_{n,t}. Because examples do not interact in a forward pass
 (eval mode, no batch norm), back-propagating Σ_n ℓ_n gives every δ_{n,t} at once. A forward hook keeps
-a; a tensor hook on y receives δ during the backward pass; G_n for a chunk of examples is one batched
-matmul, and Σ_n G_n² is added to the module's accumulator. Weight gradients are never formed by autograd
-and nothing accumulates into ``weight.grad``: all parameters are frozen during the pass, and autograd
-only propagates δ through the network, as a frozen-weight backward already does.
+a; a tensor hook on y receives δ during the backward pass and hands (a, δ) to
+:mod:`fimlora.fisher.blocks`, which adds the batch's share of the statistic to the module's accumulator:
 
-    F = (1/N) Σ_n G_n ⊙ G_n
+    diagonal  F      = (1/N) Σ_n G_n ⊙ G_n
+    trace     tr F   = (1/N) Σ_n ‖G_n‖_F²                 (ghost norm: G_n is not formed when that is cheaper)
+    kfac      A      = (1/M) Σ_{n,t} a_{n,t} a_{n,t}ᵀ,  S = (1/N) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ
+    gradient  Ḡ      = (1/N) Σ_n G_n                       (optional, with any statistic)
+
+Weight gradients are never formed by autograd and nothing accumulates into ``weight.grad``: all
+parameters are frozen during the pass, and autograd only propagates δ through the network, as a
+frozen-weight backward already does. Under ``torch.distributed`` every rank sums its accumulators and
+counts with the others before normalising, so all ranks return the same result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,31 +28,62 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fimlora.errors import FimloraError
+from fimlora.fisher import blocks
+from fimlora.fisher.blocks import Tokens
+from fimlora.fisher.distributed import all_reduce_sum, rank_and_world_size
 from fimlora.fisher.losses import per_example_loss, sample_model_labels
-from fimlora.fisher.result import FisherResult
+from fimlora.fisher.result import STATISTICS, FisherResult
 from fimlora.models import linear_modules, resolve_target_modules
 
 ESTIMATORS = ("empirical", "mc")
 
-# Bound on the per-example gradient block materialised at once (elements). 2**20 float32 = 4 MiB keeps
-# the block in cache while it is squared and summed; larger blocks measured 1.2-1.7x slower on MiniLM.
+# Bound on every temporary block the pass materialises (elements): 2**20 float32 = 4 MiB keeps a block
+# in cache while it is squared and summed, and keeps memory flat for wide layers and long sequences.
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**20
 
 
-class _SquaredGradAccumulator:
-    """Forward/backward hooks that add Σ_n G_n ⊙ G_n of each target layer into a float32 accumulator."""
+class _Accumulator:
+    """Forward hooks on the target layers; tensor hooks on their outputs add (a, δ)'s share to the sums.
 
-    def __init__(self, modules: Mapping[str, nn.Linear], max_chunk_elements: int) -> None:
+    ``phase`` says what the next backward pass is for: ``"both"`` (the statistic and, if asked, the
+    gradient), ``"statistic"`` or ``"gradient"`` (the Monte-Carlo estimator with a gradient needs a
+    second backward with the data's labels).
+    """
+
+    def __init__(
+        self, modules: Mapping[str, nn.Linear], statistic: str, with_gradient: bool, max_chunk_elements: int
+    ) -> None:
         self.modules = dict(modules)
+        self.statistic = statistic
         self.max_chunk_elements = max_chunk_elements
-        self.sums = {
-            name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in self.modules.items()
-        }
+        self.phase = "both"
         self.attention_mask: torch.Tensor | None = None
         self.leaves: list[torch.Tensor] = []
+        self._tokens: dict[tuple[int, int], Tokens] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        kinds = {"diagonal": ["diagonal"], "trace": ["trace"], "kfac": ["kfac.A", "kfac.S"]}[statistic]
+        self.kinds = kinds + (["gradient"] if with_gradient else [])
+        # Sums are allocated when first needed: a weight-sized accumulator that exists only from the
+        # first backward on does not add to the forward pass's peak (what a plain weight.grad costs).
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self.tokens = dict.fromkeys(self.modules, 0)
 
-    def __enter__(self) -> _SquaredGradAccumulator:
+    def _sum(self, kind: str, name: str) -> torch.Tensor:
+        key = (kind, name)
+        if key not in self.sums:
+            module = self.modules[name]
+            shape = {
+                "diagonal": (module.out_features, module.in_features),
+                "gradient": (module.out_features, module.in_features),
+                "kfac.A": (module.in_features, module.in_features),
+                "kfac.S": (module.out_features, module.out_features),
+                "trace": (),
+            }[kind]
+            dtype = torch.float64 if kind == "trace" else torch.float32
+            self.sums[key] = torch.zeros(shape, dtype=dtype, device=module.weight.device)
+        return self.sums[key]
+
+    def __enter__(self) -> _Accumulator:
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
         return self
@@ -56,7 +93,12 @@ class _SquaredGradAccumulator:
             handle.remove()
         self._handles.clear()
 
-    def _forward_hook(self, name: str):
+    def start_batch(self, attention_mask: torch.Tensor | None) -> None:
+        self.attention_mask = attention_mask
+        self.leaves = []
+        self._tokens = {}
+
+    def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             activation = args[0].detach()
             replaced = None
@@ -66,25 +108,64 @@ class _SquaredGradAccumulator:
                 replaced = output.detach().requires_grad_(True)
                 self.leaves.append(replaced)
                 output = replaced
-            output.register_hook(lambda delta: self._accumulate(name, activation, delta))
+            output.register_hook(lambda delta: self.accumulate(name, activation, delta))
             return replaced
 
         return hook
 
-    def _accumulate(self, name: str, activation: torch.Tensor, delta: torch.Tensor) -> None:
+    def _real_tokens(self, batch: int, length: int) -> Tokens:
+        key = (batch, length)
+        if key not in self._tokens:
+            mask = self.attention_mask
+            if mask is not None and tuple(mask.shape) != key:
+                mask = None  # this layer's positions are not the mask's tokens: every one is real
+            self._tokens[key] = Tokens.from_mask(mask, batch, length)
+        return self._tokens[key]
+
+    def accumulate(self, name: str, activation: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add one layer's share of the batch: ``activation`` (B, …, d_in), ``delta`` (B, …, d_out)."""
         batch = activation.shape[0]
-        a = activation.reshape(batch, -1, activation.shape[-1]).float()
-        d = delta.reshape(batch, -1, delta.shape[-1]).float()
-        mask = self.attention_mask
-        if mask is not None and a.shape[1] == mask.shape[1]:
-            # Padding contributes nothing to any example's gradient.
-            a = a * mask.unsqueeze(-1).to(a.dtype)
-        acc = self.sums[name]
-        per_example = acc.numel()
-        chunk = max(1, self.max_chunk_elements // per_example)
-        for start in range(0, batch, chunk):
-            grads = torch.bmm(d[start : start + chunk].transpose(1, 2), a[start : start + chunk])
-            acc.add_(grads.square_().sum(dim=0))
+        a = activation.reshape(batch, -1, activation.shape[-1])
+        d = delta.detach().reshape(batch, -1, delta.shape[-1])
+        tokens = self._real_tokens(batch, a.shape[1])
+        bound = self.max_chunk_elements
+        if self.phase != "gradient":
+            if self.statistic == "diagonal":
+                blocks.add_squared_gradients(self._sum("diagonal", name), a, d, tokens, bound)
+            elif self.statistic == "trace":
+                self._sum("trace", name).add_(blocks.squared_norms(a, d, tokens, bound))
+            else:
+                a_sum, s_sum = self._sum("kfac.A", name), self._sum("kfac.S", name)
+                blocks.add_kronecker_factors(a_sum, s_sum, a, d, tokens, bound)
+                self.tokens[name] += tokens.count
+        if self.phase != "statistic" and "gradient" in self.kinds:
+            blocks.add_gradient(self._sum("gradient", name), a, d, tokens, bound)
+
+    def reduce_and_normalise(self, examples: int) -> tuple[int, dict[str, Any]]:
+        """Sum every accumulator and count over ranks, then divide in place.
+
+        Returns N and ``{kind: {name: value}}`` for each accumulated kind, plus ``"num_tokens"``.
+        """
+        names = list(self.modules)
+        device = next(iter(self.modules.values())).weight.device
+        counts = torch.tensor(
+            [examples] + [self.tokens[n] for n in names], dtype=torch.float64, device=device
+        )
+        # Every rank reduces the same tensors in the same order, including sums it never touched.
+        all_reduce_sum([counts] + [self._sum(kind, name) for kind in self.kinds for name in names])
+        total = int(counts[0])
+        if total == 0:
+            raise FimloraError("The calibration dataloader yielded no examples.")
+        tokens = dict(zip(names, (int(c) for c in counts[1:]), strict=True))
+        out: dict[str, Any] = {
+            kind: {
+                n: self._sum(kind, n).div_(max(tokens[n], 1) if kind == "kfac.A" else total) for n in names
+            }
+            for kind in self.kinds
+        }
+        out["num_tokens"] = max(tokens.values(), default=0)
+        self.sums = {}
+        return total, out
 
 
 @contextmanager
@@ -111,51 +192,97 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _check_finite(losses: torch.Tensor, batch_index: int) -> None:
+    if not bool(torch.isfinite(losses).all()):
+        raise FimloraError(
+            f"Non-finite loss in calibration batch {batch_index}; check the data and the model."
+        )
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
     target_modules: str | Sequence[str] | None = None,
     estimator: str = "empirical",
+    statistic: str = "diagonal",
+    with_gradient: bool = False,
     max_examples: int | None = None,
     seed: int = 0,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     progress: bool = True,
 ) -> FisherResult:
-    """Diagonal Fisher of each target layer's weight, exact per example, from batched passes.
+    """Fisher statistics of each target layer's weight, exact per example, from one batched pass.
+
+    Conventions. G_n = ∂ℓ_n/∂W (``d_out × d_in``) is example n's gradient of the frozen weight, ℓ_n its
+    loss (:mod:`fimlora.fisher.losses`: classification → cross-entropy of its label; causal LM → the
+    **sum** of its token NLLs over positions whose label ≠ -100). N = number of examples. A token is a
+    position whose attention mask is nonzero; padded positions contribute to nothing.
 
     Args:
         model: a Hugging Face model whose forward takes ``input_ids``/``attention_mask`` and returns
             ``logits`` of shape (B, C) (classification) or (B, T, V) (causal LM).
         dataloader: yields dicts with ``input_ids``, ``attention_mask`` and ``labels`` (HF convention:
             causal-LM labels are token ids with -100 on ignored positions, shifted inside the loss).
+            Under ``torch.distributed`` each rank passes its own shard (e.g. a ``DistributedSampler``).
         target_modules: as :func:`fimlora.models.resolve_target_modules` (default: every linear layer
             inside the transformer blocks).
-        estimator: ``"empirical"`` (the data's labels) or ``"mc"`` (labels sampled from the model's own
-            predictive distribution, per token for LMs, with a generator seeded by ``seed``).
-        max_examples: stop after this many examples (the last batch is cut); ``None`` uses them all.
-        max_chunk_elements: bound on the per-example gradient block held in memory at once.
+        estimator: where the labels of ℓ_n come from: ``"empirical"`` (the data's) or ``"mc"`` (sampled
+            from the model's own predictive distribution, per token for LMs, with a generator seeded by
+            ``seed``; rank r > 0 of a distributed run uses its own stream, ``seed + r·2³²``).
+        statistic: what is accumulated per module:
+
+            - ``"diagonal"``: ``diagonal[name]`` = (1/N) Σ_n G_n ⊙ G_n, float32, shaped like the weight.
+            - ``"trace"``: ``traces[name]`` = (1/N) Σ_n ‖G_n‖_F² (a float; no tensors are kept), by the
+              ghost norm ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t') or by forming G_n, whichever
+              costs fewer multiply-adds for that example and layer.
+            - ``"kfac"``: ``kfac[name]`` = ``(A, S)`` with A = (1/M) Σ_{n,t} a_{n,t} a_{n,t}ᵀ
+              (``d_in × d_in``, M = number of tokens: a per-token mean) and S = (1/N) Σ_{n,t} δ_{n,t}
+              δ_{n,t}ᵀ (``d_out × d_out``, summed over an example's tokens and averaged over examples).
+              This is K-FAC's "expand" convention for weights shared across positions (Eschenhagen et
+              al. 2023, arXiv 2311.00636): tokens are treated as independent, so A ⊗ S ≈
+              (1/N) Σ_n Σ_t (a aᵀ) ⊗ (δ δᵀ), which is the Fisher without its cross-token terms, and
+              tr(A)·tr(S) is the matching trace. Scores use the diagonal diag(S) diag(A)ᵀ (its sum is
+              tr(A)·tr(S); see :meth:`FisherResult.scores`).
+        with_gradient: also accumulate ``gradients[name]`` = Ḡ = (1/N) Σ_n G_n (``d_out × d_in``,
+            float32), the gradient of the mean loss (1/N) Σ_n ℓ_n. Ḡ always uses the **data's** labels:
+            under ``estimator="mc"`` its expectation would be zero, so that case runs a second backward
+            pass with the data's labels.
+        max_examples: stop after this many examples (per rank; the last batch is cut); ``None`` uses
+            them all.
+        max_chunk_elements: bound on every temporary block the pass creates (gradient blocks, Gram
+            blocks, float32 copies of token chunks); the accumulators are the size of the statistic.
+        progress: show a progress bar (rank 0 only).
 
     Returns:
-        ``FisherResult`` with ``diagonal[name]`` = (1/N) Σ_n (∂ℓ_n/∂W)² (float32, shaped like the
-        weight) and ``num_examples`` = N. The model's train/eval mode and ``requires_grad`` flags are
+        ``FisherResult`` with ``statistic``, the field it names, ``gradients`` when asked for,
+        ``num_examples`` = N (over all ranks) and ``metadata`` (``seed``; ``num_tokens`` = M for K-FAC;
+        ``world_size`` when distributed). The model's train/eval mode and ``requires_grad`` flags are
         restored, and no ``.grad`` is touched.
     """
     if estimator not in ESTIMATORS:
         raise FimloraError(f"Unknown Fisher estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}.")
+    if statistic not in STATISTICS:
+        raise FimloraError(f"Unknown Fisher statistic {statistic!r}; choose one of {', '.join(STATISTICS)}.")
     if max_examples is not None and max_examples < 1:
         raise FimloraError(f"max_examples must be at least 1, got {max_examples}.")
+    if max_chunk_elements < 1:
+        raise FimloraError(f"max_chunk_elements must be at least 1, got {max_chunk_elements}.")
     names = resolve_target_modules(model, target_modules)
     linears = linear_modules(model)
     device = _model_device(model)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    rank, world_size = rank_and_world_size()
+    generator = torch.Generator(device=device).manual_seed(seed + (rank << 32))
+    two_passes = estimator == "mc" and with_gradient
     seen = 0
     dataset = getattr(dataloader, "dataset", None)
     total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
     if max_examples is not None:
         total = min(total, max_examples) if total is not None else max_examples
-    bar = tqdm(total=total, desc=f"Fisher ({estimator})", unit="ex", disable=not progress)
-    accumulator = _SquaredGradAccumulator({n: linears[n] for n in names}, max_chunk_elements)
+    bar = tqdm(
+        total=total, desc=f"Fisher {statistic} ({estimator})", unit="ex", disable=not progress or rank != 0
+    )
+    accumulator = _Accumulator({n: linears[n] for n in names}, statistic, with_gradient, max_chunk_elements)
     with _frozen_eval(model), accumulator, torch.enable_grad():
         for batch_index, raw in enumerate(dataloader):
             if max_examples is not None and seen >= max_examples:
@@ -164,24 +291,50 @@ def estimate_fisher(
             if max_examples is not None:
                 batch = _truncate(batch, max_examples - seen)
             labels = batch["labels"]
-            accumulator.attention_mask = batch.get("attention_mask")
-            accumulator.leaves = []
+            accumulator.start_batch(batch.get("attention_mask"))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            losses = {}
+            if estimator == "empirical" or two_passes:
+                losses["gradient" if two_passes else "both"] = per_example_loss(logits, labels)
             if estimator == "mc":
-                labels = sample_model_labels(logits.detach(), labels, generator)
-            losses = per_example_loss(logits, labels)
-            if not bool(torch.isfinite(losses).all()):
-                raise FimloraError(
-                    f"Non-finite loss in calibration batch {batch_index}; check the data and the model."
-                )
-            if accumulator.leaves:
-                torch.autograd.backward(losses.sum(), inputs=accumulator.leaves)
+                sampled = sample_model_labels(logits.detach(), labels, generator)
+                losses["statistic" if two_passes else "both"] = per_example_loss(logits, sampled)
+            # The logits can be as large as everything else together (B·T·V for an LM): let autograd
+            # free them as soon as the loss's backward has used them.
+            del logits
+            for phase_losses in losses.values():
+                _check_finite(phase_losses, batch_index)
+            for i, (phase, phase_losses) in enumerate(losses.items()):
+                if accumulator.leaves:
+                    accumulator.phase = phase
+                    # autograd.grad, not backward: nothing is kept in the leaves' .grad.
+                    torch.autograd.grad(
+                        phase_losses.sum(),
+                        accumulator.leaves,
+                        retain_graph=i + 1 < len(losses),
+                        allow_unused=True,
+                    )
+            del losses
+            accumulator.leaves = []
             seen += int(labels.shape[0])
             bar.update(int(labels.shape[0]))
     bar.close()
-    if seen == 0:
-        raise FimloraError("The calibration dataloader yielded no examples.")
-    diagonal = {name: total / seen for name, total in accumulator.sums.items()}
-    result = FisherResult(diagonal=diagonal, num_examples=seen, estimator=estimator, metadata={"seed": seed})
+    num_examples, stats = accumulator.reduce_and_normalise(seen)
+    metadata: dict[str, Any] = {"seed": seed}
+    if statistic == "kfac":
+        metadata["num_tokens"] = stats["num_tokens"]
+    if world_size > 1:
+        metadata["world_size"] = world_size
+    result = FisherResult(
+        diagonal=stats.get("diagonal"),
+        num_examples=num_examples,
+        estimator=estimator,
+        metadata=metadata,
+        statistic=statistic,
+        traces={n: float(t) for n, t in stats["trace"].items()} if "trace" in stats else None,
+        kfac={n: (a, stats["kfac.S"][n]) for n, a in stats["kfac.A"].items()} if "kfac.A" in stats else None,
+        gradients=stats.get("gradient"),
+        shapes={n: (linears[n].out_features, linears[n].in_features) for n in names},
+    )
     result.check_finite()
     return result

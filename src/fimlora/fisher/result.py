@@ -1,15 +1,26 @@
-"""The Fisher diagonal of each adapted weight matrix, its per-module scores, and its on-disk form.
+"""What a Fisher pass produced, the per-module scores the allocators read, and its on-disk form.
 
-On disk a Fisher is two files: ``fisher.safetensors`` (one float32 tensor per module, keyed by the
-module's name in ``model.named_modules()``) and ``fisher.json`` (N, estimator, metadata, shapes and the
-per-module scores). Nothing is pickled.
+A ``FisherResult`` holds the statistic the pass was asked for (``statistic``):
+
+- ``"diagonal"``: ``diagonal[name]`` = (1/N) Σ_n G_n ⊙ G_n, shaped like the weight;
+- ``"trace"``: ``traces[name]`` = (1/N) Σ_n ‖G_n‖_F², one float per module (no tensors);
+- ``"kfac"``: ``kfac[name]`` = ``(A, S)``, the Kronecker factors (see :func:`estimate_fisher`);
+
+and, whatever the statistic, ``gradients[name]`` = Ḡ = (1/N) Σ_n G_n when asked for. G_n = ∂ℓ_n/∂W is
+example n's gradient of the frozen weight W (``d_out × d_in``).
+
+On disk a Fisher is two files: ``fisher.safetensors`` and ``fisher.json`` (N, estimator, statistic,
+metadata, shapes, traces, the per-module scores). The tensors are float32, keyed by the module's name in
+``model.named_modules()`` with a prefix per kind: the diagonal has none (so files written before the other
+statistics existed still load), K-FAC factors are ``kfac.A/<name>`` and ``kfac.S/<name>``, gradients
+``gradient/<name>``. A trace-only result without gradients writes an empty ``fisher.safetensors``.
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,58 +34,124 @@ from fimlora.io import atomic_write, atomic_write_json
 TENSORS_FILE = "fisher.safetensors"
 META_FILE = "fisher.json"
 
-# Reduce a module's diagonal to one importance number. "trace" grows with the module's size, "mean" does
-# not: with rank cost r·(d_in+d_out), "mean" asks "how important is each weight here".
-AGGREGATIONS: dict[str, Callable[[torch.Tensor], float]] = {
-    "trace": lambda diag: float(diag.double().sum()),
-    "mean": lambda diag: float(diag.double().mean()),
-}
+STATISTICS = ("diagonal", "trace", "kfac")
+
+# How a module's Fisher becomes one importance number. "trace" (tr F) grows with the module's size,
+# "mean" (tr F / numel) does not: with rank cost r·(d_in+d_out), "mean" asks "how important is each
+# weight here".
+AGGREGATIONS = ("trace", "mean")
+
+_KFAC_A, _KFAC_S, _GRADIENT = "kfac.A/", "kfac.S/", "gradient/"
 
 
 @dataclass
 class FisherResult:
-    """``diagonal[name]`` = (1/N) Σ_n (∂ℓ_n/∂W)², a float32 tensor shaped like module ``name``'s weight."""
+    """One Fisher pass over N calibration examples (see the module docstring for each field's formula).
 
-    diagonal: dict[str, torch.Tensor]
+    Exactly the field of ``statistic`` is set among ``diagonal`` / ``traces`` / ``kfac``; the others are
+    ``None``. ``gradients`` is ``None`` unless the pass was asked for it. ``shapes`` maps each module to
+    its weight's ``(d_out, d_in)``; it is derived from the tensors when not given (a trace-only result
+    must give it).
+    """
+
+    diagonal: dict[str, torch.Tensor] | None
     num_examples: int
     estimator: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    statistic: str = "diagonal"
+    traces: dict[str, float] | None = None
+    kfac: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    gradients: dict[str, torch.Tensor] | None = None
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        """``(d_out, d_in)`` of each module, as the allocator expects."""
-        return {name: (int(d.shape[0]), int(d.shape[1])) for name, d in self.diagonal.items()}
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise FimloraError(
+                f"Unknown Fisher statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}."
+            )
+        held = {"diagonal": self.diagonal, "trace": self.traces, "kfac": self.kfac}
+        if held[self.statistic] is None or any(v is not None for k, v in held.items() if k != self.statistic):
+            raise ValueError(f"a {self.statistic!r} FisherResult holds exactly its own statistic")
+        if not self.shapes:
+            self.shapes = _derive_shapes(self)
+        self.shapes = {name: (int(s[0]), int(s[1])) for name, s in self.shapes.items()}
+        modules = set(self.shapes)
+        for kind, values in (*held.items(), ("gradients", self.gradients)):
+            if values is not None and set(values) != modules:
+                raise ValueError(f"FisherResult: the {kind} and the shapes name different modules")
+
+    def module_traces(self) -> dict[str, float]:
+        """tr F per module, in float64 then float.
+
+        ``diagonal``: Σ of the diagonal; ``trace``: the exact trace; ``kfac``: tr(A)·tr(S), the sum of
+        the K-FAC diagonal approximation diag(S) diag(A)ᵀ (= the trace of A ⊗ S).
+        """
+        if self.diagonal is not None:
+            return {name: float(d.sum(dtype=torch.float64)) for name, d in self.diagonal.items()}
+        if self.traces is not None:
+            return dict(self.traces)
+        assert self.kfac is not None
+        return {
+            name: float(torch.trace(a.double()) * torch.trace(s.double()))
+            for name, (a, s) in self.kfac.items()
+        }
 
     def scores(self, aggregation: str = "mean") -> dict[str, float]:
-        """One importance score per module (see ``AGGREGATIONS``)."""
-        try:
-            reduce = AGGREGATIONS[aggregation]
-        except KeyError:
+        """One importance score per module: ``"trace"`` = tr F, ``"mean"`` = tr F / (d_out·d_in).
+
+        tr F as in :meth:`module_traces`; for the diagonal, ``"mean"`` is the mean of its entries.
+        """
+        if aggregation not in AGGREGATIONS:
             raise FimloraError(
                 f"Unknown Fisher aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}."
-            ) from None
-        return {name: reduce(diag) for name, diag in self.diagonal.items()}
+            )
+        if aggregation == "mean" and self.diagonal is not None:
+            return {name: float(d.mean(dtype=torch.float64)) for name, d in self.diagonal.items()}
+        traces = self.module_traces()
+        if aggregation == "trace":
+            return traces
+        return {name: t / (self.shapes[name][0] * self.shapes[name][1]) for name, t in traces.items()}
 
     def check_finite(self) -> None:
-        bad = [name for name, d in self.diagonal.items() if not bool(torch.isfinite(d).all())]
+        """Raise a ``FimloraError`` naming the first module whose statistic or gradient is NaN/inf."""
+        bad = [name for name, tensors in self._tensors_by_module().items() if not _all_finite(tensors)]
+        bad += [name for name, t in (self.traces or {}).items() if not math.isfinite(t)]
         if bad:
             raise FimloraError(
                 f"The Fisher is not finite in {len(bad)} module(s) (first: {bad[0]}); the model produces "
                 "NaN/inf gradients on the calibration data."
             )
 
+    def _tensors_by_module(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in self.shapes}
+        for name, d in (self.diagonal or {}).items():
+            out[name].append(d)
+        for name, (a, s) in (self.kfac or {}).items():
+            out[name] += [a, s]
+        for name, g in (self.gradients or {}).items():
+            out[name].append(g)
+        return out
+
     def save(self, directory: str | Path) -> Path:
         """Write ``fisher.safetensors`` and ``fisher.json`` into ``directory`` (each atomically)."""
         directory = Path(directory)
-        tensors = {
-            name: d.detach().to("cpu", torch.float32).contiguous() for name, d in self.diagonal.items()
-        }
+        tensors: dict[str, torch.Tensor] = {}
+        for name, d in (self.diagonal or {}).items():
+            tensors[name] = d
+        for name, (a, s) in (self.kfac or {}).items():
+            tensors[_KFAC_A + name], tensors[_KFAC_S + name] = a, s
+        for name, g in (self.gradients or {}).items():
+            tensors[_GRADIENT + name] = g
+        tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
         atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         meta = {
             "num_examples": self.num_examples,
             "estimator": self.estimator,
+            "statistic": self.statistic,
+            "with_gradient": self.gradients is not None,
             "metadata": self.metadata,
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+            **({"traces": self.traces} if self.traces is not None else {}),
             "scores": {agg: self.scores(agg) for agg in AGGREGATIONS},
         }
         atomic_write_json(directory / META_FILE, meta)
@@ -82,23 +159,53 @@ class FisherResult:
 
     @classmethod
     def load(cls, directory: str | Path) -> FisherResult:
+        """Read what :meth:`save` wrote (also files from before ``statistic`` existed: a diagonal)."""
         directory = Path(directory)
         tensors_path, meta_path = directory / TENSORS_FILE, directory / META_FILE
         if not tensors_path.is_file() or not meta_path.is_file():
             raise FimloraError(f"No Fisher found in {directory} (expected {TENSORS_FILE} and {META_FILE}).")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            diagonal = load_file(str(tensors_path))
-        except (OSError, ValueError) as exc:
-            raise FimloraError(f"The Fisher in {directory} is unreadable: {exc}.") from exc
-        if set(diagonal) != set(meta.get("shapes", {})):
-            raise FimloraError(f"{TENSORS_FILE} and {META_FILE} in {directory} describe different modules.")
-        return cls(
-            diagonal=diagonal,
-            num_examples=int(meta["num_examples"]),
-            estimator=str(meta["estimator"]),
-            metadata=dict(meta.get("metadata", {})),
-        )
+            tensors = load_file(str(tensors_path))
+            statistic = str(meta.get("statistic", "diagonal"))
+            shapes = {str(n): (int(s[0]), int(s[1])) for n, s in meta.get("shapes", {}).items()}
+            a = {k.removeprefix(_KFAC_A): t for k, t in tensors.items() if k.startswith(_KFAC_A)}
+            s = {k.removeprefix(_KFAC_S): t for k, t in tensors.items() if k.startswith(_KFAC_S)}
+            gradients = {k.removeprefix(_GRADIENT): t for k, t in tensors.items() if k.startswith(_GRADIENT)}
+            diagonal = {k: t for k, t in tensors.items() if "/" not in k}
+            traces = {str(n): float(t) for n, t in meta["traces"].items()} if "traces" in meta else None
+            return cls(
+                diagonal=diagonal if statistic == "diagonal" else None,
+                num_examples=int(meta["num_examples"]),
+                estimator=str(meta["estimator"]),
+                metadata=dict(meta.get("metadata", {})),
+                statistic=statistic,
+                traces=traces if statistic == "trace" else None,
+                kfac={n: (a[n], s[n]) for n in a} if statistic == "kfac" and set(a) == set(s) else None,
+                gradients=gradients if meta.get("with_gradient", False) else None,
+                shapes=shapes,
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FimloraError(
+                f"The Fisher in {directory} is unreadable or its two files describe different modules: {exc}."
+            ) from exc
+
+
+def _derive_shapes(result: FisherResult) -> dict[str, tuple[int, int]]:
+    if result.diagonal is not None:
+        return {name: (int(d.shape[0]), int(d.shape[1])) for name, d in result.diagonal.items()}
+    if result.kfac is not None:
+        return {name: (int(s.shape[0]), int(a.shape[0])) for name, (a, s) in result.kfac.items()}
+    if result.gradients is not None:
+        return {name: (int(g.shape[0]), int(g.shape[1])) for name, g in result.gradients.items()}
+    if result.traces:
+        raise ValueError("a trace-only FisherResult needs its shapes")
+    return {}
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    # In slices: isfinite's temporaries (bool masks, an abs copy) would otherwise be the pass's peak.
+    return all(bool(torch.isfinite(part).all()) for t in tensors for part in t.reshape(-1).split(2**20))
 
 
 def summarize_scores(scores: dict[str, float]) -> dict[str, float]:

@@ -1,19 +1,160 @@
-"""Registry of named methods. Adding one: a module defining a ``Method``, listed here, and its test."""
+"""Method registry: allocation rules, adapters and optimizers by name, and the paper presets.
+
+Adding a method: one module in ``allocations/``, ``adapters/`` or ``optimizers/`` defining ``RULE``,
+``ADAPTER`` or ``OPTIMIZER``, listed below, a preset in ``presets.py`` if it is a paper method, and a test
+of its defining property in ``tests/methods/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
 
 from fimlora.errors import FimloraError
-from fimlora.methods.base import AllocationRequest, Method
-from fimlora.methods.fim_lora import FIM_LORA
-from fimlora.methods.lora import LORA
-from fimlora.methods.random_rank import RANDOM_RANK
+from fimlora.methods.base import (
+    AdapterKind,
+    AllocationRule,
+    MethodContext,
+    MethodSpec,
+    OptimizerKind,
+)
+from fimlora.methods.presets import PRESETS
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, FIM_LORA, RANDOM_RANK)}
+_ALLOCATIONS = {
+    "uniform": "uniform",
+    "fisher": "fisher",
+    "random": "random_rank",
+    "gradnorm": "gradnorm",
+    "spectral": "spectral",
+    "whitened-spectral": "spectral",
+    "adalora": "adalora",
+    "eva": "eva",
+    "none": "none",
+}
+_ADAPTERS = {
+    "lora": "lora",
+    "dora": "dora",
+    "rslora": "rslora",
+    "pissa": "pissa",
+    "olora": "olora",
+    "lora-ga": "lora_ga",
+    "vera": "vera",
+    "delta-lora": "delta_lora",
+    "hydralora": "hydralora",
+    "full": "full_ft",
+}
+_OPTIMIZERS = {"adamw": "adamw", "loraplus": "loraplus", "lora-fa": "lora_fa", "riemannian": "riemannian"}
+
+ALLOCATIONS: tuple[str, ...] = tuple(_ALLOCATIONS)
+ADAPTERS: tuple[str, ...] = tuple(_ADAPTERS)
+OPTIMIZERS: tuple[str, ...] = tuple(_OPTIMIZERS)
 
 
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise FimloraError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.") from None
+def get_allocation(name: str) -> AllocationRule:
+    module = importlib.import_module(f"fimlora.methods.allocations.{_ALLOCATIONS[name]}")
+    rules = getattr(module, "RULES", None)
+    return rules[name] if rules is not None else module.RULE
 
 
-__all__ = ["METHODS", "AllocationRequest", "Method", "get_method"]
+def get_adapter(name: str) -> AdapterKind:
+    return importlib.import_module(f"fimlora.methods.adapters.{_ADAPTERS[name]}").ADAPTER
+
+
+def get_optimizer(name: str) -> OptimizerKind:
+    return importlib.import_module(f"fimlora.methods.optimizers.{_OPTIMIZERS[name]}").OPTIMIZER
+
+
+def method_name(entry: str | Mapping[str, Any] | Any) -> str:
+    """The name of a ``methods`` entry of a config: a preset name or a mapping with a ``name``."""
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, Mapping):
+        return str(entry["name"])
+    return str(entry.name)
+
+
+def resolve_method(entry: str | Mapping[str, Any] | Any) -> MethodSpec:
+    """A preset name, or a mapping/object with ``name`` and any of ``allocation``/``adapter``/``optimizer``.
+
+    A mapping whose name is a preset starts from that preset; otherwise unspecified axes default to
+    ``uniform``/``lora``/``adamw``. Raises FimloraError for unknown names and invalid combinations.
+    """
+    if isinstance(entry, str):
+        if entry not in PRESETS:
+            raise FimloraError(f"Unknown method {entry!r}; presets: {', '.join(PRESETS)}.")
+        spec = PRESETS[entry]
+    else:
+        fields = dict(entry) if isinstance(entry, Mapping) else entry.model_dump()
+        name = fields.get("name")
+        if not name:
+            raise FimloraError("A method mapping needs a name.")
+        base = PRESETS.get(name, MethodSpec(name, "uniform", "lora", "adamw"))
+        spec = MethodSpec(
+            name=name,
+            allocation=fields.get("allocation") or base.allocation,
+            adapter=fields.get("adapter") or base.adapter,
+            optimizer=fields.get("optimizer") or base.optimizer,
+            description=base.description if name in PRESETS else "",
+        )
+    check_combination(spec)
+    return spec
+
+
+def check_combination(spec: MethodSpec) -> None:
+    """Refuse combinations the components cannot implement, with the reason."""
+    for axis, value, known in (
+        ("allocation", spec.allocation, ALLOCATIONS),
+        ("adapter", spec.adapter, ADAPTERS),
+        ("optimizer", spec.optimizer, OPTIMIZERS),
+    ):
+        if value not in known:
+            raise FimloraError(
+                f"Method {spec.name!r}: unknown {axis} {value!r}; use one of {', '.join(known)}."
+            )
+    rule, adapter = get_allocation(spec.allocation), get_adapter(spec.adapter)
+    where = f"Method {spec.name!r}"
+    if rule.adapters is not None and spec.adapter not in rule.adapters:
+        raise FimloraError(
+            f"{where}: allocation {spec.allocation!r} only works with adapter(s) {sorted(rule.adapters)}, "
+            f"not {spec.adapter!r}."
+        )
+    if not adapter.rank_based and spec.allocation != "none":
+        raise FimloraError(
+            f"{where}: adapter {spec.adapter!r} takes no rank allocation; use allocation 'none'."
+        )
+    if adapter.rank_based and spec.allocation == "none":
+        raise FimloraError(f"{where}: adapter {spec.adapter!r} needs a rank allocation, not 'none'.")
+    if spec.adapter == "vera" and spec.allocation != "uniform":
+        raise FimloraError(
+            f"{where}: VeRA shares one rank across all layers; only allocation 'uniform' applies."
+        )
+    if spec.optimizer not in adapter.optimizers:
+        raise FimloraError(
+            f"{where}: optimizer {spec.optimizer!r} cannot train adapter {spec.adapter!r} "
+            f"(supported: {sorted(adapter.optimizers)})."
+        )
+    if rule.optimizers is not None and spec.optimizer not in rule.optimizers:
+        raise FimloraError(
+            f"{where}: allocation {spec.allocation!r} trains only with {sorted(rule.optimizers)}, "
+            f"not {spec.optimizer!r}."
+        )
+
+
+__all__ = [
+    "ADAPTERS",
+    "ALLOCATIONS",
+    "OPTIMIZERS",
+    "PRESETS",
+    "AdapterKind",
+    "AllocationRule",
+    "MethodContext",
+    "MethodSpec",
+    "OptimizerKind",
+    "check_combination",
+    "get_adapter",
+    "get_allocation",
+    "get_optimizer",
+    "method_name",
+    "resolve_method",
+]

@@ -1,52 +1,190 @@
-"""What every method provides: how it spends the parameter budget across the target modules.
+"""The small interface every method is made of: an allocation rule, an adapter and an optimizer.
 
-A method here is a rank-allocation rule on top of plain LoRA with AdamW; every method sees the same
-targets, the same budget (trainable LoRA parameters), the same seed and the same training settings.
+A *method* is one choice on each of three axes, resolved from a preset name (``fim-lora``) or an explicit
+mapping in the config (``{name: fim-dora, allocation: fisher, adapter: dora}``):
+
+* an :class:`AllocationRule` decides how many ranks each target module gets under the parameter budget
+  (before training, or during training for AdaLoRA);
+* an :class:`AdapterKind` wraps the base model (PEFT LoRA and its variants, VeRA, Delta-LoRA, HydraLoRA,
+  full fine-tuning), says what a rank costs in parameters, and saves/loads what it trained;
+* an :class:`OptimizerKind` builds the optimizer (AdamW, LoRA+, LoRA-FA, the Riemannian preconditioner).
+
+Each component may also contribute training callbacks, an auxiliary loss and a record of what it did
+(e.g. AdaLoRA's final rank pattern). Every method of an experiment sees the same targets, budget, seed
+and training settings through a :class:`MethodContext`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fimlora.allocation import Allocation, allocate_ranks
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from fimlora.allocation import Allocation
+    from fimlora.config import ExperimentConfig
+    from fimlora.fisher import FisherResult
+
+# What a calibration pass may have to provide for an allocation rule.
+NEEDS_DIAGONAL = "diagonal"
+NEEDS_GRADIENTS = "gradients"
+NEEDS_KFAC = "kfac"
 
 
 @dataclass(frozen=True)
-class AllocationRequest:
-    """Everything a method may look at when allocating ranks."""
-
-    shapes: Mapping[str, tuple[int, int]]
-    budget: int
-    scores: Mapping[str, float] | None
-    r_min: int = 1
-    r_max: int | None = None
-    tau: float = 1.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Method:
-    """A named method: an allocation strategy, and whether it needs the Fisher."""
+class MethodSpec:
+    """A resolved method: its name and one component per axis."""
 
     name: str
-    description: str
-    strategy: str
-    needs_fisher: bool
+    allocation: str
+    adapter: str
+    optimizer: str
+    description: str = ""
 
-    def allocate(self, request: AllocationRequest) -> Allocation:
-        scores = request.scores
-        if not self.needs_fisher:
-            scores = dict.fromkeys(request.shapes, 1.0)
-        elif scores is None:
-            raise ValueError(f"method {self.name!r} needs Fisher scores")
-        return allocate_ranks(
-            scores,
-            request.shapes,
-            budget=request.budget,
-            strategy=self.strategy,
-            r_min=request.r_min,
-            r_max=request.r_max,
-            tau=request.tau,
-            seed=request.seed,
-        )
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "allocation": self.allocation,
+            "adapter": self.adapter,
+            "optimizer": self.optimizer,
+        }
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may look at; identical for all methods of an experiment except ``spec``."""
+
+    config: ExperimentConfig
+    spec: MethodSpec
+    task: str
+    targets: list[str]
+    shapes: dict[str, tuple[int, int]]
+    budget: int
+    head_modules: list[str]
+    base_name_or_path: str
+    seed: int
+    base_model: nn.Module | None = None  # the pristine base model, read-only
+    fisher: FisherResult | None = None
+    kfac: FisherResult | None = None
+    calibration_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
+    train_texts: Callable[[], list[str]] | None = None
+    # Evaluation batches per domain, for datasets with a ``domain`` column (e.g. sentiment-domains).
+    domain_batches: Callable[[], dict[str, Iterable[dict[str, torch.Tensor]]]] | None = None
+    # Filled in while the method is built, for the result record.
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_type(self) -> str:
+        return {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[self.task]
+
+    @property
+    def options(self) -> Any:
+        """The experiment's ``method_options`` section."""
+        return self.config.method_options
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Trainable parameters of an adapter on one module: ``rank * per_rank + fixed``.
+
+    ``per_rank_shape`` is the ``(d_out, d_in)`` whose ``d_out + d_in`` is the cost of one rank (plain
+    LoRA: the weight's own shape; HydraLoRA with k heads: ``(k * d_out, d_in)``), so the allocators,
+    which count ``r * (d_in + d_out)``, spend the budget in true parameters.
+    """
+
+    per_rank_shape: tuple[int, int]
+    fixed: int = 0
+
+
+class Component:
+    """Hooks shared by all three axes; the defaults do nothing."""
+
+    name: str = ""
+    description: str = ""
+
+    def callbacks(self, model: nn.Module, ctx: MethodContext) -> list[TrainerCallback]:
+        """Trainer callbacks that implement this component during training (e.g. AdaLoRA's pruning)."""
+        return []
+
+    def extra_loss(self, model: nn.Module, ctx: MethodContext) -> Callable[[], torch.Tensor] | None:
+        """An auxiliary loss added to the task loss at every step (e.g. a router balance loss)."""
+        return None
+
+    def finalize(self, model: nn.Module, ctx: MethodContext) -> dict[str, Any]:
+        """After training: what this component did, for the run record."""
+        return {}
+
+
+class AllocationRule(Component):
+    """How the parameter budget is spread over the target modules."""
+
+    #: What the calibration pass must provide (``NEEDS_*``); empty for score-free rules.
+    needs: frozenset[str] = frozenset()
+    #: Adapters this rule can drive; None = every rank-based adapter.
+    adapters: frozenset[str] | None = None
+    #: Optimizers this rule can train with; None = any the adapter accepts.
+    optimizers: frozenset[str] | None = None
+    #: True when the ranks are fixed before training and the built adapter must match them exactly.
+    static_ranks: bool = True
+
+    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+        """Ranks per module such that ``Σ r_i (d_in_i + d_out_i) <= budget`` over ``shapes``."""
+        raise NotImplementedError
+
+    def peft_config(self, lora_kwargs: dict[str, Any], allocation: Allocation, ctx: MethodContext) -> Any:
+        """The PEFT config of a PEFT-LoRA adapter under this rule; default: a plain ``LoraConfig``."""
+        from peft import LoraConfig
+
+        return LoraConfig(**lora_kwargs)
+
+    def after_wrap(self, model: nn.Module, ctx: MethodContext) -> None:
+        """Data-dependent initialisation once the adapter exists (e.g. EVA)."""
+
+
+class AdapterKind(Component):
+    """What gets trained, how it is injected, and how it is saved and reloaded."""
+
+    #: False for adapters that take no rank allocation (full fine-tuning).
+    rank_based: bool = True
+    #: False for adapters whose size is set by their own rule (VeRA), not by the budget.
+    budget_matched: bool = True
+    #: Optimizers that can train this adapter.
+    optimizers: frozenset[str] = frozenset({"adamw"})
+    #: The scaling conventions this adapter supports (``lora.scaling`` in the config).
+    scalings: frozenset[str] = frozenset({"alpha_over_r", "constant"})
+
+    def cost(self, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
+        return CostModel(per_rank_shape=shape)
+
+    def build(
+        self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext
+    ) -> nn.Module:
+        """Wrap ``model`` (a private copy of the base model) and return the trainable model."""
+        raise NotImplementedError
+
+    def trainable_counts(self, model: nn.Module, ctx: MethodContext) -> dict[str, int]:
+        """Trainable parameters: ``adapter_params`` (the method's own), ``head_params`` (task head)."""
+        from fimlora.train import parameter_counts
+
+        return parameter_counts(model)
+
+    def save(self, model: nn.Module, directory: Path, ctx: MethodContext) -> None:
+        """Write what was trained so that :meth:`load` reproduces the trained outputs exactly."""
+        raise NotImplementedError
+
+    def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
+        """Rebuild the trained model from a freshly loaded base model and :meth:`save`'s output."""
+        raise NotImplementedError
+
+
+class OptimizerKind(Component):
+    """The optimizer; ``None`` from :meth:`build` means the Trainer's default AdamW."""
+
+    def build(self, model: nn.Module, ctx: MethodContext) -> torch.optim.Optimizer | None:
+        raise NotImplementedError

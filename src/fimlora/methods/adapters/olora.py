@@ -1,0 +1,15 @@
+"""OLoRA (Büyükakyüz, 2024): A, B from a QR decomposition of W; W keeps the residual."""
+
+from __future__ import annotations
+
+from fimlora.methods.adapters.lora import PeftLora
+
+
+class Olora(PeftLora):
+    name = "olora"
+    description = "OLoRA (Büyükakyüz, 2024): A, B from a QR decomposition of W; W keeps the residual."
+    lora_options = {"init_lora_weights": "olora"}  # noqa: RUF012
+    rewrites_base = True
+
+
+ADAPTER = Olora()

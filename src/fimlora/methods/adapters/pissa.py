@@ -1,0 +1,15 @@
+"""PiSSA (Meng et al., 2024): A, B from the top singular vectors of W; W keeps the residual."""
+
+from __future__ import annotations
+
+from fimlora.methods.adapters.lora import PeftLora
+
+
+class Pissa(PeftLora):
+    name = "pissa"
+    description = "PiSSA (Meng et al., 2024): A, B from the top singular vectors of W; W keeps the residual."
+    lora_options = {"init_lora_weights": "pissa"}  # noqa: RUF012
+    rewrites_base = True
+
+
+ADAPTER = Pissa()

@@ -1,0 +1,33 @@
+"""LoRA-FA (Zhang et al., 2023, arXiv 2308.03303) through ``peft.optimizers.create_lorafa_optimizer``.
+
+A stays frozen at its random init; only B trains, with its gradient projected so the update is the one
+full fine-tuning would make within A's row space. PEFT's optimizer freezes A itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.optimizers import create_lorafa_optimizer
+
+from fimlora.methods.base import MethodContext, OptimizerKind
+
+
+class LoraFa(OptimizerKind):
+    name = "lora-fa"
+    description = "LoRA-FA: A frozen, B trained with a projected gradient (PEFT's LoRA-FA optimizer)."
+
+    def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
+        train = ctx.config.train
+        # r and lora_alpha give PEFT's default scaling; per-module scalings are read from the layers.
+        return create_lorafa_optimizer(
+            model,
+            r=ctx.config.budget.reference_rank,
+            lora_alpha=ctx.config.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses float
+            lr=train.learning_rate,
+            weight_decay=train.weight_decay,
+        )
+
+
+OPTIMIZER = LoraFa()

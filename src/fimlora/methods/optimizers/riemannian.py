@@ -1,0 +1,33 @@
+"""Riemannian preconditioned LoRA (Zhang & Pilanci, 2024, arXiv 2402.02347), PEFT's implementation.
+
+Before each AdamW step the LoRA gradients are preconditioned by r×r matrices:
+∇A ← (BᵀB + λI)⁻¹∇A and ∇B ← ∇B(AAᵀ + λI)⁻¹, with λ = ``method_options.riemannian.reg``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.optimizers import create_riemannian_optimizer
+
+from fimlora.methods.base import MethodContext, OptimizerKind
+
+
+class Riemannian(OptimizerKind):
+    name = "riemannian"
+    description = "AdamW on Riemannian-preconditioned LoRA gradients (r×r preconditioners, damping reg)."
+
+    def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
+        train = ctx.config.train
+        opts = ctx.options.riemannian
+        return create_riemannian_optimizer(
+            model,
+            torch.optim.AdamW if opts.base_optimizer == "adamw" else torch.optim.SGD,
+            lr=train.learning_rate,
+            reg=opts.reg,
+            weight_decay=train.weight_decay,
+        )
+
+
+OPTIMIZER = Riemannian()

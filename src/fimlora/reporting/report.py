@@ -1,0 +1,737 @@
+"""``fimlora report DIR``: every finished run below DIR → ``report.md`` + a self-contained ``report.html``.
+
+Sections, per (dataset, model): results over seeds with bootstrap CIs and the paired comparison against
+uniform LoRA (``fimlora.stats``), cost, a Pareto plot (metric vs trainable adapter parameters), rank
+heatmaps (layer × module type) of each non-uniform allocation, the Fisher importance heatmap, and the
+training (and, where logged, evaluation) loss curves; then the calibration-size stability of the Fisher
+ranking when ``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of
+the statistics and the list of unfinished runs. PNGs go to ``<out>/report_files/``; the Markdown links
+them, the HTML embeds them. Every file is written atomically and the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
+from fimlora.errors import FimloraError
+from fimlora.io import atomic_write, atomic_write_text
+from fimlora.reporting import plots
+from fimlora.reporting.document import (
+    Block,
+    Bullets,
+    Details,
+    Heading,
+    Image,
+    Notice,
+    Paragraph,
+    Table,
+    render_html,
+    render_markdown,
+)
+from fimlora.reporting.names import log10_grid, module_grid
+from fimlora.results import ALLOCATION_FILE, FISHER_META_FILE, METRICS, METRICS_FILE, collect_results
+from fimlora.stats import (
+    BASELINE,
+    CONFIDENCE,
+    MAX_EXACT_SIGN_FLIP,
+    MIN_SEEDS,
+    N_RESAMPLES,
+    metrics_in,
+    setting_columns,
+    summarize,
+)
+
+FILES_DIR = "report_files"
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+SUMMARY_CSV = "summary.csv"
+
+
+@dataclass
+class ReportFiles:
+    markdown: Path
+    html: Path
+    images: list[Path] = field(default_factory=list)
+    summary_csv: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{float(value):.{digits}f}" if _finite(value) else "—"
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric == "perplexity" else 4
+
+
+def _fmt_p(p: Any) -> str:
+    if not _finite(p):
+        return "—"
+    return "<0.001" if float(p) < 0.001 else f"{float(p):.3f}"
+
+
+def _fmt_int(value: Any) -> str:
+    return f"{round(float(value)):,}" if _finite(value) else "—"
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()
+    return slug[-40:].strip("-") or "x"
+
+
+def _settings_label(row: Mapping[str, Any], columns: Sequence[str]) -> str:
+    parts = []
+    for column in columns:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        parts.append(f"{column.split('.')[-1]}={value}")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading per-run files
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_step_metrics(path: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Training loss and evaluation loss per step from one ``metrics.jsonl`` (bad lines are skipped)."""
+    train: dict[int, float] = {}
+    evaluation: dict[int, float] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return train, evaluation
+    for line in lines:
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if _finite(record.get("loss")):
+            train[step] = float(record["loss"])
+        if _finite(record.get("eval_loss")):
+            evaluation[step] = float(record["eval_loss"])
+    return train, evaluation
+
+
+def mean_curve(per_run: Sequence[Mapping[int, float]]) -> plots.Curve | None:
+    """Mean and std over runs at each step that at least one run logged."""
+    per_run = [r for r in per_run if r]
+    if not per_run:
+        return None
+    steps = np.array(sorted(set().union(*per_run)))
+    matrix = np.array([[r.get(int(s), np.nan) for s in steps] for r in per_run])
+    counts = np.sum(np.isfinite(matrix), axis=0)
+    mean = np.nanmean(matrix, axis=0)
+    spread = np.full(len(steps), np.nan)
+    several = counts > 1
+    if several.any():
+        spread[several] = np.nanstd(matrix[:, several], axis=0, ddof=1)
+    return plots.Curve(steps=steps, y=mean, spread=spread, n_runs=len(per_run))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(
+        self, root: Path, frame: pd.DataFrame, summary: pd.DataFrame, baseline: str, metric: str | None
+    ) -> None:
+        self.root = root
+        self.frame = frame
+        self.summary = summary
+        self.baseline = baseline
+        self.metric = metric
+        self.blocks: list[Block] = []
+        self.images: dict[str, bytes] = {}
+        shared, method_settings = setting_columns(frame)
+        self.shared_settings = shared
+        self.method_settings = method_settings
+
+    def image(self, name: str, png: bytes, caption: str, alt: str = "") -> None:
+        if name in self.images:
+            stem, suffix = name.rsplit(".", 1)
+            index = 2
+            while f"{stem}-{index}.{suffix}" in self.images:
+                index += 1
+            name = f"{stem}-{index}.{suffix}"
+        self.images[name] = png
+        self.blocks.append(Image(name=name, png=png, caption=caption, alt=alt or caption))
+
+    def series_label(self, row: Mapping[str, Any]) -> str:
+        extra = _settings_label(row, [*self.shared_settings, *self.method_settings])
+        return f"{row['method']} ({extra})" if extra else str(row["method"])
+
+    # ---------------------------------------------------------------------------------------------
+
+    def overview(self, unfinished: Sequence[Any]) -> None:
+        frame = self.frame
+        seeds = sorted({int(s) for s in frame["seed"].dropna()})
+        pairs = sorted({f"{d} / {m}" for d, m in zip(frame["dataset"], frame["model"], strict=True)})
+        revisions = sorted({str(r) for r in frame.get("git_revision", pd.Series(dtype=object)).dropna()})
+        items = [
+            f"{len(frame)} finished run(s) below `{self.root}`"
+            + (f"; {len(unfinished)} unfinished run(s) left out (listed at the end)" if unfinished else ""),
+            f"datasets × models: {', '.join(pairs)}",
+            f"methods: {', '.join(sorted(frame['method'].unique()))}; "
+            f"baseline for paired comparisons: `{self.baseline}`",
+            f"seeds: {', '.join(map(str, seeds))}",
+            f"budgets: {', '.join(sorted({str(b) for b in frame['budget_label'].dropna()}))}",
+        ]
+        if self.shared_settings or self.method_settings:
+            items.append(
+                "settings that vary between runs (they split the groups): "
+                + ", ".join(f"`{c}`" for c in [*self.shared_settings, *self.method_settings])
+            )
+        if revisions:
+            items.append(f"git revision(s): {', '.join(f'`{r}`' for r in revisions)}")
+        self.blocks += [Bullets(items)]
+        if len(revisions) > 1 or any(r.endswith("-dirty") for r in revisions):
+            self.blocks.append(
+                Notice(
+                    "The runs come from more than one code revision or from uncommitted code; "
+                    "differences between methods may partly be differences between code versions."
+                )
+            )
+        few = self.summary[self.summary["n_seeds"] < MIN_SEEDS]
+        if not few.empty:
+            n_groups = len(few.drop_duplicates([c for c in self.summary.columns if c not in _SUMMARY_VALUES]))
+            self.blocks.append(
+                Notice(
+                    f"Fewer than {MIN_SEEDS} seeds back {n_groups} row(s) of the tables below (marked ⚠): "
+                    "their means, confidence intervals and p-values are anecdotal, not evidence."
+                )
+            )
+
+    def dataset_model(self, dataset: str, model: str) -> None:
+        frame = self.frame[(self.frame["dataset"] == dataset) & (self.frame["model"] == model)]
+        summary = self.summary[(self.summary["dataset"] == dataset) & (self.summary["model"] == model)]
+        task = frame["task"].dropna().iloc[0] if frame["task"].notna().any() else "?"
+        self.blocks.append(Heading(f"{dataset} / {model} ({task})", 2, anchor=_slug(f"{dataset}-{model}")))
+        metrics = metrics_in(frame)
+        if self.metric is not None:
+            if self.metric not in metrics:
+                raise FimloraError(
+                    f"No run of {dataset} / {model} records {self.metric!r}; it has {metrics}."
+                )
+            metrics = [self.metric, *[m for m in metrics if m != self.metric]]
+        if not metrics:
+            self.blocks.append(Notice("These runs record no held-out metric."))
+            return
+        primary = metrics[0]
+        self.blocks.append(Heading("Results over seeds", 3))
+        for metric in metrics:
+            self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
+        self.cost_table(frame)
+        self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
+        self.rank_heatmaps(frame, dataset, model)
+        self.fisher_heatmap(frame, dataset, model)
+        self.loss_curves(frame, dataset, model)
+
+    def results_table(self, summary: pd.DataFrame, metric: str, *, primary: bool) -> None:
+        digits = _digits(metric)
+        better = "higher" if METRICS.get(metric, True) else "lower"
+        header = [
+            "budget",
+            "method",
+            "seeds",
+            "mean ± std",
+            f"{CONFIDENCE:.0%} CI",
+            "adapter params",
+            f"Δ vs {self.baseline}",
+            f"{CONFIDENCE:.0%} CI of Δ",
+            "p (paired t)",
+            "p (sign-flip)",
+            "note",
+        ]
+        rows: list[list[Any]] = []
+        warn: set[int] = set()
+        for _, r in summary.iterrows():
+            is_base = r["method"] == self.baseline
+            std = f" ± {_fmt(r['std'], digits)}" if _finite(r["std"]) else ""
+            note = f"⚠ {r['warning']}" if r["warning"] else ""
+            if is_base and not note:
+                note = "baseline"
+            if r["warning"]:
+                warn.add(len(rows))
+            rows.append(
+                [
+                    r["budget_label"],
+                    self.series_label(r),
+                    int(r["n_seeds"]),
+                    f"{_fmt(r['mean'], digits)}{std}",
+                    f"[{_fmt(r['ci_low'], digits)}, {_fmt(r['ci_high'], digits)}]"
+                    if _finite(r["ci_low"])
+                    else "—",
+                    _fmt_int(r["adapter_params"]),
+                    "—" if is_base or not _finite(r["diff_mean"]) else f"{float(r['diff_mean']):+.{digits}f}",
+                    f"[{float(r['diff_ci_low']):+.{digits}f}, {float(r['diff_ci_high']):+.{digits}f}]"
+                    if _finite(r["diff_ci_low"])
+                    else "—",
+                    _fmt_p(r["p_ttest"]),
+                    _fmt_p(r["p_signflip"])
+                    + (" (MC)" if _finite(r["p_signflip"]) and not bool(r["signflip_exact"]) else ""),
+                    note,
+                ]
+            )
+        caption = f"{metric} on the held-out split ({better} is better)" + (
+            "; primary metric" if primary else ""
+        )
+        self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
+
+    def cost_table(self, frame: pd.DataFrame) -> None:
+        columns = [
+            ("train_time_s", "train time (s)", 1),
+            ("train_examples_per_s", "examples/s", 1),
+            ("peak_memory_mb", "peak memory (MiB)", 0),
+            ("eval_time_s", "eval time (s)", 1),
+        ]
+        present = [c for c in columns if c[0] in frame.columns and frame[c[0]].notna().any()]
+        if not present:
+            return
+        keys = ["budget", "method", *self.shared_settings, *self.method_settings]
+        rows = []
+        groups = sorted(
+            frame.groupby(keys, dropna=False, sort=True),
+            key=lambda kv: (kv[1]["budget"].iloc[0], kv[1]["method"].iloc[0] != self.baseline),
+        )
+        for _, sub in groups:
+            first = sub.iloc[0]
+            row: list[Any] = [first["budget_label"], self.series_label(first), len(sub)]
+            row += [_fmt(sub[c].mean(), d) for c, _, d in present]
+            rows.append(row)
+        kind = frame["peak_memory_kind"].dropna().unique() if "peak_memory_kind" in frame else []
+        caption = "cost, mean over runs" + (
+            f"; peak memory = {', '.join(map(str, kind))}" if len(kind) else ""
+        )
+        self.blocks.append(
+            Table(
+                ["budget", "method", "runs", *(label for _, label, _ in present)],
+                rows,
+                caption=caption,
+                numeric=set(range(2, 3 + len(present))),
+            )
+        )
+
+    def pareto(self, summary: pd.DataFrame, metric: str, dataset: str, model: str) -> None:
+        series: dict[str, list[plots.ParetoPoint]] = {}
+        for _, r in summary.iterrows():
+            if not _finite(r["adapter_params"]):
+                continue
+            series.setdefault(self.series_label(r), []).append(
+                plots.ParetoPoint(
+                    float(r["adapter_params"]), float(r["mean"]), float(r["ci_low"]), float(r["ci_high"])
+                )
+            )
+        if not series:
+            return
+        self.blocks.append(
+            Heading("Accuracy–size trade-off" if metric == "accuracy" else "Metric–size trade-off", 3)
+        )
+        png = plots.pareto_plot(
+            series,
+            metric=metric,
+            higher_is_better=METRICS.get(metric, True),
+            title=f"{dataset} / {model}: {metric} vs trainable adapter parameters",
+        )
+        self.image(
+            f"pareto-{_slug(dataset)}-{_slug(model)}-{metric}.png",
+            png,
+            f"{metric} (mean over seeds; error bars: {CONFIDENCE:.0%} bootstrap CI, none for a single seed) "
+            "against the trainable LoRA parameters actually built, one line per method. Points at the same "
+            "budget are drawn a few pixels apart so that their error bars stay visible.",
+            alt=f"Pareto plot: {metric} vs adapter parameters",
+        )
+
+    def _representatives(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Per (budget, series): the run with the lowest seed (ties: first by run_dir)."""
+        ordered = frame.sort_values(["budget", "seed", "run_dir"], kind="stable")
+        keys = ["budget", "method", *self.shared_settings, *self.method_settings]
+        return ordered.groupby(keys, dropna=False, sort=True).head(1)
+
+    def rank_heatmaps(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
+        reps = self._representatives(frame)
+        figures = []
+        for budget, sub in reps.groupby("budget", sort=True):
+            panels = []
+            chosen = []
+            uniform = []
+            for _, run in sub.iterrows():
+                allocation = _read_json(self.root / run["run_dir"] / ALLOCATION_FILE)
+                if not isinstance(allocation, dict) or not isinstance(allocation.get("ranks"), dict):
+                    continue
+                ranks = {str(k): float(v) for k, v in allocation["ranks"].items()}
+                if allocation.get("strategy") == "uniform" or len(set(ranks.values())) == 1:
+                    uniform.append(
+                        f"{self.series_label(run)} (rank {int(next(iter(ranks.values())))} everywhere)"
+                    )
+                    continue
+                order = _model_order(self.root / run["run_dir"])
+                panels.append((f"{self.series_label(run)} — seed {run['seed']}", module_grid(ranks, order)))
+                chosen.append(f"{self.series_label(run)}: seed {run['seed']} (`{run['run_dir']}`)")
+            if panels:
+                figures.append((budget, sub["budget_label"].iloc[0], panels, chosen, uniform))
+        if not figures:
+            return
+        self.blocks.append(Heading("Rank allocations", 3))
+        for budget, label, panels, chosen, uniform in figures:
+            png = plots.heatmaps(
+                panels,
+                title=f"{dataset} / {model}: LoRA rank per layer × module type, budget {label}",
+                colorbar_label="rank",
+                integer=True,
+            )
+            caption = (
+                f"Budget {label} ({_fmt_int(budget)} parameters). One representative run per method: the "
+                f"lowest finished seed — {'; '.join(chosen)}."
+            )
+            if uniform:
+                caption += f" Not shown (uniform): {'; '.join(uniform)}."
+            self.image(
+                f"ranks-{_slug(dataset)}-{_slug(model)}-{int(budget)}.png",
+                png,
+                caption,
+                alt=f"rank heatmaps, budget {label}",
+            )
+
+    def fisher_heatmap(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
+        runs = frame.sort_values(["seed", "run_dir"], kind="stable")
+        for _, run in runs.iterrows():
+            meta = _read_json(self.root / run["run_dir"] / FISHER_META_FILE)
+            if not isinstance(meta, dict) or not isinstance(meta.get("scores"), dict):
+                continue
+            panels = []
+            for aggregation, scores in sorted(meta["scores"].items(), key=lambda kv: kv[0] != "mean"):
+                if isinstance(scores, dict) and scores:
+                    order = list(meta.get("shapes", {}))
+                    grid = log10_grid(module_grid({str(k): float(v) for k, v in scores.items()}, order))
+                    panels.append((f'"{aggregation}" score (log10)', grid))
+            if not panels:
+                continue
+            self.blocks.append(Heading("Fisher importance", 3))
+            png = plots.heatmaps(
+                panels,
+                title=f"{dataset} / {model}: Fisher score per layer × module type (log10)",
+                colorbar_label="log10 score",
+                cmap="magma",
+                shared_scale=False,
+            )
+            used = run.get("fisher_aggregation")
+            self.image(
+                f"fisher-{_slug(dataset)}-{_slug(model)}.png",
+                png,
+                f"Diagonal Fisher of the frozen weights, {meta.get('estimator', '?')} estimator on "
+                f"{meta.get('num_examples', '?')} calibration examples, from seed {run['seed']} "
+                f'(`{run["run_dir"]}`, the lowest seed with a saved Fisher). "mean" = Σ F / numel '
+                f'(importance per weight), "trace" = Σ F; '
+                + (f'the allocation used "{used}".' if isinstance(used, str) else "")
+                + " Each panel has its own colour scale.",
+                alt="Fisher importance heatmap",
+            )
+            return
+
+    def loss_curves(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
+        keys = ["method", *self.shared_settings, *self.method_settings]
+        made = False
+        for budget, by_budget in frame.groupby("budget", sort=True):
+            train_curves: dict[str, plots.Curve] = {}
+            eval_curves: dict[str, plots.Curve] = {}
+            for _, sub in by_budget.groupby(keys, dropna=False, sort=False):
+                sub = sub.drop_duplicates("seed", keep="first")
+                logs = [read_step_metrics(self.root / d / METRICS_FILE) for d in sub["run_dir"]]
+                label = self.series_label(sub.iloc[0])
+                train = mean_curve([t for t, _ in logs])
+                evaluation = mean_curve([e for _, e in logs])
+                if train is not None:
+                    train_curves[label] = train
+                if evaluation is not None:
+                    eval_curves[label] = evaluation
+            if not train_curves:
+                continue
+            ordered = dict(
+                sorted(train_curves.items(), key=lambda kv: (kv[0].split(" (")[0] != self.baseline, kv[0]))
+            )
+            if not made:
+                self.blocks.append(Heading("Training curves", 3))
+                made = True
+            max_steps = max(int(c.steps.max()) for c in ordered.values())
+            window = max(1, round(max_steps / 20))
+            smoothing = (
+                f"faint: the raw mean, bold: its {window}-step moving average"
+                if window > 1
+                else "not smoothed"
+            )
+            label = by_budget["budget_label"].iloc[0]
+            png = plots.loss_curves(
+                ordered,
+                eval_curves or None,
+                title=f"{dataset} / {model}, budget {label}",
+                window=window,
+            )
+            self.image(
+                f"loss-{_slug(dataset)}-{_slug(model)}-{int(budget)}.png",
+                png,
+                f"Training loss per optimiser step (from metrics.jsonl), mean over seeds (n = runs); "
+                f"{smoothing}; band: ± std over seeds."
+                + (" Right: evaluation loss logged during training." if eval_curves else ""),
+                alt=f"loss curves, budget {label}",
+            )
+
+    # ---------------------------------------------------------------------------------------------
+
+    def calibration(self) -> None:
+        found = []
+        for path in sorted(self.root.rglob(JSON_FILE)):
+            result = load_calibration(path)
+            if result is not None and result.records:
+                found.append((path, result))
+        if not found:
+            return
+        self.blocks.append(
+            Heading("Calibration size: how stable is the Fisher ranking?", 2, anchor="calibration")
+        )
+        self.blocks.append(
+            Paragraph(
+                "For each calibration size, the Fisher was estimated on several mutually disjoint subsets of "
+                "the training split, and the per-module scores of every pair of subsets were compared: "
+                "Kendall τ of the two rankings (1 = identical order), Spearman ρ, and the overlap of the "
+                'top-k modules. "empirical vs MC" compares the empirical and the Monte-Carlo Fisher on the '
+                "same subset. Error bars: min–max over the compared pairs."
+            )
+        )
+        for path, result in found:
+            info = result.info
+            summary = result.summary()
+            aggregation = str(info.get("aggregation", "mean"))
+            rel = path.parent.relative_to(self.root) if path.is_relative_to(self.root) else path.parent
+            k = int(info.get("k", 0) or summary["k"].max())
+            lines_tau: list[plots.StabilityLine] = []
+            lines_overlap: list[plots.StabilityLine] = []
+            for (comparison, estimator), sub in summary[summary["aggregation"] == aggregation].groupby(
+                ["comparison", "estimator"], sort=True
+            ):
+                sub = sub.sort_values("size")
+                label = (
+                    "empirical vs MC (same subset)"
+                    if comparison == EMPIRICAL_VS_MC
+                    else f"disjoint subsets, {estimator}"
+                )
+                for lines, column in ((lines_tau, "kendall_tau"), (lines_overlap, "top_k_overlap")):
+                    lines.append(
+                        plots.StabilityLine(
+                            label=label,
+                            sizes=sub["size"].to_numpy(float),
+                            mean=sub[f"{column}_mean"].to_numpy(float),
+                            low=sub[f"{column}_min"].to_numpy(float),
+                            high=sub[f"{column}_max"].to_numpy(float),
+                            dashed=comparison == EMPIRICAL_VS_MC,
+                        )
+                    )
+            name = f"{info.get('model', '?')} / {info.get('dataset', '?')}"
+            title = f'{name}: Fisher ranking stability ("{aggregation}" score)'
+            self.blocks.append(Heading(f"{name} (`{rel}`)", 3))
+            if lines_tau:
+                png = plots.stability_plot(lines_tau, lines_overlap, title=title, k=k)
+                self.image(
+                    f"calibration-{_slug(str(rel))}.png",
+                    png,
+                    f"{info.get('repeats', '?')} disjoint subsets per size, "
+                    f"{info.get('num_modules', '?')} modules, top-k with k = {k}; "
+                    f"seed {info.get('seed', '?')}.",
+                    alt="calibration stability plot",
+                )
+            rows = []
+            for _, r in summary.iterrows():
+                rows.append(
+                    [
+                        int(r["size"]),
+                        "empirical vs MC" if r["comparison"] == EMPIRICAL_VS_MC else "disjoint subsets",
+                        r["estimator"] if r["comparison"] == SUBSETS else "—",
+                        r["aggregation"],
+                        int(r["n_pairs"]),
+                        _mean_range(r, "kendall_tau", 3),
+                        _fmt(r["spearman_mean"], 3),
+                        _mean_range(r, "top_k_overlap", 2),
+                    ]
+                )
+            self.blocks.append(
+                Table(
+                    [
+                        "size",
+                        "comparison",
+                        "estimator",
+                        "aggregation",
+                        "pairs",
+                        "Kendall τ mean [min, max]",
+                        "Spearman ρ mean",
+                        f"top-{k} overlap mean [min, max]",
+                    ],
+                    rows,
+                    caption="agreement of per-module Fisher scores",
+                    numeric={0, 4},
+                )
+            )
+
+    def definitions(self, n_resamples: int) -> None:
+        self.blocks += [
+            Heading("How to read the statistics", 2, anchor="statistics"),
+            Bullets(
+                [
+                    "One value per seed and configuration (dataset, model, budget, method, and any setting "
+                    "that varies between runs). mean ± std: sample mean and standard deviation (ddof = 1).",
+                    f"{CONFIDENCE:.0%} CI: percentile bootstrap of the mean over seeds — "
+                    f"{n_resamples:,} resamples of the seed values with replacement (seeded, so the report "
+                    "is reproducible), the 2.5% and 97.5% quantiles of the resampled means. With few seeds "
+                    "it is too narrow: it cannot reach beyond the values observed.",
+                    f"Δ vs {self.baseline}: the mean over shared seeds of (method − {self.baseline}) on the "
+                    "same seed, i.e. same data split, task-head initialisation and data order; its CI is the "
+                    "same bootstrap over the per-seed differences.",
+                    "p (paired t): two-sided paired t-test (scipy.stats.ttest_rel), "
+                    "t = mean(d) / (sd(d)/√n), n − 1 degrees of freedom; assumes roughly normal differences.",
+                    "p (sign-flip): two-sided exact permutation test — every one of the 2ⁿ ways to flip the "
+                    "signs of the n differences, p = share with |mean| ≥ the observed |mean| (exact up to "
+                    f"n = {MAX_EXACT_SIGN_FLIP}, Monte Carlo beyond, marked MC). No distributional "
+                    "assumption, but coarse: its smallest possible value is 2/2ⁿ — with 5 seeds 0.0625, so "
+                    "5 seeds can never give p < 0.05 by this test.",
+                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds. p-values are not corrected for "
+                    "multiple comparisons (several methods, budgets and metrics are tested at once).",
+                ]
+            ),
+        ]
+
+    def unfinished(self, unfinished: Sequence[Any]) -> None:
+        if not unfinished:
+            return
+        self.blocks += [
+            Heading("Unfinished runs", 2, anchor="unfinished"),
+            Paragraph("These directories have no finished result.json; nothing from them enters the report."),
+            Details(
+                f"{len(unfinished)} unfinished run(s)",
+                [f"`{_rel(u.path, self.root)}` — {u.reason}" for u in unfinished],
+                open=len(unfinished) <= 20,
+            ),
+        ]
+
+
+_SUMMARY_VALUES = {
+    "metric",
+    "higher_is_better",
+    "n_seeds",
+    "seeds",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "adapter_params",
+    "baseline",
+    "n_paired",
+    "paired_seeds",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "t_stat",
+    "p_ttest",
+    "p_signflip",
+    "signflip_exact",
+    "warning",
+}
+
+
+def _mean_range(row: Mapping[str, Any], column: str, digits: int) -> str:
+    low, high = _fmt(row[f"{column}_min"], digits), _fmt(row[f"{column}_max"], digits)
+    return f"{_fmt(row[f'{column}_mean'], digits)} [{low}, {high}]"
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _model_order(run_dir: Path) -> list[str] | None:
+    """Module names in the model's own order, from the run's fisher.json when it has one."""
+    meta = _read_json(run_dir / FISHER_META_FILE)
+    if isinstance(meta, dict) and isinstance(meta.get("shapes"), dict):
+        return list(meta["shapes"])
+    return None
+
+
+def build_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    *,
+    metric: str | None = None,
+    baseline: str = BASELINE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> ReportFiles:
+    """Write ``report.md``, ``report.html``, ``report_files/*.png`` and ``report_files/summary.csv``.
+
+    ``root``: directory searched recursively for runs (and ``calibration.json``); ``out`` defaults to it.
+    ``metric``: the primary metric (default: accuracy for classification, perplexity for causal LM).
+    Raises ``FimloraError`` when ``root`` is missing or holds no finished run.
+    """
+    root = Path(root)
+    out = Path(out) if out is not None else root
+    table = collect_results(root)
+    frame = table.frame
+    summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed)
+    builder = _Builder(root, frame, summary, baseline, metric)
+    title = f"fimlora report: {root.resolve().name}"
+    builder.blocks.append(Heading(title, 1))
+    builder.overview(table.unfinished)
+    pairs = sorted({(str(d), str(m)) for d, m in zip(frame["dataset"], frame["model"], strict=True)})
+    for dataset, model in pairs:
+        builder.dataset_model(dataset, model)
+    builder.calibration()
+    builder.definitions(n_resamples)
+    builder.unfinished(table.unfinished)
+
+    files_dir = out / FILES_DIR
+    images = [atomic_write(files_dir / name, _bytes_writer(png)) for name, png in builder.images.items()]
+    for stale in files_dir.glob("*.png"):
+        if stale.name not in builder.images:
+            stale.unlink()
+    summary_csv = atomic_write(files_dir / SUMMARY_CSV, lambda tmp: summary.to_csv(tmp, index=False))
+    markdown = atomic_write_text(out / MARKDOWN_FILE, render_markdown(builder.blocks, files_dir=FILES_DIR))
+    html = atomic_write_text(out / HTML_FILE, render_html(builder.blocks, title=title))
+    return ReportFiles(markdown=markdown, html=html, images=images, summary_csv=summary_csv)
+
+
+def _bytes_writer(data: bytes) -> Any:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return write

@@ -1,0 +1,413 @@
+"""Statistics over seeds: mean ± std, bootstrap confidence intervals, paired tests against uniform LoRA.
+
+Definitions (``values`` are one metric of one configuration, one value per seed):
+
+* ``mean``, ``std``: sample mean and sample standard deviation (``ddof=1``; NaN for one seed).
+* **Percentile bootstrap CI** (:func:`bootstrap_ci`): draw ``n_resamples`` (default 10,000) samples of
+  size n with replacement from the n seed values (one vectorised ``numpy`` draw from
+  ``default_rng(seed)``), take each resample's mean, and report the ``(1 − c)/2`` and ``(1 + c)/2``
+  quantiles of those means (``c`` = confidence, default 0.95). Deterministic for a given ``seed``. A
+  constant sample gives a point; fewer than 2 values give NaN (one seed says nothing about spread).
+  With few seeds the percentile bootstrap is too narrow (it cannot see beyond the observed values).
+* **Paired comparison** (:func:`paired_comparison`): on the seeds both configurations ran,
+  ``d_s = method_s − baseline_s``. Reported: the mean of ``d``, its bootstrap CI (as above, over the
+  ``d_s``), and two two-sided p-values for "mean difference = 0":
+
+  - the **paired t-test** (``scipy.stats.ttest_rel``): ``t = mean(d) / (sd(d) / √n)`` with n − 1
+    degrees of freedom; assumes the ``d_s`` are roughly normal;
+  - the **sign-flip permutation test**: under the null each ``d_s`` is as likely to be ``+|d_s|`` as
+    ``−|d_s|``; p = fraction of the 2ⁿ sign patterns whose ``|mean|`` is at least the observed
+    ``|mean(d)|``. Exact (full enumeration) for n ≤ ``MAX_EXACT_SIGN_FLIP`` (16); beyond that
+    ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples). Assumption-free, but coarse:
+    with n seeds the smallest possible p is 2 / 2ⁿ (5 seeds: 0.0625, so it can never reach 0.05).
+
+* A **warning** is attached when fewer than ``MIN_SEEDS`` (5) seeds back a mean or a comparison.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from fimlora.errors import FimloraError
+from fimlora.results import METRICS
+
+MIN_SEEDS = 5
+N_RESAMPLES = 10_000
+CONFIDENCE = 0.95
+MAX_EXACT_SIGN_FLIP = 16
+BASELINE = "lora"
+
+# Settings every method of a comparison shares: runs are only paired with a baseline that matches them.
+_SHARED_PREFIXES = ("train.", "lora.", "dataset_options.")
+_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha")
+_IGNORED_SETTINGS = ("train.eval_batch_size", "train.eval_split", "train.report_to")
+# Settings of a method itself (NaN for methods that do not use them).
+_METHOD_SETTINGS = (
+    "fisher_estimator",
+    "fisher_num_examples",
+    "fisher_aggregation",
+    "allocation.tau",
+    "allocation.r_min",
+    "allocation.r_max",
+)
+_METHOD_PREFIXES = ("method_options.",)
+_BASE_KEYS = ("dataset", "model", "budget")
+
+
+def _as_array(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(array)):
+        raise FimloraError("Statistics need finite values; got NaN or inf.")
+    return array
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean (see the module docstring); NaN for fewer than 2 values."""
+    array = _as_array(values)
+    if not 0 < confidence < 1:
+        raise FimloraError(f"confidence must lie in (0, 1), got {confidence}.")
+    if n_resamples < 1:
+        raise FimloraError(f"n_resamples must be >= 1, got {n_resamples}.")
+    n = array.size
+    if n < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, n, size=(n_resamples, n))].mean(axis=1)
+    alpha = 1.0 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    # Round-off guard: the CI of a constant sample is exactly that constant.
+    low, high = max(float(low), float(array.min())), min(float(high), float(array.max()))
+    return low, high
+
+
+def paired_t_test(diffs: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """``(t, p)`` of the two-sided one-sample t-test of mean(diffs) = 0, i.e. the paired t-test.
+
+    NaN for fewer than 2 differences, or when all of them are 0 (0/0); equal non-zero differences give
+    an infinite t and p = 0, as the formula says.
+    """
+    d = _as_array(diffs)
+    if d.size < 2 or not np.any(d):
+        return math.nan, math.nan
+    with warnings.catch_warnings():  # scipy warns about precision when the differences are nearly equal
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = scipy_stats.ttest_rel(d, np.zeros_like(d))
+    return float(result.statistic), float(result.pvalue)
+
+
+def sign_flip_p_value(
+    diffs: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = 100_000,
+    seed: int = 0,
+    max_exact: int = MAX_EXACT_SIGN_FLIP,
+) -> tuple[float, bool]:
+    """Two-sided sign-flip permutation p-value of mean(diffs) = 0, and whether it is exact.
+
+    Exact: all 2ⁿ sign patterns (the observed one included), p = #{|mean(s·d)| ≥ |mean(d)|} / 2ⁿ.
+    For n > ``max_exact``: ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples).
+    NaN for no differences.
+    """
+    d = _as_array(diffs)
+    n = d.size
+    if n == 0:
+        return math.nan, True
+    observed = abs(float(d.mean()))
+    tolerance = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if n <= max_exact:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        stats = np.abs(signs @ d) / n
+        return float(np.mean(stats >= observed - tolerance)), True
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([1.0, -1.0]), size=(n_resamples, n))
+    hits = int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
+    return (1 + hits) / (1 + n_resamples), False
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """``method − baseline`` on the seeds both ran; see the module docstring for each field."""
+
+    n: int
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    t_stat: float
+    p_ttest: float
+    p_signflip: float
+    signflip_exact: bool
+
+
+def paired_comparison(
+    values: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare ``values[i]`` with ``baseline[i]`` (the same seed i): mean difference, CI, two p-values."""
+    a, b = _as_array(values), _as_array(baseline)
+    if a.shape != b.shape:
+        raise FimloraError(f"Paired values need equal lengths, got {a.size} and {b.size}.")
+    d = a - b
+    low, high = bootstrap_ci(d, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    t_stat, p_t = paired_t_test(d)
+    p_flip, exact = sign_flip_p_value(d, seed=seed)
+    return PairedComparison(
+        n=int(d.size),
+        mean_diff=float(d.mean()) if d.size else math.nan,
+        ci_low=low,
+        ci_high=high,
+        t_stat=t_stat,
+        p_ttest=p_t,
+        p_signflip=p_flip,
+        signflip_exact=exact,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+def _canon(value: Any) -> Hashable:
+    """NaN and None compare equal (as None); numpy scalars become Python ones."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating) and math.isnan(float(value)):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value if isinstance(value, Hashable) else str(value)
+
+
+def _varying(frame: pd.DataFrame, columns: Sequence[str], within: Sequence[str]) -> list[str]:
+    out = []
+    for column in columns:
+        cells = frame.groupby(list(within), dropna=False)[column]
+        if any(len({_canon(v) for v in series}) > 1 for _, series in cells):
+            out.append(column)
+    return out
+
+
+def setting_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The shared and the method-specific settings that vary in ``frame`` and so split its groups.
+
+    Shared settings (``train.*``, ``lora.*``, …) must match between a method and its baseline; method
+    settings (Fisher estimator and size, allocation τ/r_min/r_max, ``method_options.*``) only split a
+    method's own groups; a baseline that varies in them too is matched on equal values.
+    """
+    shared = [
+        c
+        for c in frame.columns
+        if (c.startswith(_SHARED_PREFIXES) or c in _SHARED_COLUMNS) and c not in _IGNORED_SETTINGS
+    ]
+    method = [c for c in _METHOD_SETTINGS if c in frame.columns]
+    method += [c for c in frame.columns if c.startswith(_METHOD_PREFIXES)]
+    base = [k for k in _BASE_KEYS if k in frame.columns]
+    return _varying(frame, shared, base), _varying(frame, method, [*base, "method"])
+
+
+def metrics_in(frame: pd.DataFrame) -> list[str]:
+    """The held-out metrics present in ``frame``, in a fixed order (primary first)."""
+    return [m for m in METRICS if m in frame.columns and frame[m].notna().any()]
+
+
+def primary_metric(frame: pd.DataFrame) -> str:
+    """``accuracy`` for classification runs, ``perplexity`` for causal LM, else the first metric present."""
+    present = metrics_in(frame)
+    if not present:
+        raise FimloraError("The runs record no held-out metric (accuracy, macro_f1, perplexity, eval_loss).")
+    return present[0]
+
+
+def _warning(n_seeds: int, n_paired: int | None, extra: list[str], min_seeds: int) -> str:
+    notes = list(extra)
+    if n_seeds < min_seeds:
+        notes.insert(0, f"only {n_seeds} seed{'s' if n_seeds != 1 else ''} (< {min_seeds})")
+    if n_paired is not None and n_paired < min_seeds and n_paired != n_seeds:
+        notes.append(f"paired on {n_paired} seed{'s' if n_paired != 1 else ''} (< {min_seeds})")
+    return "; ".join(notes)
+
+
+def summarize(
+    frame: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    *,
+    baseline: str = BASELINE,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+    min_seeds: int = MIN_SEEDS,
+) -> pd.DataFrame:
+    """One row per (dataset, model, budget, [varying settings], method, metric) over seeds.
+
+    Columns: the group keys, ``budget_label``, ``task``, ``metric``, ``higher_is_better``, ``n_seeds``,
+    ``seeds``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (bootstrap CI of the mean), ``adapter_params``
+    (mean over seeds), ``baseline``, ``n_paired``, ``paired_seeds``, ``diff_mean``, ``diff_ci_low``,
+    ``diff_ci_high`` (method − baseline), ``t_stat``, ``p_ttest``, ``p_signflip``, ``signflip_exact``,
+    ``warning`` (empty when none). Duplicate seeds within a group keep the first run (by ``run_dir``)
+    and say so in ``warning``.
+    """
+    if frame.empty:
+        raise FimloraError("No runs to summarise.")
+    metrics = list(metrics) if metrics is not None else metrics_in(frame)
+    missing = [m for m in metrics if m not in frame.columns]
+    if missing:
+        raise FimloraError(f"Unknown metric(s) {missing}; the runs record {metrics_in(frame)}.")
+    shared, method_settings = setting_columns(frame)
+    pair_keys = [*_BASE_KEYS, *shared]
+    group_keys = [*pair_keys, "method", *method_settings]
+    frame = frame.sort_values(["run_dir"] if "run_dir" in frame.columns else [], kind="stable")
+
+    groups: dict[tuple[Hashable, ...], pd.DataFrame] = {}
+    for _, sub in frame.groupby(group_keys, dropna=False, sort=False):
+        key = tuple(_canon(sub.iloc[0][k]) for k in group_keys)
+        groups[key] = sub
+    rows: list[dict[str, Any]] = []
+    n_pair = len(pair_keys)
+    for key, sub in groups.items():
+        method = key[n_pair]
+        duplicates = sub["seed"].duplicated(keep="first")
+        dedup = sub[~duplicates]
+        notes = [f"{int(duplicates.sum())} duplicate seed run(s) ignored"] if duplicates.any() else []
+        base_rows, base_note = _baseline_rows(groups, key, n_pair, baseline, method_settings)
+        for metric in metrics:
+            values = dedup[["seed", metric]].dropna()
+            if values.empty:
+                continue
+            seeds = [_canon(s) for s in values["seed"]]
+            x = values[metric].to_numpy(dtype=np.float64)
+            low, high = bootstrap_ci(x, n_resamples=n_resamples, confidence=confidence, seed=seed)
+            row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
+            row.update(
+                {
+                    "budget_label": sub["budget_label"].iloc[0] if "budget_label" in sub else None,
+                    "task": sub["task"].iloc[0] if "task" in sub else None,
+                    "metric": metric,
+                    "higher_is_better": METRICS.get(metric, True),
+                    "n_seeds": len(x),
+                    "seeds": ",".join(str(s) for s in seeds),
+                    "mean": float(x.mean()),
+                    "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "adapter_params": float(dedup["adapter_params"].mean())
+                    if "adapter_params" in dedup
+                    else math.nan,
+                    "baseline": baseline if method != baseline else None,
+                }
+            )
+            n_paired: int | None = None
+            extra = list(notes)
+            if method != baseline:
+                comparison, paired_seeds, note = _compare(
+                    values, base_rows, metric, n_resamples=n_resamples, confidence=confidence, seed=seed
+                )
+                if base_note or note:
+                    extra.append(base_note or note)
+                if comparison is not None:
+                    n_paired = comparison.n
+                    row.update(
+                        {
+                            "n_paired": comparison.n,
+                            "paired_seeds": ",".join(str(s) for s in paired_seeds),
+                            "diff_mean": comparison.mean_diff,
+                            "diff_ci_low": comparison.ci_low,
+                            "diff_ci_high": comparison.ci_high,
+                            "t_stat": comparison.t_stat,
+                            "p_ttest": comparison.p_ttest,
+                            "p_signflip": comparison.p_signflip,
+                            "signflip_exact": comparison.signflip_exact,
+                        }
+                    )
+            row["warning"] = _warning(len(x), n_paired, extra, min_seeds)
+            rows.append(row)
+    columns = [
+        *group_keys,
+        "budget_label",
+        "task",
+        "metric",
+        "higher_is_better",
+        "n_seeds",
+        "seeds",
+        "mean",
+        "std",
+        "ci_low",
+        "ci_high",
+        "adapter_params",
+        "baseline",
+        "n_paired",
+        "paired_seeds",
+        "diff_mean",
+        "diff_ci_low",
+        "diff_ci_high",
+        "t_stat",
+        "p_ttest",
+        "p_signflip",
+        "signflip_exact",
+        "warning",
+    ]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    order = table["method"].map(lambda m: (m != baseline, str(m)))
+    table = table.assign(_order=order).sort_values(
+        [*_BASE_KEYS, *shared, "_order", *method_settings, "metric"], kind="stable", na_position="first"
+    )
+    return table.drop(columns="_order").reset_index(drop=True)
+
+
+def _baseline_rows(
+    groups: dict[tuple[Hashable, ...], pd.DataFrame],
+    key: tuple[Hashable, ...],
+    n_pair: int,
+    baseline: str,
+    method_settings: Sequence[str],
+) -> tuple[pd.DataFrame | None, str]:
+    """The baseline's runs for the group ``key``: same pairing keys; method settings break ties."""
+    candidates = [
+        (k, sub) for k, sub in groups.items() if k[:n_pair] == key[:n_pair] and k[n_pair] == baseline
+    ]
+    if not candidates:
+        return None, f"no {baseline} runs to compare with"
+    if len(candidates) > 1:
+        same = [(k, sub) for k, sub in candidates if k[n_pair + 1 :] == key[n_pair + 1 :]]
+        if len(same) != 1:
+            return None, f"several {baseline} configurations match ({', '.join(method_settings)} differ)"
+        candidates = same
+    return candidates[0][1], ""
+
+
+def _compare(
+    values: pd.DataFrame,
+    base_rows: pd.DataFrame | None,
+    metric: str,
+    **kwargs: Any,
+) -> tuple[PairedComparison | None, list[Hashable], str]:
+    if base_rows is None:
+        return None, [], ""
+    base = base_rows.drop_duplicates("seed", keep="first")[["seed", metric]].dropna()
+    merged = values.merge(base, on="seed", suffixes=("", "_baseline"))
+    if merged.empty:
+        return None, [], "no seeds shared with the baseline"
+    comparison = paired_comparison(
+        merged[metric].to_numpy(dtype=np.float64),
+        merged[f"{metric}_baseline"].to_numpy(dtype=np.float64),
+        **kwargs,
+    )
+    return comparison, [_canon(s) for s in merged["seed"]], ""

@@ -1,0 +1,170 @@
+"""Running a sweep idempotently: finished runs are skipped, unfinished ones (re-)run, failures reported."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from fimlora.errors import FimloraError
+from fimlora.io import atomic_write_json
+from fimlora.sweep.expand import SWEEP_FILE, PlannedRun, budget_label, expand
+from fimlora.sweep.local import RunOutcome, RunTask, run_local
+from fimlora.sweep.spec import SweepSpec
+
+Backend = Literal["local", "ray"]
+
+
+@dataclass
+class SweepReport:
+    """What a sweep invocation found and did. ``outcomes`` is in completion order."""
+
+    runs: list[PlannedRun]
+    skipped: list[PlannedRun] = field(default_factory=list)
+    outcomes: list[RunOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+def primary_metric(result: dict[str, Any]) -> tuple[str, float] | None:
+    """The headline metric of a result: accuracy (classification) or perplexity (causal LM)."""
+    metrics = result.get("metrics") or {}
+    for name in ("accuracy", "perplexity"):
+        if isinstance(metrics.get(name), int | float):
+            return name, float(metrics[name])
+    return None
+
+
+def outcome_line(run: PlannedRun, outcome: RunOutcome) -> str:
+    """One log line per ended run: method, seed, budget, learning rate and the headline metric."""
+    a = run.axes
+    what = f"{run.method} seed={a['seed']} budget={budget_label(a['budget'])} lr={a['learning_rate']:g}"
+    if not outcome.ok:
+        return f"FAILED {run.key}: {what}: {outcome.error}"
+    metric = primary_metric(outcome.result or {})
+    shown = f"{metric[0]}={metric[1]:.4f}" if metric else "no metric"
+    return f"done {run.key}: {what} {shown} ({outcome.seconds:.1f} s)"
+
+
+_STATUS_WORDS = {"finished": "done", "failed": "failed", "interrupted": "re-run", "new": "run"}
+
+
+def plan_lines(spec: SweepSpec, runs: list[PlannedRun]) -> list[str]:
+    """The dry-run listing: a summary line, then one line per run: ``done``, or to run: ``run`` (new),
+    ``re-run`` (interrupted) or ``failed`` (the last attempt failed)."""
+    statuses = [run.status for run in runs]
+    done = statuses.count("finished")
+    lines = [
+        f"sweep {spec.name}: {len(runs)} runs in {spec.output_path}: {done} done, "
+        f"{len(runs) - done} to run ({statuses.count('interrupted')} interrupted, "
+        f"{statuses.count('failed')} failed before)"
+    ]
+    width = max((len(run.key) for run in runs), default=0)
+    for run, status in zip(runs, statuses, strict=True):
+        lines.append(f"  {_STATUS_WORDS[status]:<6} {run.key:<{width}}  {run.describe()}")
+    return lines
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    dry_run: bool = False,
+    backend: Backend = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepReport:
+    """Expand ``spec`` (validating every run first), skip finished runs, execute the rest.
+
+    ``workers`` (local backend only, default 1) is the number of worker processes; 1 runs in this
+    process. ``ray_address``, ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the
+    Ray backend only. Never raises for a failed run: see :attr:`SweepReport.failed`.
+    """
+    if backend == "local":
+        unused = [
+            flag
+            for flag, value in (
+                ("ray address", ray_address),
+                ("cpus per run", cpus_per_run),
+                ("gpus per run", gpus_per_run),
+            )
+            if value is not None
+        ]
+        if unused:
+            raise FimloraError(f"{', '.join(unused)}: only for the Ray backend (--backend ray).")
+        if workers is not None and workers < 1:
+            raise FimloraError(f"workers must be at least 1, got {workers}.")
+    elif backend == "ray":
+        if workers is not None:
+            raise FimloraError(
+                "workers: only for the local backend; with Ray, runs in parallel are limited by "
+                "cpus/gpus per run."
+            )
+        cpus = 1.0 if cpus_per_run is None else cpus_per_run
+        gpus = 0.0 if gpus_per_run is None else gpus_per_run
+        if cpus <= 0 or gpus < 0:
+            raise FimloraError("cpus per run must be positive and gpus per run not negative.")
+    else:
+        raise FimloraError(f"Unknown backend {backend!r}; use local or ray.")
+
+    runs = expand(spec)
+    if dry_run:
+        for line in plan_lines(spec, runs):
+            log(line)
+        return SweepReport(runs=runs, skipped=[r for r in runs if r.status == "finished"])
+
+    report = SweepReport(runs=runs)
+    pending: list[PlannedRun] = []
+    for run in runs:
+        (report.skipped if run.status == "finished" else pending).append(run)
+    for run in report.skipped:  # finished, but the sweep stopped before recording its coordinates
+        if not run.run_directory.file(SWEEP_FILE).exists():
+            atomic_write_json(run.run_directory.file(SWEEP_FILE), run.record(spec.name))
+    log(
+        f"sweep {spec.name}: {len(runs)} runs, {len(report.skipped)} already done, {len(pending)} to run "
+        f"({backend} backend)"
+    )
+    if not pending:
+        return report
+
+    by_key = {run.key: run for run in pending}
+    tasks = [RunTask.from_planned(run, spec.name) for run in pending]
+    bar = tqdm(total=len(pending), unit="run", desc=spec.name, disable=not progress, file=sys.stderr)
+
+    def on_outcome(outcome: RunOutcome) -> None:
+        report.outcomes.append(outcome)
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(outcome_line(by_key[outcome.key], outcome))
+        bar.update(1)
+
+    try:
+        if backend == "ray":
+            from fimlora.sweep.ray_backend import run_ray
+
+            run_ray(
+                tasks,
+                address=ray_address,
+                cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
+                gpus_per_run=0.0 if gpus_per_run is None else gpus_per_run,
+                on_outcome=on_outcome,
+            )
+        else:
+            run_local(tasks, workers=workers or 1, on_outcome=on_outcome)
+    finally:
+        bar.close()
+    failed = report.failed
+    log(
+        f"sweep {spec.name}: {len(report.outcomes) - len(failed)} finished, {len(report.skipped)} skipped, "
+        f"{len(failed)} failed"
+    )
+    for outcome in failed:
+        log(f"  failed {outcome.key}: {outcome.error}")
+    return report

@@ -1,0 +1,145 @@
+"""Sweep specs: a grid of experiments as data, on top of default experiment settings.
+
+A spec is one YAML file::
+
+    name: minilm-movie-reviews
+    output_dir: runs                  # relative to the spec file's directory; default "runs"
+    defaults:                         # any ExperimentConfig keys except the grid axes and output_dir
+      dataset_options: {text_column: review, label_column: sentiment}
+      train: {steps: 60, batch_size: 16, max_length: 64}
+      fisher: {num_examples: 256}
+    grid:
+      model: [minilm]
+      dataset: [movie-reviews]
+      method: [lora, fim-lora, random-rank]     # required; one method per run
+      budget: [{uniform_rank: 2}, {uniform_rank: 4}]
+      seed: [0, 1, 2, 3, 4]
+      learning_rate: [2.0e-3]                   # → train.learning_rate
+
+Every axis except ``method`` may be left out of the grid; its value then comes from ``defaults`` (or the
+experiment default). An axis may not be set in both places. ``defaults`` may not set ``methods`` (the
+``method`` axis does) nor ``output_dir`` (each run gets its own directory under the sweep's).
+Model and dataset strings are used as written, exactly as in ``fimlora run`` (local paths are relative
+to the working directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fimlora.errors import FimloraError
+
+#: Grid axes, in the order they appear in run names and records.
+AXES = ("model", "dataset", "method", "budget", "seed", "learning_rate")
+
+
+class SweepGrid(BaseModel):
+    """The axes of a sweep; the runs are their Cartesian product. ``None`` = not an axis."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: list[str] | None = Field(None, min_length=1)
+    dataset: list[str] | None = Field(None, min_length=1)
+    method: list[str | dict[str, Any]] = Field(min_length=1, description="Method names or mappings.")
+    budget: list[dict[str, Any]] | None = Field(None, min_length=1, description="BudgetSettings mappings.")
+    seed: list[int] | None = Field(None, min_length=1)
+    learning_rate: list[float] | None = Field(None, min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _named(cls, methods: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for entry in methods:
+            if isinstance(entry, dict) and not isinstance(entry.get("name"), str):
+                raise ValueError(f"a method given as a mapping needs a string 'name' key, got {entry}")
+        return methods
+
+    def axes(self) -> dict[str, list[Any]]:
+        """The axes that are set, in :data:`AXES` order."""
+        return {axis: values for axis in AXES if (values := getattr(self, axis)) is not None}
+
+
+class SweepSpec(BaseModel):
+    """A whole sweep: name, where its runs land, default experiment settings and the grid."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    output_dir: str = Field("runs", description="Relative paths are relative to the spec file's directory.")
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    grid: SweepGrid
+    # Where relative paths of the spec are resolved from; set by load_spec, not part of the file.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @property
+    def output_path(self) -> Path:
+        """The sweep's run store, absolute."""
+        return (self.base_dir / self.output_dir).resolve()
+
+
+def method_name(entry: str | dict[str, Any]) -> str:
+    """The name of a method entry: the entry itself, or a mapping's ``name``."""
+    return entry if isinstance(entry, str) else str(entry["name"])
+
+
+def _check_defaults(spec: SweepSpec, source: str) -> None:
+    defaults = spec.defaults
+    clashes: list[str] = [key for key in ("methods", "output_dir") if key in defaults]
+    axes = spec.grid.axes()
+    clashes += [axis for axis in ("model", "dataset", "budget", "seed") if axis in axes and axis in defaults]
+    train = defaults.get("train", {})
+    if not isinstance(train, dict):
+        raise FimloraError(f"Invalid sweep spec {source}: defaults.train must be a mapping of settings.")
+    if "learning_rate" in axes and "learning_rate" in train:
+        clashes.append("train.learning_rate")
+    if clashes:
+        raise FimloraError(
+            f"Invalid sweep spec {source}: defaults must not set {', '.join(clashes)} "
+            "(set by the grid or by the sweep itself)."
+        )
+
+
+def _format_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "sweep spec") -> SweepSpec:
+    """Validate a spec mapping (the grid points themselves are checked by :func:`expand`)."""
+    if not isinstance(data, dict):
+        raise FimloraError(f"{source} must be a YAML mapping, got {type(data).__name__}.")
+    if "base_dir" in data:
+        raise FimloraError(f"Invalid {source}: base_dir: unknown key.")
+    try:
+        spec = SweepSpec.model_validate(
+            {**data, "base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
+        )
+    except ValidationError as exc:
+        raise FimloraError(f"Invalid {source}: {_format_error(exc)}.") from None
+    _check_defaults(spec, source)
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec file; relative paths in it are resolved from its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FimloraError(f"Cannot read sweep spec {path}: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise FimloraError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if data is None:
+        raise FimloraError(f"{path} is empty.")
+    return parse_spec(data, base_dir=path.resolve().parent, source=str(path))

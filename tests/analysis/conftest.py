@@ -1,0 +1,38 @@
+"""A tiny saved BERT (MiniLM's real tokenizer, config-built weights) and a small sentiment CSV."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+from tiny_models import make_tiny_bert
+from transformers import AutoTokenizer
+
+from fimlora.assets import minilm_path
+
+WORDS = ["the", "film", "plot", "acting", "was", "quite", "great", "dull", "funny", "boring", "and", "ending"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_backbone(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-bert-calibration")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    model = make_tiny_bert(num_labels=2)
+    model.resize_token_embeddings(len(tokenizer))
+    model.bert.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calibration-data") / "reviews.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for _ in range(120):
+            writer.writerow([" ".join(rng.choices(WORDS, k=8)), rng.choice(["pos", "neg"])])
+    return path

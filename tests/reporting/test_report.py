@@ -1,0 +1,145 @@
+"""The report: Markdown + self-contained HTML with every section, embedded PNGs, visible warnings."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+from results.fabricate import write_run, write_sweep
+
+from fimlora.analysis.calibration import CalibrationStability, SubsetScores, compare_subsets
+from fimlora.cli import main
+from fimlora.reporting import build_report
+from fimlora.reporting.document import Notice, Table, render_html, render_markdown
+
+SECTIONS = (
+    "Results over seeds",
+    "Accuracy–size trade-off",
+    "Rank allocations",
+    "Fisher importance",
+    "Training curves",
+    "Calibration size: how stable is the Fisher ranking?",
+    "How to read the statistics",
+    "Unfinished runs",
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _calibration(tmp_path):
+    kinds = ("query", "key", "value")
+    scores = {
+        f"bert.encoder.layer.{i}.attention.self.{k}": float(i + j)
+        for i in range(2)
+        for j, k in enumerate(kinds)
+    }
+    entries = []
+    for size in (4, 16):
+        for subset in range(3):
+            for estimator in ("empirical", "mc"):
+                # Small subsets disagree a little (alternating perturbation), large ones not at all.
+                shift = 0.5 * subset if size == 4 else 0.0
+                noisy = {n: v + shift * (-1) ** i for i, (n, v) in enumerate(scores.items())}
+                entries.append(SubsetScores(size, subset, estimator, {"mean": noisy, "trace": noisy}))
+    info = {
+        "model": "tiny-bert",
+        "dataset": "reviews",
+        "seed": 0,
+        "sizes": [4, 16],
+        "repeats": 3,
+        "aggregation": "mean",
+        "num_modules": 6,
+        "k": 2,
+    }
+    CalibrationStability(info, compare_subsets(entries, k=2), entries).write(tmp_path / "calibration")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-runs")
+    write_sweep(root / "sweep", seeds=(0, 1, 2, 3, 4), ranks=(2, 4), eval_losses=True)
+    # A second model with only 3 seeds: its rows must carry the < 5 seeds warning.
+    for seed in range(3):
+        for method in ("lora", "fim-lora"):
+            accuracy = 0.6 + 0.01 * seed + (0.02 if method == "fim-lora" else 0)
+            path = root / "small" / f"s{seed}" / method
+            write_run(path, method=method, seed=seed, model="other-bert", accuracy=accuracy)
+    write_run(root / "small" / "s3" / "lora", method="lora", seed=3, model="other-bert", finished=False)
+    _calibration(root)
+    files = build_report(root, n_resamples=10_000)
+    return root, files
+
+
+def test_markdown_has_every_section_and_links_existing_pngs(report_dir):
+    root, files = report_dir
+    markdown = files.markdown.read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert section in markdown, section
+    links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", markdown)
+    assert len(links) == len(files.images) >= 8
+    for link in links:
+        assert (root / link).read_bytes().startswith(PNG_SIGNATURE)
+    assert "reviews / tiny-bert (classification)" in markdown and "reviews / other-bert" in markdown
+    assert "small/s3/lora" in markdown  # the unfinished run is listed, not reported
+    assert (root / "report_files" / "summary.csv").is_file()
+
+
+def test_html_is_self_contained_with_embedded_images(report_dir):
+    _, files = report_dir
+    html = files.html.read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert section in html, section
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == len(files.images)
+    assert all(base64.b64decode(data).startswith(PNG_SIGNATURE) for data in images)
+    assert "<style>" in html and "<script" not in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html) and "@import" not in html
+    assert "url(" not in html
+
+
+def test_fewer_than_five_seeds_warning_is_visible(report_dir):
+    _, files = report_dir
+    html = files.html.read_text(encoding="utf-8")
+    markdown = files.markdown.read_text(encoding="utf-8")
+    assert "⚠ only 3 seeds (&lt; 5)" in html and '<tr class="warn">' in html
+    assert "⚠ only 3 seeds (< 5)" in markdown
+    assert "Fewer than 5 seeds back" in markdown
+    # The five-seed sweep's rows carry no warning: its table rows are plain.
+    sweep_rows = [line for line in markdown.splitlines() if line.startswith("| r=2 | fim-lora | 5 |")]
+    assert sweep_rows and all("⚠" not in line for line in sweep_rows)
+
+
+def test_paired_comparison_is_reported(report_dir):
+    _, files = report_dir
+    markdown = files.markdown.read_text(encoding="utf-8")
+    # fim-lora − lora on the sweep = 0.01 + 0.002·(seed mod 2): mean +0.0108; exact sign-flip p = 2/32.
+    row = next(line for line in markdown.splitlines() if line.startswith("| r=4 | fim-lora | 5 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "+0.0108" and cells[9] == "0.062"
+
+
+def test_report_is_deterministic(report_dir, tmp_path):
+    root, files = report_dir
+    again = build_report(root, tmp_path / "again", n_resamples=10_000)
+    assert again.html.read_bytes() == files.html.read_bytes()
+    assert [p.read_bytes() for p in again.images] == [p.read_bytes() for p in files.images]
+
+
+def test_renderers_escape_and_mark_warnings():
+    blocks = [Notice("a <b> & c"), Table(["x|y", "z"], [["1|2", "<i>"]], warn_rows={0})]
+    html = render_html(blocks, title="t")
+    assert "a &lt;b&gt; &amp; c" in html and "&lt;i&gt;" in html and '<tr class="warn">' in html
+    markdown = render_markdown(blocks, files_dir="f")
+    assert "> ⚠ a <b> & c" in markdown and "| x\\|y | z |" in markdown and "| 1\\|2 |" in markdown
+
+
+def test_cli_report(capsys, report_dir, tmp_path):
+    root, _ = report_dir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "small"), "--out", str(tmp_path / "r"), "--metric", "macro_f1"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    assert (tmp_path / "r" / "report.html").is_file() and "report:" in captured.out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "small"), "--metric", "perplexity"])
+    assert exit_info.value.code == 2 and "perplexity" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""Statistics against values computed by hand on small samples."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from results.fabricate import write_run, write_sweep
+
+from fimlora.errors import FimloraError
+from fimlora.results import collect_results
+from fimlora.stats import (
+    bootstrap_ci,
+    paired_comparison,
+    paired_t_test,
+    primary_metric,
+    sign_flip_p_value,
+    summarize,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ci_of_a_constant_sample_is_a_point():
+    assert bootstrap_ci([0.73] * 5) == (0.73, 0.73)
+
+
+def test_ci_of_two_values_spans_them():
+    # Resample means of {0, 1} (n=2) are 0, 0.5, 1 with probability 1/4, 1/2, 1/4: the 2.5% quantile
+    # is 0 and the 97.5% quantile is 1.
+    assert bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+
+
+def test_ci_needs_two_values_and_is_seeded():
+    assert all(math.isnan(v) for v in bootstrap_ci([0.5]))
+    data = [0.71, 0.74, 0.69, 0.73, 0.75]
+    assert bootstrap_ci(data, seed=3) == bootstrap_ci(data, seed=3)
+    low, high = bootstrap_ci(data)
+    assert min(data) <= low < np.mean(data) < high <= max(data)
+    with pytest.raises(FimloraError):
+        bootstrap_ci([1.0, float("nan")])
+
+
+def test_ci_matches_the_normal_approximation_on_a_large_sample():
+    x = np.random.default_rng(0).normal(10.0, 2.0, size=400)
+    low, high = bootstrap_ci(x, n_resamples=20_000)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(x.size)
+    assert low == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(x.mean() + half, abs=0.1 * half)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired t-test
+# --------------------------------------------------------------------------------------------------
+
+
+def test_paired_t_with_one_degree_of_freedom_is_cauchy():
+    # d = [1, 3]: mean 2, sd √2, t = 2 / (√2/√2) = 2; with 1 df, P(|T| ≥ t) = 1 − (2/π)·atan(t).
+    t, p = paired_t_test([1.0, 3.0])
+    assert t == pytest.approx(2.0)
+    assert p == pytest.approx(1 - 2 / math.pi * math.atan(2.0))
+
+
+def test_paired_t_with_two_degrees_of_freedom():
+    # d = [1, 2, 4]: mean 7/3, sd √(7/3), t = √7; with 2 df, P(|T| ≥ t) = 1 − t/√(t² + 2).
+    t, p = paired_t_test([1.0, 2.0, 4.0])
+    assert t == pytest.approx(math.sqrt(7))
+    assert p == pytest.approx(1 - math.sqrt(7) / 3)
+
+
+def test_paired_t_undefined_cases():
+    assert all(math.isnan(v) for v in paired_t_test([0.3]))
+    assert all(math.isnan(v) for v in paired_t_test([0.0, 0.0, 0.0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sign-flip permutation test
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sign_flip_all_positive_five_seeds():
+    # Only the observed pattern and its mirror reach |mean| = 3: p = 2/32.
+    assert sign_flip_p_value([1.0, 2.0, 3.0, 4.0, 5.0]) == (pytest.approx(2 / 32), True)
+
+
+def test_sign_flip_by_hand_enumeration():
+    # d = (0.5, −0.2, 0.3): the 8 signed sums are ±0.6, ±0.0, ±1.0, ±0.4 (pairs); |sum| ≥ 0.6 for 4.
+    assert sign_flip_p_value([0.5, -0.2, 0.3])[0] == pytest.approx(4 / 8)
+
+
+def test_sign_flip_matches_brute_force_enumeration():
+    d = np.array([0.012, -0.004, 0.009, 0.015, -0.001, 0.007])
+    observed = abs(d.mean())
+    hits = sum(
+        abs(np.mean(np.array(signs) * d)) >= observed - 1e-15
+        for signs in itertools.product((1, -1), repeat=d.size)
+    )
+    assert sign_flip_p_value(d) == (pytest.approx(hits / 2**d.size), True)
+
+
+def test_sign_flip_monte_carlo_beyond_the_exact_limit():
+    d = np.random.default_rng(1).normal(0.3, 1.0, size=18)
+    exact, is_exact = sign_flip_p_value(d, max_exact=20)
+    approx, approx_exact = sign_flip_p_value(d, n_resamples=50_000)
+    assert is_exact and not approx_exact
+    assert approx == pytest.approx(exact, abs=0.01)
+
+
+def test_sign_flip_of_zero_differences_is_one():
+    assert sign_flip_p_value([0.0, 0.0, 0.0]) == (1.0, True)
+
+
+def test_paired_comparison_is_method_minus_baseline():
+    comparison = paired_comparison([0.8, 0.9, 0.85], [0.7, 0.85, 0.8])
+    assert comparison.n == 3
+    assert comparison.mean_diff == pytest.approx((0.1 + 0.05 + 0.05) / 3)
+    assert comparison.ci_low <= comparison.mean_diff <= comparison.ci_high
+    assert comparison.p_signflip == pytest.approx(2 / 8) and comparison.signflip_exact
+    with pytest.raises(FimloraError, match="equal lengths"):
+        paired_comparison([1.0, 2.0], [1.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables over runs
+# --------------------------------------------------------------------------------------------------
+
+
+def _row(summary, method, budget_label="r=4", metric="accuracy"):
+    rows = summary[
+        (summary["method"] == method)
+        & (summary["budget_label"] == budget_label)
+        & (summary["metric"] == metric)
+    ]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_summary_over_five_seeds(tmp_path):
+    write_sweep(tmp_path, seeds=(0, 1, 2, 3, 4), ranks=(4,))
+    frame = collect_results(tmp_path).frame
+    summary = summarize(frame, ["accuracy"], n_resamples=10_000)
+    lora, fim = _row(summary, "lora"), _row(summary, "fim-lora")
+    # lora accuracy = 0.72 + 0.01·seed; fim-lora adds 0.01 + 0.002·(seed mod 2).
+    assert lora["n_seeds"] == 5 and lora["seeds"] == "0,1,2,3,4"
+    assert lora["mean"] == pytest.approx(0.74)
+    assert lora["std"] == pytest.approx(np.std([0.72, 0.73, 0.74, 0.75, 0.76], ddof=1))
+    assert lora["warning"] == "" and math.isnan(lora["diff_mean"])
+    assert fim["n_paired"] == 5 and fim["diff_mean"] == pytest.approx(0.0108)
+    assert fim["diff_ci_low"] == pytest.approx(0.010, abs=1e-9)
+    assert fim["diff_ci_high"] == pytest.approx(0.0116, abs=1e-3)
+    assert fim["p_signflip"] == pytest.approx(2 / 32) and fim["signflip_exact"]
+    d = np.array([0.01, 0.012, 0.01, 0.012, 0.01])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+    assert fim["t_stat"] == pytest.approx(t, rel=1e-6)
+    assert fim["warning"] == ""
+    assert primary_metric(frame) == "accuracy"
+
+
+def test_fewer_than_five_seeds_and_partial_pairing_are_flagged(tmp_path):
+    write_sweep(tmp_path, seeds=(0, 1, 2), ranks=(4,))
+    write_run(tmp_path / "extra" / "fim-lora", method="fim-lora", seed=7, accuracy=0.9)
+    summary = summarize(collect_results(tmp_path).frame, ["accuracy"])
+    fim = _row(summary, "fim-lora")
+    assert fim["n_seeds"] == 4 and fim["n_paired"] == 3 and fim["paired_seeds"] == "0,1,2"
+    assert "only 4 seeds (< 5)" in fim["warning"] and "paired on 3 seeds (< 5)" in fim["warning"]
+    assert "only 3 seeds (< 5)" in _row(summary, "lora")["warning"]
+
+
+def test_missing_baseline_and_duplicate_seeds(tmp_path):
+    write_sweep(tmp_path, methods=("fim-lora",), seeds=(0, 1), ranks=(4,))
+    write_run(tmp_path / "again" / "fim-lora", method="fim-lora", seed=1, rank=4, accuracy=0.1)
+    summary = summarize(collect_results(tmp_path).frame, ["accuracy"])
+    fim = _row(summary, "fim-lora")
+    assert "no lora runs to compare with" in fim["warning"]
+    assert "1 duplicate seed run(s) ignored" in fim["warning"]
+    assert fim["n_seeds"] == 2 and math.isnan(fim["diff_mean"])
+
+
+def test_varying_learning_rate_splits_groups_and_pairs_like_with_like(tmp_path):
+    for lr, bump in ((1e-3, 0.0), (1e-2, 0.1)):
+        for seed in range(3):
+            for method, extra in (("lora", 0.0), ("fim-lora", 0.02)):
+                write_run(
+                    tmp_path / f"lr{lr}" / f"s{seed}" / method,
+                    method=method,
+                    seed=seed,
+                    learning_rate=lr,
+                    accuracy=0.6 + bump + extra + 0.01 * seed,
+                )
+    summary = summarize(collect_results(tmp_path).frame, ["accuracy"])
+    assert "train.learning_rate" in summary.columns
+    fim = summary[summary["method"] == "fim-lora"]
+    assert len(fim) == 2
+    assert fim["diff_mean"].tolist() == pytest.approx([0.02, 0.02])
