@@ -4,10 +4,13 @@ Inputs are one layer's activations ``a`` (B, T, d_in) and output gradients ``δ`
 batch, as the hooks of :mod:`fimlora.fisher.estimator` receive them, and ``Tokens``: which positions are
 real (not padding). Example n's weight gradient is G_n = Σ_t δ_{n,t} a_{n,t}ᵀ over its real tokens.
 
-Every tensor these functions create (gradient blocks, Gram blocks, float32 or gathered copies of token
-chunks) holds at most ``max_elements`` elements, whatever d_in, d_out and T are; accumulators are
-updated in place. Slices of ``a`` and ``δ`` are used as views where they can be (float32 input,
-padding only at either end of a sequence), so the common case copies nothing.
+Memory is bounded by chunking over examples, output rows and tokens: every tensor these functions
+create (gradient blocks, Gram blocks, float32 or gathered copies of token chunks) holds at most
+max(``max_elements``, d_in, d_out) elements, whatever T and B are (one row or one token is the
+smallest piece); accumulators are updated in place. The only other allocations are per batch: the
+index tensors of ``Tokens`` (B·T integers) and one scalar per example. Slices of ``a`` and ``δ`` are
+used as views where they can be (float32 input, padding only at either end of a sequence), so the
+common case copies nothing and chunks tokens only for the Gram blocks of the ghost norm.
 """
 
 from __future__ import annotations

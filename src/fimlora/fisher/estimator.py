@@ -240,18 +240,21 @@ def estimate_fisher(
               (``d_in × d_in``, M = number of tokens: a per-token mean) and S = (1/N) Σ_{n,t} δ_{n,t}
               δ_{n,t}ᵀ (``d_out × d_out``, summed over an example's tokens and averaged over examples).
               This is K-FAC's "expand" convention for weights shared across positions (Eschenhagen et
-              al. 2023, arXiv 2311.00636): tokens are treated as independent, so A ⊗ S ≈
-              (1/N) Σ_n Σ_t (a aᵀ) ⊗ (δ δᵀ), which is the Fisher without its cross-token terms, and
-              tr(A)·tr(S) is the matching trace. Scores use the diagonal diag(S) diag(A)ᵀ (its sum is
-              tr(A)·tr(S); see :meth:`FisherResult.scores`).
+              al. 2023, arXiv 2311.00636): the Fisher of vec(W), (1/N) Σ_n Σ_{t,t'} (a_t a_t'ᵀ) ⊗
+              (δ_t δ_t'ᵀ), loses its cross-token terms (t ≠ t'), and the token average of the Kronecker
+              products is replaced by the Kronecker product of the token averages:
+              (1/N) Σ_{n,t} (a aᵀ) ⊗ (δ δᵀ) ≈ A ⊗ S. Scores use its diagonal, S_ii·A_jj for weight
+              (i, j), i.e. diag(S) diag(A)ᵀ, whose sum is tr(A)·tr(S) (:meth:`FisherResult.scores`).
         with_gradient: also accumulate ``gradients[name]`` = Ḡ = (1/N) Σ_n G_n (``d_out × d_in``,
             float32), the gradient of the mean loss (1/N) Σ_n ℓ_n. Ḡ always uses the **data's** labels:
             under ``estimator="mc"`` its expectation would be zero, so that case runs a second backward
             pass with the data's labels.
         max_examples: stop after this many examples (per rank; the last batch is cut); ``None`` uses
             them all.
-        max_chunk_elements: bound on every temporary block the pass creates (gradient blocks, Gram
-            blocks, float32 copies of token chunks); the accumulators are the size of the statistic.
+        max_chunk_elements: bound (elements) on every temporary block the pass creates: gradient
+            blocks, Gram blocks, float32 or gathered copies of token chunks (at least one row or token
+            of a layer, see :mod:`fimlora.fisher.blocks`). The accumulators are the statistic's size
+            and are allocated at the first backward pass.
         progress: show a progress bar (rank 0 only).
 
     Returns:

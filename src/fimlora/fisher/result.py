@@ -92,7 +92,7 @@ class FisherResult:
             return dict(self.traces)
         assert self.kfac is not None
         return {
-            name: float(torch.trace(a.double()) * torch.trace(s.double()))
+            name: float(a.diagonal().sum(dtype=torch.float64) * s.diagonal().sum(dtype=torch.float64))
             for name, (a, s) in self.kfac.items()
         }
 
