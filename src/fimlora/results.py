@@ -16,7 +16,8 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * held-out metrics, from ``result.json["metrics"]``: ``accuracy``, ``macro_f1`` (classification),
   ``perplexity`` (causal LM), ``eval_loss`` (``metrics.loss``: mean cross-entropy per example, or mean
   NLL per token in nats), ``eval_num_examples`` / ``eval_num_tokens``, and any other number there
-* parameters: ``adapter_params`` (trainable LoRA parameters PEFT built), ``head_params`` (fully trained
+* parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning; the built
+  adapter is ``peak_adapter_params``), ``head_params`` (fully trained
   task head), ``other_trainable_params``, ``num_target_modules``
 * allocation summary: ``alloc_strategy``, ``alloc_num_params``, ``rank_min``, ``rank_mean``,
   ``rank_max``; ``lora_alpha``, ``scaling``
@@ -226,6 +227,11 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
             row[_METRIC_RENAMES.get(key, key)] = value
     for key in ("adapter_params", "head_params", "other_trainable_params", "num_target_modules"):
         row[key] = result.get(key)
+    # What the method ends up training (AdaLoRA: its pruned triplets, not the initial init_r adapter);
+    # the initial count stays in ``peak_adapter_params``.
+    row["peak_adapter_params"] = row["adapter_params"]
+    if result.get("effective_adapter_params") is not None:
+        row["adapter_params"] = result["effective_adapter_params"]
     row.update(
         {
             "alloc_strategy": alloc.get("strategy"),
