@@ -59,28 +59,33 @@ def test_token_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bound", [1, 7, 40, 2**20])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_blocks_match_reference(dtype, bound, transposed):
-    a, d = layer_batch(dtype=dtype)
+@pytest.mark.parametrize("widths", [(6, 9), (32, 40)], ids=["narrow", "wide"])
+def test_blocks_match_reference(dtype, bound, transposed, widths):
+    d_in, d_out = widths
+    a, d = layer_batch(d_in, d_out, dtype=dtype)
     if transposed:  # non-contiguous activations take the per-example path
         a = a.transpose(0, 1).contiguous().transpose(0, 1)
     tokens = Tokens.from_mask(MASK, *MASK.shape)
     ref = reference(a, d, MASK)
-    diag = torch.zeros(9, 6)
+    diag = torch.zeros(d_out, d_in)
     blocks.add_squared_gradients(diag, a, d, tokens, bound)
-    factor_a, factor_s, grad = torch.zeros(6, 6), torch.zeros(9, 9), torch.zeros(9, 6)
+    factor_a, factor_s, grad = torch.zeros(d_in, d_in), torch.zeros(d_out, d_out), torch.zeros(d_out, d_in)
     blocks.add_kronecker_factors(factor_a, factor_s, a, d, tokens, bound)
     blocks.add_gradient(grad, a, d, tokens, bound)
     for actual, key in [(diag, "diagonal"), (factor_a, "A"), (factor_s, "S"), (grad, "gradient")]:
         torch.testing.assert_close(actual.double(), ref[key], rtol=1e-5, atol=1e-5)
+    # Wide layers on short sequences take the batched ghost norm unless the bound is below T².
     trace = blocks.squared_norms(a, d, tokens, bound)
     assert float(trace) == pytest.approx(float(ref["trace"]), rel=1e-5)
-    # Both ways to a squared norm, whichever the cost model would pick.
+    batched = blocks._batched_ghost_norms(a, d, tokens, bound)
+    assert float(batched) == pytest.approx(float(ref["trace"]), rel=1e-5)
+    # Both per-example ways to a squared norm, whichever the cost model would pick.
     for n, selection in enumerate(tokens.per_example):
         expected = float(reference(a[n : n + 1], d[n : n + 1], MASK[n : n + 1])["trace"])
         if blocks._size(selection) == 0:
             continue
-        ghost = blocks._ghost_norm(a[n], d[n], selection, 6, 9, bound)
-        direct = blocks._direct_norm(a[n], d[n], selection, 6, 9, bound)
+        ghost = blocks._ghost_norm(a[n], d[n], selection, d_in, d_out, bound)
+        direct = blocks._direct_norm(a[n], d[n], selection, d_in, d_out, bound)
         assert float(ghost) == pytest.approx(expected, rel=1e-5)
         assert float(direct) == pytest.approx(expected, rel=1e-5)
 
@@ -99,6 +104,17 @@ class LargestNewTensor(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.largest = max(self.largest, t.numel())
         return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bound", [60, 200, 1000])
+def test_batched_ghost_norm_stays_under_the_bound(dtype, bound):
+    a, d = layer_batch(32, 40, dtype=dtype)
+    tokens = Tokens.from_mask(MASK, *MASK.shape)
+    with LargestNewTensor() as mode:
+        trace = blocks.squared_norms(a, d, tokens, bound)
+    assert mode.largest <= max(bound, 40)
+    assert float(trace) == pytest.approx(float(reference(a, d, MASK)["trace"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -30,18 +30,20 @@ class Tokens:
     """The real (unpadded) positions of a (B, T) batch.
 
     ``per_example[n]`` selects example n's positions; ``flat`` indexes the real positions of the
-    flattened (B·T) batch, ``None`` when every position is real; ``count`` is their number.
+    flattened (B·T) batch and ``mask`` (B, T) is 1.0 on them, 0.0 elsewhere (both ``None`` when every
+    position is real); ``count`` is their number.
     """
 
     per_example: list[Selection]
     flat: torch.Tensor | None
+    mask: torch.Tensor | None
     count: int
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor | None, batch: int, length: int) -> Tokens:
         """From an attention mask (B, T) (nonzero = real); ``None`` means every position is real."""
         if mask is None or bool(mask.all()):
-            return cls([slice(0, length)] * batch, None, batch * length)
+            return cls([slice(0, length)] * batch, None, None, batch * length)
         real = mask.bool()
         lengths = real.sum(dim=1)
         first = real.int().argmax(dim=1)
@@ -55,7 +57,8 @@ class Tokens:
                 selections.append(slice(start, start + count))
             else:
                 selections.append(real[n].nonzero().squeeze(1))
-        return cls(selections, real.reshape(-1).nonzero().squeeze(1), int(lengths.sum()))
+        flat = real.reshape(-1).nonzero().squeeze(1)
+        return cls(selections, flat, real.to(torch.float32), int(lengths.sum()))
 
 
 def _size(selection: Selection) -> int:
@@ -144,24 +147,48 @@ def add_squared_gradients(
 def squared_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int) -> torch.Tensor:
     """Σ_n ‖G_n‖_F² over the batch, as a float64 scalar tensor, without forming G_n when cheaper.
 
-    Per example with T_n real tokens, the ghost norm ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t') costs
-    ~T_n²(d_in + d_out) multiply-adds, forming G_n costs ~T_n·d_in·d_out: whichever is smaller is used.
-    The ghost form runs over token blocks (i ≤ j, off-diagonal blocks counted twice) so that each Gram
-    block holds at most ``max_elements`` elements.
+    For T tokens, the ghost norm ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t') costs ~T²(d_in + d_out)
+    multiply-adds, forming G_n costs ~T·d_in·d_out: whichever is smaller is used. Short sequences take
+    the ghost norm for a chunk of examples at once (two batched Gram products, padding masked out of
+    their product); longer ones go example by example, the ghost form over token blocks (i ≤ j,
+    off-diagonal blocks counted twice) so that each Gram block holds at most ``max_elements``.
     """
-    d_in, d_out = a.shape[-1], d.shape[-1]
+    length, d_in, d_out = a.shape[1], a.shape[-1], d.shape[-1]
+    # Per example, the batched form holds T×T products and, for other dtypes, float32 copies of a and δ.
+    per_example = length * (length if a.dtype == d.dtype == torch.float32 else max(length, d_in, d_out))
+    if length * (d_in + d_out) < d_in * d_out and per_example <= max_elements:
+        return _batched_ghost_norms(a, d, tokens, max_elements)
     parts: list[torch.Tensor] = []
     for n, selection in enumerate(tokens.per_example):
-        length = _size(selection)
-        if length == 0:
+        size = _size(selection)
+        if size == 0:
             continue
-        if length * (d_in + d_out) < d_in * d_out:
+        if size * (d_in + d_out) < d_in * d_out:
             parts.append(_ghost_norm(a[n], d[n], selection, d_in, d_out, max_elements))
         else:
             parts.append(_direct_norm(a[n], d[n], selection, d_in, d_out, max_elements))
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=a.device)
     return torch.stack(parts).double().sum()
+
+
+def _batched_ghost_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int) -> torch.Tensor:
+    """Σ_n Σ_{t,t'} m_t m_t' (δ_t·δ_t')(a_t·a_t') for chunks of examples (m: the real-token mask)."""
+    batch, length = a.shape[0], a.shape[1]
+    per_example = length * (
+        length if a.dtype == d.dtype == torch.float32 else max(length, a.shape[-1], d.shape[-1])
+    )
+    chunk = max(1, max_elements // per_example)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, batch, chunk):
+        a_c, d_c = a[start : start + chunk].float(), d[start : start + chunk].float()
+        product = torch.bmm(a_c, a_c.transpose(1, 2))
+        product.mul_(torch.bmm(d_c, d_c.transpose(1, 2)))
+        if tokens.mask is not None:
+            m = tokens.mask[start : start + chunk]
+            product.mul_(m.unsqueeze(2) * m.unsqueeze(1))
+        total += product.sum(dtype=torch.float64)
+    return total
 
 
 def _ghost_norm(
