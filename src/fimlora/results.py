@@ -19,8 +19,10 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning; the built
   adapter is ``peak_adapter_params``), ``head_params`` (fully trained
   task head), ``other_trainable_params``, ``num_target_modules``
-* allocation summary: ``alloc_strategy``, ``alloc_num_params``, ``rank_min``, ``rank_mean``,
-  ``rank_max``; ``lora_alpha``, ``scaling``
+* allocation summary: ``alloc_strategy``, ``alloc_num_params``; ``rank_min``, ``rank_mean``,
+  ``rank_max`` of the ranks trained at the end, and ``rank_source`` where they come from
+  (``allocation``, or AdaLoRA's ``final_ranks`` / EVA's ``redistributed_ranks``, see
+  :func:`trained_ranks`); ``lora_alpha``, ``scaling``
 * Fisher actually used by the method (``None`` for methods that do not use it): ``fisher_estimator``,
   ``fisher_num_examples``, ``fisher_aggregation``
 * cost: ``train_time_s`` (wall seconds of training), ``train_steps``, ``train_examples``,
@@ -69,6 +71,9 @@ FAILURE_FILE = "failure.txt"
 _CONFIG_SKIP = {"model", "dataset", "seed", "task", "methods", "output_dir"}
 # Renames of result.json["metrics"] keys: "loss" alone would be ambiguous next to the training loss.
 _METRIC_RENAMES = {"loss": "eval_loss", "num_examples": "eval_num_examples", "num_tokens": "eval_num_tokens"}
+# Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at
+# initialisation) record the ranks they end with under one of these keys of result.json["records"][...].
+RANK_RECORD_KEYS = ("final_ranks", "redistributed_ranks")
 # Held-out metrics a report may summarise, and whether larger is better.
 METRICS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "perplexity": False, "eval_loss": False}
 
@@ -232,13 +237,20 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     row["peak_adapter_params"] = row["adapter_params"]
     if result.get("effective_adapter_params") is not None:
         row["adapter_params"] = result["effective_adapter_params"]
+    rank_summary = {key: alloc.get(f"{key}_rank") for key in ("min", "mean", "max")}
+    rank_source = "allocation"
+    trained = trained_ranks(result)
+    if trained is not None:
+        values, rank_source = list(trained[0].values()), trained[1]
+        rank_summary = {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
     row.update(
         {
             "alloc_strategy": alloc.get("strategy"),
             "alloc_num_params": alloc.get("num_params"),
-            "rank_min": alloc.get("min_rank"),
-            "rank_mean": alloc.get("mean_rank"),
-            "rank_max": alloc.get("max_rank"),
+            "rank_min": rank_summary["min"],
+            "rank_mean": rank_summary["mean"],
+            "rank_max": rank_summary["max"],
+            "rank_source": rank_source,
             "lora_alpha": result.get("lora_alpha"),
             "scaling": result.get("scaling"),
             "fisher_estimator": fisher.get("estimator"),
@@ -265,6 +277,22 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
         if key not in _CONFIG_SKIP:
             _flatten(key, value, row)
     return row
+
+
+def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | None:
+    """The ranks a method ended with when they differ from its allocation, and the record key they
+    came from (see ``RANK_RECORD_KEYS``); ``None`` when the allocation's ranks are the trained ones."""
+    records = result.get("records")
+    if not isinstance(records, Mapping):
+        return None
+    for record in records.values():
+        if not isinstance(record, Mapping):
+            continue
+        for key in RANK_RECORD_KEYS:
+            ranks = record.get(key)
+            if isinstance(ranks, Mapping) and ranks and all(_is_number(v) for v in ranks.values()):
+                return {str(name): int(rank) for name, rank in ranks.items()}, key
+    return None
 
 
 def _eval_time(result: Mapping[str, Any]) -> float | None:

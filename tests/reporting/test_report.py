@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -143,3 +144,37 @@ def test_cli_report(capsys, report_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(root / "small"), "--metric", "perplexity"])
     assert exit_info.value.code == 2 and "perplexity" in capsys.readouterr().err
+
+
+def test_a_report_it_did_not_write_is_never_replaced(capsys, report_dir, tmp_path):
+    root, files = report_dir
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# fimlora demo\n\nthe demo's own summary\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "small"), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "was not written by fimlora report" in err and "--out" in err and "Traceback" not in err
+    assert (out / "report.md").read_text(encoding="utf-8").startswith("# fimlora demo")
+    assert not (out / "report.html").exists() and not (out / "report_files").exists()
+    again = build_report(root, files.markdown.parent, n_resamples=10_000)  # its own report: replaced
+    assert again.markdown.read_text(encoding="utf-8").startswith("# fimlora report: ")
+
+
+def test_rank_heatmaps_show_the_ranks_adaptive_methods_end_with(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "fim" / "fim-lora", method="fim-lora", seed=0)
+    adaptive = {}
+    for method, key in (("adalora", "final_ranks"), ("eva", "redistributed_ranks")):
+        run = write_run(root / method / method, method="lora", seed=0)  # uniform initial allocation
+        ranks = json.loads((run / "allocation.json").read_text())["ranks"]
+        ranks = {name: (i % 3) * 3 for i, name in enumerate(ranks)}
+        result = json.loads((run / "result.json").read_text())
+        result.update(method=method, records={method: {key: ranks}})
+        (run / "result.json").write_text(json.dumps(result))
+        adaptive[method] = ranks
+    text = build_report(root, n_resamples=10_000).markdown.read_text(encoding="utf-8")
+    caption = next(line for line in text.splitlines() if line.startswith("*Budget r=4"))
+    assert "adalora: seed 0" in caption and "eva: seed 0" in caption and "fim-lora: seed 0" in caption
+    assert "Not shown" not in caption  # neither is reported as its uniform initial allocation

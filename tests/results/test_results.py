@@ -141,3 +141,17 @@ def test_cli_results(capsys, sweep_dir, tmp_path):
     assert "18 finished run(s)" in out and "5 unfinished run(s)" in out
     assert "reviews / tiny-bert / r=2 / fim-lora: 3 run(s)" in out
     assert (tmp_path / "table" / "results.parquet").is_file()
+
+
+def test_rank_columns_describe_the_ranks_trained_at_the_end(tmp_path):
+    """AdaLoRA prunes and EVA redistributes after the allocation: their recorded ranks are what trained."""
+    final = {"bert.encoder.layer.0.attention.self.query": 0, "bert.encoder.layer.0.output.dense": 6}
+    for method, key in (("adalora", "final_ranks"), ("eva", "redistributed_ranks")):
+        run = write_run(tmp_path / method, method="lora", seed=0)  # a uniform rank-4 allocation
+        result = json.loads((run / "result.json").read_text())
+        result.update(method=method, records={method: {"rho": 2.0, key: final}})
+        (run / "result.json").write_text(json.dumps(result))
+        row = read_run(run)
+        assert (row["rank_min"], row["rank_mean"], row["rank_max"], row["rank_source"]) == (0, 3.0, 6, key)
+    row = read_run(write_run(tmp_path / "plain", method="fim-lora", seed=0))
+    assert row["rank_source"] == "allocation" and row["rank_min"] >= 1

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fimlora.cli import main
 from fimlora.sweep import SWEEP_FILE, expand, load_spec, run_sweep
+from fimlora.sweep.lock import LOCK_FILE
 
 
 def run_cli(capsys, *argv):
@@ -27,7 +28,12 @@ def run_cli(capsys, *argv):
 
 
 def file_stamps(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    """Modification times of the run files (not the lock, which each sweep invocation takes)."""
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def assert_same_results(store_a: Path, store_b: Path, runs) -> None:
@@ -179,7 +185,6 @@ def test_ray_backend(capsys, serial, tmp_path):
     assert code == 0 and "2 already done, 0 to run" in out and not ray.is_initialized()
 
 
-@pytest.mark.slow
 def test_resume_after_the_sweep_process_is_killed(capsys, grid, defaults, tmp_path):
     """Kill a real sweep once its first run finished and its second started; rerun: only the second runs."""
     slow = {**defaults, "train": {**defaults["train"], "steps": 20}}
@@ -210,3 +215,34 @@ def test_resume_after_the_sweep_process_is_killed(capsys, grid, defaults, tmp_pa
     assert "1 already done, 1 to run" in out and f"done {second.key}" in out
     assert second.run_directory.is_finished
     assert file_stamps(first.directory) == first_stamps
+
+
+def test_a_second_sweep_on_the_same_store_is_refused(capsys, serial, tmp_path):
+    path, _, _ = serial
+    spec_path = shutil.copy(path, tmp_path / "sweep.yaml")
+    store = tmp_path / "runs"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from fimlora.sweep.lock import store_lock\n"
+            "with store_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+            str(store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        code, out, err = run_cli(capsys, "sweep", spec_path, "--no-progress")
+        assert code != 0 and f"Another sweep (pid {holder.pid}) is running on" in err
+        assert "Traceback" not in err
+        assert not any(p.is_dir() for p in store.iterdir())  # nothing was started
+        code, out, _ = run_cli(capsys, "sweep", spec_path, "--dry-run")  # looking is always allowed
+        assert code == 0 and "0 done, 2 to run" in out
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with its holder, nothing stale remains
+        holder.wait()
+    code, out, err = run_cli(capsys, "sweep", spec_path, "--no-progress")
+    assert code == 0, err
+    assert "2 finished, 0 skipped, 0 failed" in out

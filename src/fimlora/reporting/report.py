@@ -39,7 +39,15 @@ from fimlora.reporting.document import (
     render_markdown,
 )
 from fimlora.reporting.names import log10_grid, module_grid
-from fimlora.results import ALLOCATION_FILE, FISHER_META_FILE, METRICS, METRICS_FILE, collect_results
+from fimlora.results import (
+    ALLOCATION_FILE,
+    FISHER_META_FILE,
+    METRICS,
+    METRICS_FILE,
+    RESULT_FILE,
+    collect_results,
+    trained_ranks,
+)
 from fimlora.stats import (
     BASELINE,
     CONFIDENCE,
@@ -53,6 +61,8 @@ from fimlora.stats import (
 
 FILES_DIR = "report_files"
 MARKDOWN_FILE = "report.md"
+TITLE_PREFIX = "fimlora report: "
+_RANK_SOURCE_WORDS = {"final_ranks": "after pruning", "redistributed_ranks": "after redistribution"}
 HTML_FILE = "report.html"
 SUMMARY_CSV = "summary.csv"
 
@@ -388,17 +398,20 @@ class _Builder:
             chosen = []
             uniform = []
             for _, run in sub.iterrows():
-                allocation = _read_json(self.root / run["run_dir"] / ALLOCATION_FILE)
-                if not isinstance(allocation, dict) or not isinstance(allocation.get("ranks"), dict):
+                found = self._final_ranks(run["run_dir"])
+                if found is None:
                     continue
-                ranks = {str(k): float(v) for k, v in allocation["ranks"].items()}
-                if allocation.get("strategy") == "uniform" or len(set(ranks.values())) == 1:
+                ranks, source = found
+                if len(set(ranks.values())) == 1:
                     uniform.append(
                         f"{self.series_label(run)} (rank {int(next(iter(ranks.values())))} everywhere)"
                     )
                     continue
                 order = _model_order(self.root / run["run_dir"])
-                panels.append((f"{self.series_label(run)} — seed {run['seed']}", module_grid(ranks, order)))
+                title = f"{self.series_label(run)} — seed {run['seed']}"
+                if source in _RANK_SOURCE_WORDS:
+                    title += f" ({_RANK_SOURCE_WORDS[source]})"
+                panels.append((title, module_grid(ranks, order)))
                 chosen.append(f"{self.series_label(run)}: seed {run['seed']} (`{run['run_dir']}`)")
             if panels:
                 figures.append((budget, sub["budget_label"].iloc[0], panels, chosen, uniform))
@@ -424,6 +437,18 @@ class _Builder:
                 caption,
                 alt=f"rank heatmaps, budget {label}",
             )
+
+    def _final_ranks(self, run_dir: str) -> tuple[dict[str, float], str] | None:
+        """The ranks the run trained at the end: AdaLoRA's after pruning, EVA's after redistribution,
+        otherwise its allocation's."""
+        result = _read_json(self.root / run_dir / RESULT_FILE)
+        trained = trained_ranks(result) if isinstance(result, dict) else None
+        if trained is not None:
+            return {name: float(rank) for name, rank in trained[0].items()}, trained[1]
+        allocation = _read_json(self.root / run_dir / ALLOCATION_FILE)
+        if not isinstance(allocation, dict) or not isinstance(allocation.get("ranks"), dict):
+            return None
+        return {str(k): float(v) for k, v in allocation["ranks"].items()}, "allocation"
 
     def fisher_heatmap(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
         runs = frame.sort_values(["seed", "run_dir"], kind="stable")
@@ -705,11 +730,12 @@ def build_report(
     """
     root = Path(root)
     out = Path(out) if out is not None else root
+    _refuse_foreign_report(out / MARKDOWN_FILE)
     table = collect_results(root)
     frame = table.frame
     summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed)
     builder = _Builder(root, frame, summary, baseline, metric)
-    title = f"fimlora report: {root.resolve().name}"
+    title = f"{TITLE_PREFIX}{root.resolve().name}"
     builder.blocks.append(Heading(title, 1))
     builder.overview(table.unfinished)
     pairs = sorted({(str(d), str(m)) for d, m in zip(frame["dataset"], frame["model"], strict=True)})
@@ -735,3 +761,16 @@ def _bytes_writer(data: bytes) -> Any:
         tmp.write_bytes(data)
 
     return write
+
+
+def _refuse_foreign_report(path: Path) -> None:
+    """A ``report.md`` that this function did not write (e.g. the demo's summary) is not replaced."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        first = handle.readline()
+    if not first.startswith(f"# {TITLE_PREFIX}"):
+        raise FimloraError(
+            f"{path} exists and was not written by fimlora report (it starts {first.strip()[:60]!r}); "
+            "choose another directory with --out."
+        )

@@ -13,6 +13,7 @@ from fimlora.errors import FimloraError
 from fimlora.io import atomic_write_json
 from fimlora.sweep.expand import SWEEP_FILE, PlannedRun, budget_label, expand
 from fimlora.sweep.local import RunOutcome, RunTask, run_local
+from fimlora.sweep.lock import store_lock
 from fimlora.sweep.spec import SweepSpec
 
 Backend = Literal["local", "ray"]
@@ -121,6 +122,22 @@ def run_sweep(
             log(line)
         return SweepReport(runs=runs, skipped=[r for r in runs if r.status == "finished"])
 
+    with store_lock(spec.output_path):
+        return _execute(spec, runs, backend, workers, ray_address, cpus_per_run, gpus_per_run, progress, log)
+
+
+def _execute(
+    spec: SweepSpec,
+    runs: list[PlannedRun],
+    backend: Backend,
+    workers: int | None,
+    ray_address: str | None,
+    cpus_per_run: float | None,
+    gpus_per_run: float | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> SweepReport:
+    # Statuses are read under the store lock: no other sweep is writing runs now.
     report = SweepReport(runs=runs)
     pending: list[PlannedRun] = []
     for run in runs:
