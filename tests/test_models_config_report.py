@@ -10,7 +10,7 @@ from tiny_models import make_tiny_bert, make_tiny_llama
 from fimlora.config import load_config, parse_config
 from fimlora.errors import FimloraError
 from fimlora.models import default_target_modules, head_modules, resolve_target_modules, weight_shapes
-from fimlora.report import rank_table, split_module_name
+from fimlora.report import rank_table, results_table, split_module_name
 from fimlora.train import _StepLog
 
 
@@ -73,13 +73,51 @@ def test_config_defaults_and_validation(tmp_path):
 def test_step_log_writes_jsonl_and_stops_on_nan(tmp_path):
     class State:
         global_step = 3
+        is_world_process_zero = False
 
     log = _StepLog(tmp_path / "m.jsonl")
+    log.on_log(None, State(), None, logs={"loss": 0.5, "learning_rate": 1e-3})
+    assert not (tmp_path / "m.jsonl").exists()  # under torchrun only the main process writes
+    State.is_world_process_zero = True
     log.on_log(None, State(), None, logs={"loss": 0.5, "learning_rate": 1e-3})
     record = json.loads((tmp_path / "m.jsonl").read_text())
     assert record["step"] == 3 and record["loss"] == 0.5
     with pytest.raises(FimloraError, match="nan at step 3"):
         log.on_log(None, State(), None, logs={"loss": float("nan")})
+
+
+def test_results_table_shows_the_trained_ranks_and_methods_without_ranks():
+    def result(method, allocation, records=None, **counts):
+        return {
+            "method": method,
+            "task": "classification",
+            "metrics": {"accuracy": 0.5, "macro_f1": 0.5},
+            "adapter_params": counts.get("adapter_params", 100),
+            "effective_adapter_params": counts.get("effective", 100),
+            "head_params": 2,
+            "budget": 100,
+            "allocation": allocation,
+            "records": records or {},
+            "train": {"wall_time_s": 1.0, "examples_per_s": 8.0, "peak_memory_bytes": 2**20},
+        }
+
+    uniform = {"min_rank": 4, "mean_rank": 4.0, "max_rank": 4}
+    rows = results_table(
+        [
+            result("lora", uniform),
+            result(
+                "adalora",
+                uniform,
+                {"adalora": {"final_ranks": {"a": 1, "b": 5}}},
+                adapter_params=150,
+                effective=96,
+            ),
+            result("full-ft", None, effective=5000),
+        ]
+    ).splitlines()[2:]
+    assert "| 4/4.00/4 |" in rows[0]
+    assert "| 96 |" in rows[1] and "| 1/3.00/5 |" in rows[1]  # after pruning, not the init_r adapter
+    assert "| 5,000 |" in rows[2] and "| — |" in rows[2]
 
 
 def test_rank_table_layout():

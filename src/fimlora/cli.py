@@ -43,13 +43,15 @@ def run(
     """Run every method of an experiment config and print the comparison."""
     from fimlora.config import load_config
     from fimlora.experiment import run_experiment
+    from fimlora.processes import is_main_process
     from fimlora.report import results_table
 
     overrides: dict[str, Any] = {"output_dir": output_dir} if output_dir else {}
     cfg = load_config(config, overrides)
     _, results = run_experiment(cfg, progress=progress, overwrite=overwrite, log=_echo)
-    _echo("")
-    _echo(results_table(results))
+    if is_main_process():  # under torchrun / accelerate launch, one table, not one per process
+        _echo("")
+        _echo(results_table(results))
 
 
 @app.command()

@@ -48,6 +48,13 @@ from fimlora.methods.base import (
     OptimizerKind,
 )
 from fimlora.models import LoadedModel, load_model, resolve_target_modules, weight_shapes
+from fimlora.processes import (
+    is_main_process,
+    join_launched_processes,
+    main_process_first,
+    wait_for_everyone,
+    world_size,
+)
 from fimlora.runs import RunDirectory, environment
 from fimlora.train import train
 
@@ -125,13 +132,26 @@ def _fisher_fingerprint(
         "statistic": statistic,
         "with_gradient": with_gradient,
     }
+    if world_size() > 1:  # MC labels are drawn per process: another split of the examples, another draw
+        relevant["world_size"] = world_size()
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def calibration_loader(prepared: Prepared) -> DataLoader:
-    """The calibration batches: a seeded subset of the training split, shared by Fisher, EVA and LoRA-GA."""
+def calibration_loader(prepared: Prepared, *, shard: bool = False) -> DataLoader:
+    """The calibration batches: a seeded subset of the training split, shared by Fisher, EVA and LoRA-GA.
+
+    ``shard``: this process's contiguous share of the subset when several processes split the pass (their
+    sums are all-reduced); every process gets the whole subset otherwise.
+    """
     config = prepared.config
     subset = calibration_subset(prepared.tokenized["train"], config.fisher.num_examples, seed=config.seed)
+    if shard and world_size() > 1:
+        if len(subset) < world_size():
+            raise FimloraError(
+                f"{len(subset)} calibration example(s) cannot be split over {world_size()} processes; "
+                "raise fisher.num_examples."
+            )
+        subset = subset.shard(num_shards=world_size(), index=torch.distributed.get_rank(), contiguous=True)
     return DataLoader(subset, batch_size=config.fisher.batch_size, collate_fn=prepared.collator)
 
 
@@ -152,7 +172,7 @@ def compute_fisher(
             return cached
     result = estimate_fisher(
         prepared.loaded.model,
-        calibration_loader(prepared),
+        calibration_loader(prepared, shard=True),
         target_modules=prepared.targets,
         estimator=config.fisher.estimator,
         statistic=statistic,
@@ -169,7 +189,9 @@ def compute_fisher(
         }
     )
     result.metadata["base_model_name_or_path"] = prepared.loaded.source
-    result.save(directory)
+    if is_main_process():  # every process holds the same all-reduced result
+        result.save(directory)
+    wait_for_everyone()
     return result
 
 
@@ -207,6 +229,7 @@ def method_context(prepared: Prepared, spec: MethodSpec) -> MethodContext:
         fisher=prepared.fisher,
         kfac=prepared.kfac,
         calibration_batches=lambda: calibration_loader(prepared),
+        calibration_shard=lambda: calibration_loader(prepared, shard=True),
         train_texts=lambda: list(prepared.data.splits["train"]["text"][:]),
         domain_batches=_domain_batches(prepared),
     )
@@ -315,13 +338,15 @@ def run_method(
 ) -> MethodOutcome:
     """Allocate, wrap, train, evaluate and save one method into its run directory."""
     config = prepared.config
-    run.start(config.for_method(method_name).to_yaml(), environment(config.seed))
+    main = is_main_process()
+    if main:
+        run.start(config.for_method(method_name).to_yaml(), environment(config.seed))
     built = build_method(prepared, method_name)
     spec, rule, adapter, ctx, model = built.spec, built.rule, built.adapter, built.ctx, built.model
     allocation, counts, components = built.allocation, built.counts, built.components
-    if allocation is not None:
+    if main and allocation is not None:
         allocation.save(run.file("allocation.json"))
-    if rule.needs and prepared.fisher_dir is not None:
+    if main and rule.needs and prepared.fisher_dir is not None:
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
     optimizer = built.optimizer_kind.build(model, ctx)
@@ -345,10 +370,14 @@ def run_method(
             extra_loss=_summed(losses),
             learning_rate=learning_rate,
             logging_dir=run.file("logs"),
+            loss_per_token=prepared.data.task == "causal-lm",
         )
     records: dict[str, Any] = {}
     for component in components:
         records.update(component.finalize(model, ctx))
+    if not main:
+        wait_for_everyone()  # the main process evaluates and writes the run
+        return MethodOutcome(result=run.read_result(), model=model)
     eval_data = prepared.tokenized[config.train.eval_split]
     if config.train.eval_examples is not None:
         # A seeded random subset: the split keeps its source order, whose head need not be typical.
@@ -397,6 +426,7 @@ def run_method(
         "records": records,
     }
     run.finish(result)
+    wait_for_everyone()
     return MethodOutcome(result=result, model=model)
 
 
@@ -447,12 +477,21 @@ def run_experiment(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[Prepared, list[dict]]:
-    """Run every method of ``config``; finished runs are reused unless ``overwrite``."""
+    """Run every method of ``config``; finished runs are reused unless ``overwrite``.
+
+    Started by ``torchrun``/``accelerate launch``, the processes share the work (see
+    :mod:`fimlora.processes`); only the main one logs, shows progress and writes.
+    """
+    join_launched_processes()
+    if not is_main_process():
+        progress, log = False, _silent
     out = Path(config.output_dir)
-    prepared = prepare(config)
+    with main_process_first():
+        prepared = prepare(config)
     names = config.method_names
     runs = {name: RunDirectory(out / name) for name in names}
     pending = [name for name in names if overwrite or not runs[name].is_finished]
+    wait_for_everyone()  # every process decided on the same runs before the main one rewrites any
     needs: set[str] = set()
     for entry in config.methods:
         if method_name(entry) in pending:
@@ -467,3 +506,7 @@ def run_experiment(
         log(f"{name}: training {config.train.steps} steps at a budget of {prepared.budget:,} parameters")
         results.append(run_method(prepared, name, runs[name], progress=progress).result)
     return prepared, results
+
+
+def _silent(_: str) -> None:
+    pass

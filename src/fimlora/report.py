@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fimlora.runs import trained_ranks
+
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
 
 
@@ -67,21 +69,33 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
     ]
     rows = []
     for r in results:
-        alloc = r["allocation"]
         rows.append(
             [
                 r["method"],
                 *(fmt.format(r["metrics"][key]) for _, key, fmt in metric_cols),
-                f"{r['adapter_params']:,}",
+                f"{r.get('effective_adapter_params', r['adapter_params']):,}",
                 f"{r['head_params']:,}",
                 f"{r['budget']:,}",
-                f"{alloc['min_rank']}/{alloc['mean_rank']:.2f}/{alloc['max_rank']}",
+                _rank_summary(r),
                 f"{r['train']['wall_time_s']:.1f}",
                 f"{r['train']['examples_per_s']:.1f}",
                 f"{r['train']['peak_memory_bytes'] / 2**20:.0f}",
             ]
         )
     return markdown_table(header, rows)
+
+
+def _rank_summary(result: Mapping[str, Any]) -> str:
+    """min/mean/max of the ranks trained at the end (AdaLoRA after pruning, EVA after redistribution);
+    "—" for methods without ranks (full fine-tuning)."""
+    trained = trained_ranks(result)
+    if trained is not None:
+        values = list(trained[0].values())
+        return f"{min(values)}/{sum(values) / len(values):.2f}/{max(values)}"
+    alloc = result.get("allocation")
+    if not alloc:
+        return "—"
+    return f"{alloc['min_rank']}/{alloc['mean_rank']:.2f}/{alloc['max_rank']}"
 
 
 def experiment_report(

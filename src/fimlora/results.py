@@ -50,6 +50,7 @@ import yaml
 
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write
+from fimlora.runs import trained_ranks
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -71,9 +72,6 @@ FAILURE_FILE = "failure.txt"
 _CONFIG_SKIP = {"model", "dataset", "seed", "task", "methods", "output_dir"}
 # Renames of result.json["metrics"] keys: "loss" alone would be ambiguous next to the training loss.
 _METRIC_RENAMES = {"loss": "eval_loss", "num_examples": "eval_num_examples", "num_tokens": "eval_num_tokens"}
-# Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at
-# initialisation) record the ranks they end with under one of these keys of result.json["records"][...].
-RANK_RECORD_KEYS = ("final_ranks", "redistributed_ranks")
 # Held-out metrics a report may summarise, and whether larger is better.
 METRICS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "perplexity": False, "eval_loss": False}
 
@@ -277,22 +275,6 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
         if key not in _CONFIG_SKIP:
             _flatten(key, value, row)
     return row
-
-
-def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | None:
-    """The ranks a method ended with when they differ from its allocation, and the record key they
-    came from (see ``RANK_RECORD_KEYS``); ``None`` when the allocation's ranks are the trained ones."""
-    records = result.get("records")
-    if not isinstance(records, Mapping):
-        return None
-    for record in records.values():
-        if not isinstance(record, Mapping):
-            continue
-        for key in RANK_RECORD_KEYS:
-            ranks = record.get(key)
-            if isinstance(ranks, Mapping) and ranks and all(_is_number(v) for v in ranks.values()):
-                return {str(name): int(rank) for name, rank in ranks.items()}, key
-    return None
 
 
 def _eval_time(result: Mapping[str, Any]) -> float | None:

@@ -22,11 +22,10 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fimlora.io import atomic_write_json, atomic_write_text
 
@@ -54,6 +53,8 @@ def git_revision(path: Path) -> str | None:
 
 
 def environment(seed: int) -> dict[str, Any]:
+    import torch  # here, not at the top: reading run records (results, reports) needs no torch
+
     versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
@@ -110,3 +111,28 @@ class RunDirectory:
 
     def finish(self, result: dict[str, Any]) -> None:
         atomic_write_json(self.file(RESULT_FILE), {"status": "finished", **result})
+
+
+# Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at
+# initialisation) record the ranks they end with under one of these keys of result.json["records"][...].
+RANK_RECORD_KEYS = ("final_ranks", "redistributed_ranks")
+
+
+def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | None:
+    """The ranks a method ended with when they differ from its allocation, and the record key they
+    came from (see ``RANK_RECORD_KEYS``); ``None`` when the allocation's ranks are the trained ones."""
+    records = result.get("records")
+    if not isinstance(records, Mapping):
+        return None
+    for record in records.values():
+        if not isinstance(record, Mapping):
+            continue
+        for key in RANK_RECORD_KEYS:
+            ranks = record.get(key)
+            if isinstance(ranks, Mapping) and ranks and all(_is_rank(v) for v in ranks.values()):
+                return {str(name): int(rank) for name, rank in ranks.items()}, key
+    return None
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

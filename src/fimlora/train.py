@@ -27,6 +27,7 @@ from transformers import (
 
 from fimlora.config import TrainSettings
 from fimlora.errors import FimloraError
+from fimlora.processes import world_size
 
 # transformers' own deprecation notice, raised from inside PEFT and Trainer; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -118,7 +119,7 @@ class _StepLog(TrainerCallback):
         self.last_loss: float | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if not logs or "loss" not in logs:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
         loss = float(logs["loss"])
         if not math.isfinite(loss):
@@ -166,6 +167,7 @@ class TrainOutcome:
     final_train_loss: float | None
     peak_memory_bytes: int
     peak_memory_kind: str
+    processes: int = 1  # training processes (DDP); memory and loss are the main process's
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,20 +188,30 @@ def train(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     learning_rate: float | None = None,
     logging_dir: Path | None = None,
+    loss_per_token: bool = False,
 ) -> TrainOutcome:
     """Train for ``settings.steps`` optimiser steps; per-step metrics go to ``metrics_path``.
 
     ``optimizer`` replaces the Trainer's AdamW (the Trainer still builds the warm-up/decay schedule
     around it); ``callbacks`` and ``extra_loss`` are the method's training-time hooks;
     ``learning_rate`` overrides ``settings.learning_rate`` (full fine-tuning's scaled rate).
+    ``loss_per_token``: the model's loss is a mean over tokens that honours ``num_items_in_batch``
+    (causal LM); otherwise a mean over the process's examples (sequence classification).
     """
     if len(train_dataset) == 0:
         raise FimloraError("The training split is empty.")
+    processes = world_size()
+    if settings.batch_size % processes:
+        raise FimloraError(
+            f"train.batch_size {settings.batch_size} is the global batch and must split evenly over the "
+            f"{processes} processes."
+        )
     report_to, logger_callbacks = _loggers(settings.report_to, logging_dir)
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
+        # One optimiser step sees train.batch_size examples however many processes share it.
+        per_device_train_batch_size=settings.batch_size // processes,
         learning_rate=settings.learning_rate if learning_rate is None else learning_rate,
         weight_decay=settings.weight_decay,
         warmup_steps=int(settings.warmup_ratio * settings.steps),
@@ -215,6 +227,11 @@ def train(
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=not torch.cuda.is_available(),
+        # With several processes the Trainer multiplies the loss by their number, expecting the model to
+        # divide by the token count of the whole global batch. Classification heads average over their
+        # own examples and ignore that count: scaled, their gradients would be N times too large (and
+        # clipped differently); DDP's average of the per-process means is already the global mean.
+        average_tokens_across_devices=loss_per_token,
     )
     step_log = _StepLog(metrics_path)
     trainer = _MethodTrainer(
@@ -251,4 +268,5 @@ def train(
         final_train_loss=step_log.last_loss,
         peak_memory_bytes=memory.peak_bytes,
         peak_memory_kind=memory.kind,
+        processes=processes,
     )

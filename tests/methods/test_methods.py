@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,8 @@ def test_saved_method_reloads_into_a_fresh_base_model_with_the_trained_logits(pr
     outcome = outcomes[name]
     run = Path(prepared.config.output_dir) / name
     inputs = _inputs(prepared)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # e.g. PEFT's false alarm on AdaLoRA's lora_E masks
         trained = outcome.model.eval()(**inputs).logits
         reloaded = get_adapter(resolve_method(name).adapter).load(_fresh_base(prepared), run / "adapter")
         again = reloaded(**inputs).logits
@@ -202,6 +204,20 @@ def test_adalora_with_peft_rank_budget_keeps_exactly_target_r_per_module_on_aver
     )  # fmt: skip
     ranks = outcome.result["records"]["adalora"]["final_ranks"]
     assert sum(ranks.values()) == BUDGET_RANK * len(prepared.targets)
+
+
+def test_adalora_ends_within_the_budget_even_when_the_final_phase_rounds_to_zero_steps(prepared):
+    data = prepared.config.model_dump(mode="json", by_alias=True)
+    data["train"]["steps"] = 3  # tfinal_ratio 0.3 × 3 steps rounds to 0 final steps
+    config = parse_config(data)
+    outcome = run_method(
+        _with_config(prepared, config), "adalora", RunDirectory(Path(config.output_dir) / "adalora-short"),
+        progress=False,
+    )  # fmt: skip
+    assert outcome.result["records"]["adalora"]["final_params"] <= prepared.budget
+    data["train"]["steps"] = 1
+    with pytest.raises(FimloraError, match=r"AdaLoRA needs train\.steps > tinit \+ tfinal"):
+        build_method(_with_config(prepared, parse_config(data)), "adalora")
 
 
 def test_eva_really_initialises_a_from_the_data_and_records_ranks(prepared):

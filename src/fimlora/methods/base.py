@@ -73,6 +73,9 @@ class MethodContext:
     fisher: FisherResult | None = None
     kfac: FisherResult | None = None
     calibration_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
+    # This process's share of them under torchrun (the whole set in a single process), for code that
+    # gathers its inputs across processes itself (PEFT's EVA).
+    calibration_shard: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
     train_texts: Callable[[], list[str]] | None = None
     # Evaluation batches per domain, for datasets with a ``domain`` column (e.g. sentiment-domains).
     domain_batches: Callable[[], dict[str, Iterable[dict[str, torch.Tensor]]]] | None = None

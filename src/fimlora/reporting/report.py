@@ -46,8 +46,8 @@ from fimlora.results import (
     METRICS_FILE,
     RESULT_FILE,
     collect_results,
-    trained_ranks,
 )
+from fimlora.runs import trained_ranks
 from fimlora.stats import (
     BASELINE,
     CONFIDENCE,

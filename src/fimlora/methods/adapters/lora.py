@@ -10,6 +10,7 @@ unmodified base model too.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,14 @@ class PeftLora(AdapterKind):
         _restore_modules_to_save(model, directory)
 
     def load(self, base_model: nn.Module, directory: Path) -> nn.Module:
-        return PeftModel.from_pretrained(base_model, str(directory)).eval()
+        with warnings.catch_warnings():
+            # PEFT ≥ 0.21 checks rank_pattern keys against module names when it injects an adapter. A
+            # trained AdaLoRA's rank_pattern holds ``<module>.lora_E`` masks, applied after injection, so
+            # every key trips that check although the ranks are restored exactly.
+            warnings.filterwarnings(
+                "ignore", message=r"The following rank_pattern keys .*lora_E", category=RuntimeWarning
+            )
+            return PeftModel.from_pretrained(base_model, str(directory)).eval()
 
 
 ADAPTER = PeftLora()

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from fimlora.allocation import Allocation, allocate_ranks
+from fimlora.errors import FimloraError
 from fimlora.methods.base import AllocationRule, MethodContext
 
 
@@ -147,9 +148,14 @@ class AdaLora(AllocationRule):
         opts = ctx.options.adalora
         steps = ctx.config.train.steps
         tinit = int(opts.tinit_ratio * steps)
-        tfinal = int(opts.tfinal_ratio * steps)
+        # At least one final step: with tfinal = 0 the cubic schedule is still above the target at the
+        # last step (PEFT passes 0-based steps), and the adapter would end over the budget.
+        tfinal = max(1, int(opts.tfinal_ratio * steps))
         if steps - tinit - tfinal < 1:
-            raise ValueError("AdaLoRA needs train.steps > tinit + tfinal")
+            raise FimloraError(
+                f"AdaLoRA needs train.steps > tinit + tfinal ({tinit} + {tfinal} at {steps} steps): "
+                "train longer or lower method_options.adalora.tinit_ratio / tfinal_ratio."
+            )
         kwargs = {k: v for k, v in lora_kwargs.items() if k not in {"r", "rank_pattern", "alpha_pattern"}}
         return AdaLoraConfig(
             **kwargs,

@@ -59,10 +59,12 @@ class Eva(AllocationRule):
     def after_wrap(self, model: nn.Module, ctx: MethodContext) -> None:
         from peft import initialize_lora_eva_weights
 
-        if ctx.calibration_batches is None:
+        batches = ctx.calibration_shard or ctx.calibration_batches
+        if batches is None:
             raise RuntimeError("EVA needs calibration batches")
         before = _module_ranks(model)
-        initialize_lora_eva_weights(model, dataloader=ctx.calibration_batches(), show_progress_bar=False)
+        # PEFT gathers every process's layer inputs itself: each process feeds its own shard.
+        initialize_lora_eva_weights(model, dataloader=batches(), show_progress_bar=False)
         after = _module_ranks(model)
         ctx.record["eva"] = {
             "rho": ctx.options.eva.rho,

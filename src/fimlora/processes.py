@@ -1,0 +1,67 @@
+"""One experiment across several processes (``torchrun`` / ``accelerate launch``): who writes, who waits.
+
+Under a launcher every process runs the whole pipeline. All of them take part in the Fisher pass (each on
+its shard of the calibration examples; the sums are all-reduced, see :mod:`fimlora.fisher.distributed`)
+and in training (the Trainer's DistributedDataParallel, ``train.batch_size`` split across processes).
+Only the main process evaluates and writes run directories; the others wait for it at a barrier, so
+every process sees the same finished runs before the next method starts. A single process (no
+launcher) is the ordinary case: every function here is then a no-op or answers for rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from fimlora.fisher.distributed import is_distributed, rank_and_world_size
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher started (its ``WORLD_SIZE``; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def join_launched_processes() -> None:
+    """Initialise the process group the launcher describes, before the Fisher pass needs it.
+
+    Through accelerate's ``PartialState``, the object the Trainer uses later: it picks the backend
+    (NCCL on GPUs, gloo on CPUs), binds each process to its GPU, and the Trainer reuses the group.
+    """
+    if launched_world_size() <= 1 or is_distributed():
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    return rank_and_world_size()[0] == 0
+
+
+def world_size() -> int:
+    return rank_and_world_size()[1]
+
+
+def wait_for_everyone() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block first (filling caches: datasets, converted checkpoints), then the
+    others, which find them ready instead of writing the same files at once."""
+    if not is_main_process():
+        wait_for_everyone()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            wait_for_everyone()
