@@ -53,15 +53,17 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-# Render DIR's report (default: the demo's runs) and screenshot report.html in headless Chromium, to
-# check its layout: make report-screenshot REPORT_DIR=runs/sweep
+# Render DIR's report into REPORT_OUT (default: the demo's runs, into runs/demo/report: the demo keeps
+# its own report.md) and screenshot report.html in headless Chromium, to check its layout:
+# make report-screenshot REPORT_DIR=runs/sweep
 REPORT_DIR ?= runs/demo
+REPORT_OUT ?= $(REPORT_DIR)/report
 CHROMIUM ?= /usr/bin/chromium
 report-screenshot: setup
-	$(BIN)/fimlora report $(REPORT_DIR)
+	$(BIN)/fimlora report $(REPORT_DIR) --out $(REPORT_OUT)
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,3000 \
-		--screenshot=$(abspath $(REPORT_DIR))/report-screenshot.png file://$(abspath $(REPORT_DIR))/report.html
-	@echo "screenshot: $(REPORT_DIR)/report-screenshot.png"
+		--screenshot=$(abspath $(REPORT_OUT))/report-screenshot.png file://$(abspath $(REPORT_OUT))/report.html
+	@echo "screenshot: $(REPORT_OUT)/report-screenshot.png"
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, and training-step
 # time. BENCH_ARGS go to both scripts (--quick, --device cuda, --threads N); FISHER_BENCH_ARGS only to
