@@ -14,10 +14,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-import torch.distributed as dist
-
-from fimlora.fisher.distributed import is_distributed, rank_and_world_size
+# torch is imported inside the functions: `launched_world_size` serves commands that never load it
+# (e.g. `fimlora sweep --dry-run`).
 
 
 def launched_world_size() -> int:
@@ -34,23 +32,34 @@ def join_launched_processes() -> None:
     Through accelerate's ``PartialState``, the object the Trainer uses later: it picks the backend
     (NCCL on GPUs, gloo on CPUs), binds each process to its GPU, and the Trainer reuses the group.
     """
+    from fimlora.fisher.distributed import is_distributed
+
     if launched_world_size() <= 1 or is_distributed():
         return
+    import torch
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_main_process() -> bool:
+    from fimlora.fisher.distributed import rank_and_world_size
+
     return rank_and_world_size()[0] == 0
 
 
 def world_size() -> int:
+    from fimlora.fisher.distributed import rank_and_world_size
+
     return rank_and_world_size()[1]
 
 
 def wait_for_everyone() -> None:
+    from fimlora.fisher.distributed import is_distributed
+
     if is_distributed():
+        import torch.distributed as dist
+
         dist.barrier()
 
 

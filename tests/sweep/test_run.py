@@ -246,3 +246,11 @@ def test_a_second_sweep_on_the_same_store_is_refused(capsys, serial, tmp_path):
     code, out, err = run_cli(capsys, "sweep", spec_path, "--no-progress")
     assert code == 0, err
     assert "2 finished, 0 skipped, 0 failed" in out
+
+
+def test_a_sweep_under_a_multi_process_launcher_is_refused(capsys, monkeypatch, grid, defaults, tmp_path):
+    path = spec_file(tmp_path, grid, defaults)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, "sweep", path)
+    assert code == 2 and "multi-process launcher" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write_json
+from fimlora.processes import launched_world_size
 from fimlora.sweep.expand import SWEEP_FILE, PlannedRun, budget_label, expand
 from fimlora.sweep.local import RunOutcome, RunTask, run_local
 from fimlora.sweep.lock import store_lock
@@ -89,6 +90,12 @@ def run_sweep(
     process. ``ray_address``, ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the
     Ray backend only. Never raises for a failed run: see :attr:`SweepReport.failed`.
     """
+    if launched_world_size() > 1:
+        raise FimloraError(
+            "fimlora sweep was started by a multi-process launcher (WORLD_SIZE > 1): every process would "
+            "run the whole sweep. Launch `fimlora run CONFIG` with torchrun for one multi-GPU run, or "
+            "spread a sweep's runs with --workers or --backend ray."
+        )
     if backend == "local":
         unused = [
             flag
