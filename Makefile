@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot
+.PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot experiment
 
 setup: $(STAMP) $(ASSETS_STAMP)
 
@@ -64,6 +64,19 @@ report-screenshot: setup
 	$(CHROMIUM) --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,3000 \
 		--screenshot=$(abspath $(REPORT_OUT))/report-screenshot.png file://$(abspath $(REPORT_OUT))/report.html
 	@echo "screenshot: $(REPORT_OUT)/report-screenshot.png"
+
+# A committed experiment, end to end: its sweep (finished runs are skipped), the calibration analysis
+# (once), the results table and the report. In a fresh checkout every run is already finished, so this
+# only rebuilds the table and report; EXPERIMENT_OUT=runs/rerun re-runs everything into a new store
+# (≈ 40 minutes on 2 cores for minilm-movie-reviews) with its own results/ and report/.
+EXPERIMENT ?= experiments/minilm-movie-reviews
+EXPERIMENT_OUT ?= $(EXPERIMENT)
+experiment: setup
+	$(BIN)/fimlora sweep $(EXPERIMENT)/spec.yaml --workers 2 --no-progress --output-dir $(EXPERIMENT_OUT)/runs
+	test -f $(EXPERIMENT_OUT)/runs/calibration/calibration.json || \
+		$(BIN)/fimlora calibration $(EXPERIMENT)/calibration.yaml --out $(EXPERIMENT_OUT)/runs/calibration
+	$(BIN)/fimlora results $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/results
+	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/report
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, and training-step
 # time. BENCH_ARGS go to both scripts (--quick, --device cuda, --threads N); FISHER_BENCH_ARGS only to

@@ -293,6 +293,10 @@ def sweep(
     cpus_per_run: Annotated[float | None, typer.Option(help="Ray: CPUs per run (default 1).")] = None,
     gpus_per_run: Annotated[float | None, typer.Option(help="Ray: GPUs per run (default 0).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over runs.")] = True,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run store instead of the spec's output_dir (run keys do not depend on it)."),
+    ] = None,
 ) -> None:
     """Run every grid point of a sweep spec once: finished runs are skipped, unfinished ones re-run.
 
@@ -300,8 +304,11 @@ def sweep(
     """
     from fimlora.sweep import load_spec, run_sweep
 
+    loaded = load_spec(spec)
+    if output_dir is not None:
+        loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
     summary = run_sweep(
-        load_spec(spec),
+        loaded,
         dry_run=dry_run,
         backend=backend,  # type: ignore[arg-type]
         workers=workers,

@@ -254,3 +254,15 @@ def test_a_sweep_under_a_multi_process_launcher_is_refused(capsys, monkeypatch, 
     code, _, err = run_cli(capsys, "sweep", path)
     assert code == 2 and "multi-process launcher" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_output_dir_option_puts_the_same_runs_in_another_store(capsys, serial, tmp_path):
+    path, store, runs = serial
+    other = tmp_path / "elsewhere"
+    code, out, _ = run_cli(capsys, "sweep", path, "--dry-run", "--output-dir", other)
+    assert code == 0 and f"in {other.resolve()}: 0 done, 2 to run" in out
+    for run in runs:
+        assert f"run    {run.key}" in out  # the keys do not depend on the store
+    code, out, err = run_cli(capsys, "sweep", path, "--no-progress", "--output-dir", other)
+    assert code == 0, err
+    assert_same_results(store, other, runs)
