@@ -11,7 +11,9 @@ Definitions (``values`` are one metric of one configuration, one value per seed)
   With few seeds the percentile bootstrap is too narrow (it cannot see beyond the observed values).
 * **Paired comparison** (:func:`paired_comparison`): on the seeds both configurations ran,
   ``d_s = method_s − baseline_s``. Reported: the mean of ``d``, its bootstrap CI (as above, over the
-  ``d_s``), and two two-sided p-values for "mean difference = 0":
+  ``d_s``), its **t-interval** ``mean(d) ± t_{n−1, (1+c)/2} · sd(d)/√n`` (:func:`t_interval`; the
+  small-sample interval the t-test inverts: with 5 seeds it is the one to trust, the bootstrap's is
+  narrower than its nominal coverage), and two two-sided p-values for "mean difference = 0":
 
   - the **paired t-test** (``scipy.stats.ttest_rel``): ``t = mean(d) / (sd(d) / √n)`` with n − 1
     degrees of freedom; assumes the ``d_s`` are roughly normal;
@@ -95,6 +97,20 @@ def bootstrap_ci(
     return low, high
 
 
+def t_interval(
+    values: Sequence[float] | np.ndarray, *, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """``mean ± t_{n−1,(1+c)/2} · sd / √n`` (Student's t); NaN for fewer than 2 values."""
+    x = _as_array(values)
+    if x.size < 2:
+        return math.nan, math.nan
+    half = (
+        float(scipy_stats.t.ppf((1 + confidence) / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    )
+    mean = float(x.mean())
+    return mean - half, mean + half
+
+
 def paired_t_test(diffs: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """``(t, p)`` of the two-sided one-sample t-test of mean(diffs) = 0, i.e. the paired t-test.
 
@@ -147,6 +163,8 @@ class PairedComparison:
     mean_diff: float
     ci_low: float
     ci_high: float
+    t_ci_low: float
+    t_ci_high: float
     t_stat: float
     p_ttest: float
     p_signflip: float
@@ -167,6 +185,7 @@ def paired_comparison(
         raise FimloraError(f"Paired values need equal lengths, got {a.size} and {b.size}.")
     d = a - b
     low, high = bootstrap_ci(d, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    t_low, t_high = t_interval(d, confidence=confidence)
     t_stat, p_t = paired_t_test(d)
     p_flip, exact = sign_flip_p_value(d, seed=seed)
     return PairedComparison(
@@ -174,6 +193,8 @@ def paired_comparison(
         mean_diff=float(d.mean()) if d.size else math.nan,
         ci_low=low,
         ci_high=high,
+        t_ci_low=t_low,
+        t_ci_high=t_high,
         t_stat=t_stat,
         p_ttest=p_t,
         p_signflip=p_flip,
@@ -261,9 +282,9 @@ def summarize(
     Columns: the group keys, ``budget_label``, ``task``, ``metric``, ``higher_is_better``, ``n_seeds``,
     ``seeds``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (bootstrap CI of the mean), ``adapter_params``
     (mean over seeds), ``baseline``, ``n_paired``, ``paired_seeds``, ``diff_mean``, ``diff_ci_low``,
-    ``diff_ci_high`` (method − baseline), ``t_stat``, ``p_ttest``, ``p_signflip``, ``signflip_exact``,
-    ``warning`` (empty when none). Duplicate seeds within a group keep the first run (by ``run_dir``)
-    and say so in ``warning``.
+    ``diff_ci_high`` (method − baseline; bootstrap), ``diff_t_ci_low``, ``diff_t_ci_high``
+    (t-interval), ``t_stat``, ``p_ttest``, ``p_signflip``, ``signflip_exact``, ``warning`` (empty when
+    none). Duplicate seeds within a group keep the first run (by ``run_dir``) and say so in ``warning``.
     """
     if frame.empty:
         raise FimloraError("No runs to summarise.")
@@ -331,6 +352,8 @@ def summarize(
                             "diff_mean": comparison.mean_diff,
                             "diff_ci_low": comparison.ci_low,
                             "diff_ci_high": comparison.ci_high,
+                            "diff_t_ci_low": comparison.t_ci_low,
+                            "diff_t_ci_high": comparison.t_ci_high,
                             "t_stat": comparison.t_stat,
                             "p_ttest": comparison.p_ttest,
                             "p_signflip": comparison.p_signflip,
@@ -358,6 +381,8 @@ def summarize(
         "diff_mean",
         "diff_ci_low",
         "diff_ci_high",
+        "diff_t_ci_low",
+        "diff_t_ci_high",
         "t_stat",
         "p_ttest",
         "p_signflip",

@@ -113,10 +113,11 @@ def test_fewer_than_five_seeds_warning_is_visible(report_dir):
 def test_paired_comparison_is_reported(report_dir):
     _, files = report_dir
     markdown = files.markdown.read_text(encoding="utf-8")
-    # fim-lora − lora on the sweep = 0.01 + 0.002·(seed mod 2): mean +0.0108; exact sign-flip p = 2/32.
+    # fim-lora − lora on the sweep = 0.01 + 0.002·(seed mod 2): mean +0.0108; exact sign-flip p = 2/32;
+    # t-interval: sd = 0.0010954, 0.0108 ± 2.776445 · 0.0010954 / √5 = [0.00944, 0.01216].
     row = next(line for line in markdown.splitlines() if line.startswith("| r=4 | fim-lora | 5 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[6] == "+0.0108" and cells[9] == "0.062"
+    assert cells[6] == "+0.0108" and cells[8] == "[+0.0094, +0.0122]" and cells[10] == "0.062"
 
 
 def test_report_is_deterministic(report_dir, tmp_path):

@@ -18,6 +18,7 @@ from fimlora.stats import (
     primary_metric,
     sign_flip_p_value,
     summarize,
+    t_interval,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -114,11 +115,24 @@ def test_sign_flip_of_zero_differences_is_one():
     assert sign_flip_p_value([0.0, 0.0, 0.0]) == (1.0, True)
 
 
+def test_t_interval_by_hand():
+    # d = 1, 2, 3: mean 2, sd 1, t(2, 0.975) = 4.302653 → 2 ± 4.302653 / √3
+    low, high = t_interval([1.0, 2.0, 3.0])
+    assert (low, high) == pytest.approx((2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)), abs=1e-6)
+    assert all(math.isnan(v) for v in t_interval([1.0]))
+    # With 5 seeds the t-interval is wider than the percentile bootstrap's (which cannot leave the data).
+    d = [0.01, 0.03, -0.02, 0.04, 0.02]
+    t_low, t_high = t_interval(d)
+    b_low, b_high = bootstrap_ci(d)
+    assert t_low < b_low and b_high < t_high
+
+
 def test_paired_comparison_is_method_minus_baseline():
     comparison = paired_comparison([0.8, 0.9, 0.85], [0.7, 0.85, 0.8])
     assert comparison.n == 3
     assert comparison.mean_diff == pytest.approx((0.1 + 0.05 + 0.05) / 3)
     assert comparison.ci_low <= comparison.mean_diff <= comparison.ci_high
+    assert (comparison.t_ci_low, comparison.t_ci_high) == pytest.approx(t_interval([0.1, 0.05, 0.05]))
     assert comparison.p_signflip == pytest.approx(2 / 8) and comparison.signflip_exact
     with pytest.raises(FimloraError, match="equal lengths"):
         paired_comparison([1.0, 2.0], [1.0])

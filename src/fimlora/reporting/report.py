@@ -281,6 +281,7 @@ class _Builder:
             "adapter params",
             f"Δ vs {self.baseline}",
             f"{CONFIDENCE:.0%} CI of Δ",
+            f"{CONFIDENCE:.0%} t-CI of Δ",
             "p (paired t)",
             "p (sign-flip)",
             "note",
@@ -308,6 +309,9 @@ class _Builder:
                     "—" if is_base or not _finite(r["diff_mean"]) else f"{float(r['diff_mean']):+.{digits}f}",
                     f"[{float(r['diff_ci_low']):+.{digits}f}, {float(r['diff_ci_high']):+.{digits}f}]"
                     if _finite(r["diff_ci_low"])
+                    else "—",
+                    f"[{float(r['diff_t_ci_low']):+.{digits}f}, {float(r['diff_t_ci_high']):+.{digits}f}]"
+                    if _finite(r.get("diff_t_ci_low"))
                     else "—",
                     _fmt_p(r["p_ttest"]),
                     _fmt_p(r["p_signflip"])
@@ -641,7 +645,10 @@ class _Builder:
                     "it is too narrow: it cannot reach beyond the values observed.",
                     f"Δ vs {self.baseline}: the mean over shared seeds of (method − {self.baseline}) on the "
                     "same seed, i.e. same data split, task-head initialisation and data order; its CI is the "
-                    "same bootstrap over the per-seed differences.",
+                    "same bootstrap over the per-seed differences. t-CI of Δ: mean(d) ± t(n − 1, 0.975) · "
+                    "sd(d)/√n, the interval the paired t-test inverts; with few seeds it is the honest one "
+                    "(the bootstrap interval is narrower than 95% coverage). An interval that excludes 0 "
+                    "agrees with p (paired t) < 0.05.",
                     "p (paired t): two-sided paired t-test (scipy.stats.ttest_rel), "
                     "t = mean(d) / (sd(d)/√n), n − 1 degrees of freedom; assumes roughly normal differences.",
                     "p (sign-flip): two-sided exact permutation test — every one of the 2ⁿ ways to flip the "
@@ -685,6 +692,8 @@ _SUMMARY_VALUES = {
     "diff_mean",
     "diff_ci_low",
     "diff_ci_high",
+    "diff_t_ci_low",
+    "diff_t_ci_high",
     "t_stat",
     "p_ttest",
     "p_signflip",
