@@ -46,6 +46,17 @@ def reference(a, d, mask):
     }
 
 
+def test_fresh_accumulators_with_no_real_token_are_zero():
+    a, d = layer_batch()
+    empty = Tokens.from_mask(torch.zeros_like(MASK), *MASK.shape)
+    diag, grad = torch.full((9, 6), float("nan")), torch.full((9, 6), float("nan"))
+    factor_a, factor_s = torch.full((6, 6), float("nan")), torch.full((9, 9), float("nan"))
+    blocks.add_squared_gradients(diag, a, d, empty, 2**20, fresh=True)
+    blocks.add_kronecker_factors(factor_a, factor_s, a, d, empty, 2**20, fresh=True)
+    blocks.add_gradient(grad, a, d, empty, 2**20, fresh=True)
+    assert all(bool((t == 0).all()) for t in (diag, grad, factor_a, factor_s))
+
+
 def test_token_layout():
     tokens = Tokens.from_mask(MASK, *MASK.shape)
     assert tokens.per_example[0] == slice(0, 5) and tokens.per_example[1] == slice(2, 7)
@@ -74,6 +85,16 @@ def test_blocks_match_reference(dtype, bound, transposed, widths):
     blocks.add_gradient(grad, a, d, tokens, bound)
     for actual, key in [(diag, "diagonal"), (factor_a, "A"), (factor_s, "S"), (grad, "gradient")]:
         torch.testing.assert_close(actual.double(), ref[key], rtol=1e-5, atol=1e-5)
+    # A fresh (uninitialised) accumulator is overwritten by the first contribution, not added to.
+    fresh = {
+        k: torch.full_like(v, float("nan"))
+        for k, v in [("d", diag), ("A", factor_a), ("S", factor_s), ("g", grad)]
+    }
+    blocks.add_squared_gradients(fresh["d"], a, d, tokens, bound, fresh=True)
+    blocks.add_kronecker_factors(fresh["A"], fresh["S"], a, d, tokens, bound, fresh=True)
+    blocks.add_gradient(fresh["g"], a, d, tokens, bound, fresh=True)
+    for key, expected in [("d", diag), ("A", factor_a), ("S", factor_s), ("g", grad)]:
+        torch.testing.assert_close(fresh[key], expected, rtol=1e-5, atol=1e-6)
     # Wide layers on short sequences take the batched ghost norm unless the bound is below T².
     trace = blocks.squared_norms(a, d, tokens, bound)
     assert float(trace) == pytest.approx(float(ref["trace"]), rel=1e-5)

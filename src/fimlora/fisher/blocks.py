@@ -121,9 +121,15 @@ def _row_buffer(d_in: int, d_out: int, max_elements: int, device: torch.device) 
 
 
 def add_squared_gradients(
-    acc: torch.Tensor, a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int
+    acc: torch.Tensor,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    tokens: Tokens,
+    max_elements: int,
+    *,
+    fresh: bool = False,
 ) -> None:
-    """``acc`` (d_out, d_in) += Σ_n G_n ⊙ G_n over the batch.
+    """``acc`` (d_out, d_in) += Σ_n G_n ⊙ G_n over the batch (``fresh``: acc is uninitialised, so =).
 
     One example at a time, G_n in blocks of output rows: a matmul into a reused buffer, then one fused
     ``addcmul_``. Squaring a whole (examples, d_out, d_in) block and reducing it over examples reads and
@@ -137,11 +143,20 @@ def add_squared_gradients(
             # The common case, kept to four tensor calls: Python overhead per example and layer is
             # otherwise a tenth of the pass on small models.
             if selection.stop > selection.start:
-                torch.mm(d[n, selection].T, a[n, selection], out=buffer)
-                acc.addcmul_(buffer, buffer)
+                if fresh:
+                    torch.mm(d[n, selection].T, a[n, selection], out=acc).square_()
+                    fresh = False
+                else:
+                    torch.mm(d[n, selection].T, a[n, selection], out=buffer)
+                    acc.addcmul_(buffer, buffer)
         elif _size(selection):
+            if fresh:
+                acc.zero_()
+                fresh = False
             for r0, r1, block in _gradient_blocks(a[n], d[n], selection, buffer, max_elements):
                 acc[r0:r1].addcmul_(block, block)
+    if fresh:
+        acc.zero_()
 
 
 def squared_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int) -> torch.Tensor:
@@ -245,16 +260,44 @@ def add_kronecker_factors(
     d: torch.Tensor,
     tokens: Tokens,
     max_elements: int,
+    *,
+    fresh: bool = False,
 ) -> None:
-    """``a_acc`` (d_in, d_in) += Σ_{n,t} a aᵀ; ``s_acc`` (d_out, d_out) += Σ_{n,t} δ δᵀ (real tokens)."""
+    """``a_acc`` (d_in, d_in) += Σ_{n,t} a aᵀ; ``s_acc`` (d_out, d_out) += Σ_{n,t} δ δᵀ (real tokens).
+
+    ``fresh``: the accumulators are uninitialised, so = instead of +=.
+    """
     for a_c, d_c in _flat_chunks(a, d, tokens, max_elements):
-        a_acc.addmm_(a_c.T, a_c)
-        s_acc.addmm_(d_c.T, d_c)
+        _add_product(a_acc, a_c.T, a_c, fresh)
+        _add_product(s_acc, d_c.T, d_c, fresh)
+        fresh = False
+    if fresh:
+        a_acc.zero_()
+        s_acc.zero_()
 
 
 def add_gradient(
-    acc: torch.Tensor, a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int
+    acc: torch.Tensor,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    tokens: Tokens,
+    max_elements: int,
+    *,
+    fresh: bool = False,
 ) -> None:
-    """``acc`` (d_out, d_in) += Σ_n G_n = Σ_{n,t} δ aᵀ over real tokens (one matmul without padding)."""
+    """``acc`` (d_out, d_in) += Σ_n G_n = Σ_{n,t} δ aᵀ over real tokens (one matmul without padding).
+
+    ``fresh``: acc is uninitialised, so = instead of +=.
+    """
     for a_c, d_c in _flat_chunks(a, d, tokens, max_elements):
-        acc.addmm_(d_c.T, a_c)
+        _add_product(acc, d_c.T, a_c, fresh)
+        fresh = False
+    if fresh:
+        acc.zero_()
+
+
+def _add_product(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor, overwrite: bool) -> None:
+    if overwrite:
+        torch.mm(x, y, out=acc)
+    else:
+        acc.addmm_(x, y)
