@@ -219,33 +219,23 @@ class ExperimentConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError, *, root: str = "config") -> str:
+    """One line per problem, ``dotted.path: message`` (``root`` names an error of the whole document)."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
+        where = ".".join(str(p) for p in err["loc"]) or root
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
 
-def parse_config(data: Any, *, source: str = "config") -> ExperimentConfig:
-    if not isinstance(data, dict):
-        raise FimloraError(f"{source} must be a YAML mapping of settings, got {type(data).__name__}.")
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise FimloraError(f"Invalid {source}: {_format_validation_error(exc)}.") from None
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read and validate a YAML experiment config; ``overrides`` replace top-level keys."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The parsed content of a YAML file; unreadable, invalid or empty files are a one-line FimloraError
+    naming ``what`` the file was meant to be."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise FimloraError(f"Cannot read config {path}: {exc.strerror}.") from None
+        raise FimloraError(f"Cannot read {what} {path}: {exc.strerror}.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -254,6 +244,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         raise FimloraError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
     if data is None:
         raise FimloraError(f"{path} is empty.")
+    return data
+
+
+def parse_config(data: Any, *, source: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise FimloraError(f"{source} must be a YAML mapping of settings, got {type(data).__name__}.")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise FimloraError(f"Invalid {source}: {format_validation_error(exc)}.") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML experiment config; ``overrides`` replace top-level keys."""
+    path = Path(path)
+    data = read_yaml_file(path, "config")
     if overrides and isinstance(data, dict):
         data = {**data, **overrides}
     return parse_config(data, source=str(path))

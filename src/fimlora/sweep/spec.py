@@ -28,9 +28,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fimlora.config import format_validation_error, read_yaml_file
 from fimlora.errors import FimloraError
 
 #: Grid axes, in the order they appear in run names and records.
@@ -102,15 +102,6 @@ def _check_defaults(spec: SweepSpec, source: str) -> None:
         )
 
 
-def _format_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "spec"
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
-
-
 def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "sweep spec") -> SweepSpec:
     """Validate a spec mapping (the grid points themselves are checked by :func:`expand`)."""
     if not isinstance(data, dict):
@@ -122,7 +113,7 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "
             {**data, "base_dir": Path(base_dir) if base_dir is not None else Path.cwd()}
         )
     except ValidationError as exc:
-        raise FimloraError(f"Invalid {source}: {_format_error(exc)}.") from None
+        raise FimloraError(f"Invalid {source}: {format_validation_error(exc, root='spec')}.") from None
     _check_defaults(spec, source)
     return spec
 
@@ -130,16 +121,5 @@ def parse_spec(data: Any, *, base_dir: str | Path | None = None, source: str = "
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec file; relative paths in it are resolved from its directory."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FimloraError(f"Cannot read sweep spec {path}: {exc.strerror}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise FimloraError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
-    if data is None:
-        raise FimloraError(f"{path} is empty.")
+    data = read_yaml_file(path, "sweep spec")
     return parse_spec(data, base_dir=path.resolve().parent, source=str(path))
