@@ -63,6 +63,31 @@ _METHOD_SETTINGS = (
 )
 _METHOD_PREFIXES = ("method_options.",)
 _BASE_KEYS = ("dataset", "model", "budget")
+# The columns of a :func:`summarize` row that are values, not keys of the row's group.
+SUMMARY_VALUE_COLUMNS = (
+    "metric",
+    "higher_is_better",
+    "n_seeds",
+    "seeds",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "adapter_params",
+    "baseline",
+    "n_paired",
+    "paired_seeds",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "diff_t_ci_low",
+    "diff_t_ci_high",
+    "t_stat",
+    "p_ttest",
+    "p_signflip",
+    "signflip_exact",
+    "warning",
+)
 
 
 def _as_array(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -362,33 +387,7 @@ def summarize(
                     )
             row["warning"] = _warning(len(x), n_paired, extra, min_seeds)
             rows.append(row)
-    columns = [
-        *group_keys,
-        "budget_label",
-        "task",
-        "metric",
-        "higher_is_better",
-        "n_seeds",
-        "seeds",
-        "mean",
-        "std",
-        "ci_low",
-        "ci_high",
-        "adapter_params",
-        "baseline",
-        "n_paired",
-        "paired_seeds",
-        "diff_mean",
-        "diff_ci_low",
-        "diff_ci_high",
-        "diff_t_ci_low",
-        "diff_t_ci_high",
-        "t_stat",
-        "p_ttest",
-        "p_signflip",
-        "signflip_exact",
-        "warning",
-    ]
+    columns = [*group_keys, "budget_label", "task", *SUMMARY_VALUE_COLUMNS]
     table = pd.DataFrame(rows).reindex(columns=columns)
     order = table["method"].map(lambda m: (m != baseline, str(m)))
     table = table.assign(_order=order).sort_values(

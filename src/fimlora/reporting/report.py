@@ -54,6 +54,7 @@ from fimlora.stats import (
     MAX_EXACT_SIGN_FLIP,
     MIN_SEEDS,
     N_RESAMPLES,
+    SUMMARY_VALUE_COLUMNS,
     metrics_in,
     setting_columns,
     summarize,
@@ -676,30 +677,7 @@ class _Builder:
         ]
 
 
-_SUMMARY_VALUES = {
-    "metric",
-    "higher_is_better",
-    "n_seeds",
-    "seeds",
-    "mean",
-    "std",
-    "ci_low",
-    "ci_high",
-    "adapter_params",
-    "baseline",
-    "n_paired",
-    "paired_seeds",
-    "diff_mean",
-    "diff_ci_low",
-    "diff_ci_high",
-    "diff_t_ci_low",
-    "diff_t_ci_high",
-    "t_stat",
-    "p_ttest",
-    "p_signflip",
-    "signflip_exact",
-    "warning",
-}
+_SUMMARY_VALUES = set(SUMMARY_VALUE_COLUMNS)
 
 
 def _mean_range(row: Mapping[str, Any], column: str, digits: int) -> str:
