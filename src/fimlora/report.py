@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fimlora.runs import trained_ranks
+from fimlora.runs import rank_range
 
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
 
@@ -88,14 +88,11 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
 def _rank_summary(result: Mapping[str, Any]) -> str:
     """min/mean/max of the ranks trained at the end (AdaLoRA after pruning, EVA after redistribution);
     "—" for methods without ranks (full fine-tuning)."""
-    trained = trained_ranks(result)
-    if trained is not None:
-        values = list(trained[0].values())
-        return f"{min(values)}/{sum(values) / len(values):.2f}/{max(values)}"
-    alloc = result.get("allocation")
-    if not alloc:
+    found = rank_range(result)
+    if found is None:
         return "—"
-    return f"{alloc['min_rank']}/{alloc['mean_rank']:.2f}/{alloc['max_rank']}"
+    ranks = found[0]
+    return f"{ranks['min']}/{ranks['mean']:.2f}/{ranks['max']}"
 
 
 def experiment_report(

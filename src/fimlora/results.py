@@ -22,7 +22,7 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * allocation summary: ``alloc_strategy``, ``alloc_num_params``; ``rank_min``, ``rank_mean``,
   ``rank_max`` of the ranks trained at the end, and ``rank_source`` where they come from
   (``allocation``, or AdaLoRA's ``final_ranks`` / EVA's ``redistributed_ranks``, see
-  :func:`trained_ranks`); ``lora_alpha``, ``scaling``
+  :func:`fimlora.runs.rank_range`); ``lora_alpha``, ``scaling``
 * Fisher actually used by the method (``None`` for methods that do not use it): ``fisher_estimator``,
   ``fisher_num_examples``, ``fisher_aggregation``
 * cost: ``train_time_s`` (wall seconds of training), ``train_steps``, ``train_examples``,
@@ -50,7 +50,7 @@ import yaml
 
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write
-from fimlora.runs import trained_ranks
+from fimlora.runs import rank_range
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
@@ -235,12 +235,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     row["peak_adapter_params"] = row["adapter_params"]
     if result.get("effective_adapter_params") is not None:
         row["adapter_params"] = result["effective_adapter_params"]
-    rank_summary = {key: alloc.get(f"{key}_rank") for key in ("min", "mean", "max")}
-    rank_source = "allocation"
-    trained = trained_ranks(result)
-    if trained is not None:
-        values, rank_source = list(trained[0].values()), trained[1]
-        rank_summary = {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+    rank_summary, rank_source = rank_range(result) or (dict.fromkeys(("min", "mean", "max")), "allocation")
     row.update(
         {
             "alloc_strategy": alloc.get("strategy"),

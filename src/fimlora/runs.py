@@ -134,5 +134,18 @@ def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | Non
     return None
 
 
+def rank_range(result: Mapping[str, Any]) -> tuple[dict[str, float | None], str] | None:
+    """``{"min", "mean", "max"}`` of the ranks a run trained at the end, and where they come from
+    (``"allocation"`` or a key of ``RANK_RECORD_KEYS``); ``None`` for methods without ranks (full FT)."""
+    trained = trained_ranks(result)
+    if trained is not None:
+        values = list(trained[0].values())
+        return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}, trained[1]
+    alloc = result.get("allocation")
+    if not isinstance(alloc, Mapping) or not alloc:
+        return None
+    return {key: alloc.get(f"{key}_rank") for key in ("min", "mean", "max")}, "allocation"
+
+
 def _is_rank(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
