@@ -1,4 +1,4 @@
-"""A tiny saved BERT (MiniLM's real tokenizer, config-built weights) and a small sentiment CSV."""
+"""The shared tiny saved BERT (MiniLM's real tokenizer, config-built weights) and a small sentiment CSV."""
 
 from __future__ import annotations
 
@@ -7,23 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_bert
-from transformers import AutoTokenizer
+from tiny_runs import tiny_bert_dir
 
-from fimlora.assets import minilm_path
+__all__ = ["reviews_csv", "tiny_bert_dir"]
 
 WORDS = ["the", "film", "plot", "acting", "was", "quite", "great", "dull", "funny", "boring", "and", "ending"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_backbone(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-bert-calibration")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    model = make_tiny_bert(num_labels=2)
-    model.resize_token_embeddings(len(tokenizer))
-    model.bert.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")

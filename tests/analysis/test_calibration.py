@@ -86,13 +86,13 @@ def test_compare_subsets_records():
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_bert_backbone, reviews_csv, tmp_path_factory):
+def prepared(tiny_bert_dir, reviews_csv, tmp_path_factory):
     from fimlora.config import parse_config
     from fimlora.experiment import prepare
 
     config = parse_config(
         {
-            "model": str(tiny_bert_backbone),
+            "model": str(tiny_bert_dir),
             "dataset": str(reviews_csv),
             "dataset_options": {"text_column": "review", "label_column": "sentiment"},
             "output_dir": str(tmp_path_factory.mktemp("calibration-runs")),
@@ -139,12 +139,12 @@ def test_calibration_stability_on_a_tiny_model(prepared, tmp_path):
         calibration_stability(prepared, [4], 1)
 
 
-def test_cli_calibration(prepared, tiny_bert_backbone, reviews_csv, tmp_path, capsys, monkeypatch):
+def test_cli_calibration(prepared, tiny_bert_dir, reviews_csv, tmp_path, capsys, monkeypatch):
     # The command's own prepare() would load the same tiny model again: reuse the prepared one.
     monkeypatch.setattr("fimlora.experiment.prepare", lambda config: prepared)
     config = tmp_path / "experiment.yaml"
     config.write_text(
-        f"model: {tiny_bert_backbone}\ndataset: {reviews_csv}\n"
+        f"model: {tiny_bert_dir}\ndataset: {reviews_csv}\n"
         "dataset_options: {text_column: review, label_column: sentiment}\n"
         f"output_dir: {tmp_path / 'runs'}\nfisher: {{batch_size: 8}}\ntrain: {{max_length: 16}}\n",
         encoding="utf-8",
