@@ -14,6 +14,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,6 +149,17 @@ class PeakMemoryDelta:
                 self._thread.join()
             peak = max(self._peak, _rss_bytes())
         self.delta_bytes = max(0, peak - self._start)
+
+
+def torch_device(name: str) -> Any | None:
+    """``torch.device(name)``, or ``None`` (after saying why on stderr) for CUDA without a GPU."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda given but CUDA is not available", file=sys.stderr)
+        return None
+    return device
 
 
 def synchronize(device: Any) -> None:

@@ -547,11 +547,8 @@ def render(report: dict[str, Any], methods: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
-    import torch
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda given but CUDA is not available", file=sys.stderr)
+    device = common.torch_device(args.device)
+    if device is None:
         return 2
     methods = [m for m in METHODS[1:] if m in args.methods]
     env = common.environment(device, args.threads)

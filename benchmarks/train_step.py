@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     common.set_threads(args.threads)
     import torch
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda given but CUDA is not available", file=sys.stderr)
+    device = common.torch_device(args.device)
+    if device is None:
         return 2
     env = common.environment(device, args.threads)
     print(f"# Training-step cost on {env['device']} (load average {env['load_average_at_start']})")
