@@ -129,66 +129,52 @@ def run_sweep(
             log(line)
         return SweepReport(runs=runs, skipped=[r for r in runs if r.status == "finished"])
 
-    with store_lock(spec.output_path):
-        return _execute(spec, runs, backend, workers, ray_address, cpus_per_run, gpus_per_run, progress, log)
-
-
-def _execute(
-    spec: SweepSpec,
-    runs: list[PlannedRun],
-    backend: Backend,
-    workers: int | None,
-    ray_address: str | None,
-    cpus_per_run: float | None,
-    gpus_per_run: float | None,
-    progress: bool,
-    log: Callable[[str], None],
-) -> SweepReport:
     # Statuses are read under the store lock: no other sweep is writing runs now.
-    report = SweepReport(runs=runs)
-    pending: list[PlannedRun] = []
-    for run in runs:
-        (report.skipped if run.status == "finished" else pending).append(run)
-    for run in report.skipped:  # finished, but the sweep stopped before recording its coordinates
-        if not run.run_directory.file(SWEEP_FILE).exists():
-            atomic_write_json(run.run_directory.file(SWEEP_FILE), run.record(spec.name))
-    log(
-        f"sweep {spec.name}: {len(runs)} runs, {len(report.skipped)} already done, {len(pending)} to run "
-        f"({backend} backend)"
-    )
-    if not pending:
+    with store_lock(spec.output_path):
+        report = SweepReport(runs=runs)
+        pending: list[PlannedRun] = []
+        for run in runs:
+            (report.skipped if run.status == "finished" else pending).append(run)
+        for run in report.skipped:  # finished, but the sweep stopped before recording its coordinates
+            if not run.run_directory.file(SWEEP_FILE).exists():
+                atomic_write_json(run.run_directory.file(SWEEP_FILE), run.record(spec.name))
+        log(
+            f"sweep {spec.name}: {len(runs)} runs, {len(report.skipped)} already done, {len(pending)} to run "
+            f"({backend} backend)"
+        )
+        if not pending:
+            return report
+
+        by_key = {run.key: run for run in pending}
+        tasks = [RunTask.from_planned(run, spec.name) for run in pending]
+        bar = tqdm(total=len(pending), unit="run", desc=spec.name, disable=not progress, file=sys.stderr)
+
+        def on_outcome(outcome: RunOutcome) -> None:
+            report.outcomes.append(outcome)
+            with tqdm.external_write_mode(file=sys.stderr):
+                log(outcome_line(by_key[outcome.key], outcome))
+            bar.update(1)
+
+        try:
+            if backend == "ray":
+                from fimlora.sweep.ray_backend import run_ray
+
+                run_ray(
+                    tasks,
+                    address=ray_address,
+                    cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
+                    gpus_per_run=0.0 if gpus_per_run is None else gpus_per_run,
+                    on_outcome=on_outcome,
+                )
+            else:
+                run_local(tasks, workers=workers or 1, on_outcome=on_outcome)
+        finally:
+            bar.close()
+        failed = report.failed
+        log(
+            f"sweep {spec.name}: {len(report.outcomes) - len(failed)} finished, "
+            f"{len(report.skipped)} skipped, {len(failed)} failed"
+        )
+        for outcome in failed:
+            log(f"  failed {outcome.key}: {outcome.error}")
         return report
-
-    by_key = {run.key: run for run in pending}
-    tasks = [RunTask.from_planned(run, spec.name) for run in pending]
-    bar = tqdm(total=len(pending), unit="run", desc=spec.name, disable=not progress, file=sys.stderr)
-
-    def on_outcome(outcome: RunOutcome) -> None:
-        report.outcomes.append(outcome)
-        with tqdm.external_write_mode(file=sys.stderr):
-            log(outcome_line(by_key[outcome.key], outcome))
-        bar.update(1)
-
-    try:
-        if backend == "ray":
-            from fimlora.sweep.ray_backend import run_ray
-
-            run_ray(
-                tasks,
-                address=ray_address,
-                cpus_per_run=1.0 if cpus_per_run is None else cpus_per_run,
-                gpus_per_run=0.0 if gpus_per_run is None else gpus_per_run,
-                on_outcome=on_outcome,
-            )
-        else:
-            run_local(tasks, workers=workers or 1, on_outcome=on_outcome)
-    finally:
-        bar.close()
-    failed = report.failed
-    log(
-        f"sweep {spec.name}: {len(report.outcomes) - len(failed)} finished, {len(report.skipped)} skipped, "
-        f"{len(failed)} failed"
-    )
-    for outcome in failed:
-        log(f"  failed {outcome.key}: {outcome.error}")
-    return report
