@@ -27,6 +27,7 @@ from fimlora.data import TaskData, calibration_subset, load_task_data, make_coll
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
+from fimlora.fisher.distributed import rank_and_world_size
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
 from fimlora.io import ordinary_permissions
 from fimlora.methods import (
@@ -145,13 +146,14 @@ def calibration_loader(prepared: Prepared, *, shard: bool = False) -> DataLoader
     """
     config = prepared.config
     subset = calibration_subset(prepared.tokenized["train"], config.fisher.num_examples, seed=config.seed)
-    if shard and world_size() > 1:
-        if len(subset) < world_size():
+    rank, processes = rank_and_world_size()
+    if shard and processes > 1:
+        if len(subset) < processes:
             raise FimloraError(
-                f"{len(subset)} calibration example(s) cannot be split over {world_size()} processes; "
+                f"{len(subset)} calibration example(s) cannot be split over {processes} processes; "
                 "raise fisher.num_examples."
             )
-        subset = subset.shard(num_shards=world_size(), index=torch.distributed.get_rank(), contiguous=True)
+        subset = subset.shard(num_shards=processes, index=rank, contiguous=True)
     return DataLoader(subset, batch_size=config.fisher.batch_size, collate_fn=prepared.collator)
 
 
