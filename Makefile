@@ -39,7 +39,7 @@ demo: setup
 
 # What CI runs: lint, type-check, then every test not marked slow.
 test: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -47,8 +47,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 typecheck: setup
 	$(BIN)/mypy
