@@ -56,7 +56,8 @@ def with_sampled_labels(model, batches, seed):
 @dataclass
 class PerExample:
     """Per example n and module: G_n = ∂ℓ_n/∂W, and the layer's inputs a (T_n, d_in) and output
-    gradients δ (T_n, d_out) at the real tokens; all float64."""
+    gradients δ (T_n, d_out) at the real tokens, the tokens of every call of the layer stacked; all
+    float64."""
 
     grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
     inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
@@ -64,48 +65,68 @@ class PerExample:
 
 
 def brute_force_per_example(model, batches, names) -> PerExample:
-    """One unpadded forward/backward per example, using the model's own loss (ℓ_n as the estimator's)."""
+    """One unpadded forward/backward per example, using the model's own loss (ℓ_n as the estimator's).
+
+    G_n is autograd's gradient of the weight, which sums over every call of a layer that runs more than
+    once; a and δ are recorded for each call and stacked along the token axis.
+    """
     linears = linear_modules(model)
     weights = [linears[n].weight for n in names]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
     out = PerExample()
-    for batch in batches:
-        for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            ids = batch["input_ids"][i][keep].unsqueeze(0)
-            captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            handles = [
-                linears[n].register_forward_hook(
-                    lambda m, args, y, n=n, store=captured: store.__setitem__(n, (args[0].detach(), y))
-                )
-                for n in names
-            ]
-            try:
-                if batch["labels"].dim() == 1:
-                    loss = model(input_ids=ids, labels=batch["labels"][i : i + 1]).loss
-                else:
-                    label = batch["labels"][i][keep].unsqueeze(0)
-                    n_tokens = int((label[:, 1:] != -100).sum())
-                    # HF's LM loss is the mean over labelled tokens; ℓ_n is their sum.
-                    loss = None if n_tokens == 0 else model(input_ids=ids, labels=label).loss * n_tokens
-                    if loss is None:
-                        model(input_ids=ids)
-            finally:
-                for h in handles:
-                    h.remove()
-            d_in = {n: captured[n][0].reshape(-1, captured[n][0].shape[-1]).double() for n in names}
-            if loss is None:
-                grads = [torch.zeros_like(w) for w in weights]
-                deltas = [torch.zeros_like(captured[n][1]) for n in names]
-            else:
-                outputs = [captured[n][1] for n in names]
-                (*grads,) = torch.autograd.grad(loss, weights + outputs)
-                grads, deltas = grads[: len(names)], grads[len(names) :]
-            out.grads.append({n: g.double() for n, g in zip(names, grads, strict=True)})
-            out.inputs.append(d_in)
-            out.deltas.append(
-                {n: d.reshape(-1, d.shape[-1]).double() for n, d in zip(names, deltas, strict=True)}
-            )
+    try:
+        for batch in batches:
+            for i in range(batch["input_ids"].shape[0]):
+                _one_example(model, batch, i, names, linears, weights, out)
+    finally:
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
     return out
+
+
+def _one_example(model, batch, i, names, linears, weights, out: PerExample) -> None:
+    keep = batch["attention_mask"][i].bool()
+    ids = batch["input_ids"][i][keep].unsqueeze(0)
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    handles = [
+        linears[n].register_forward_hook(
+            lambda m, args, y, n=n, store=captured: store[n].append((args[0].detach(), y))
+        )
+        for n in names
+    ]
+    try:
+        if batch["labels"].dim() == 1:
+            loss = model(input_ids=ids, labels=batch["labels"][i : i + 1]).loss
+        else:
+            label = batch["labels"][i][keep].unsqueeze(0)
+            n_tokens = int((label[:, 1:] != -100).sum())
+            # HF's LM loss is the mean over labelled tokens; ℓ_n is their sum.
+            loss = None if n_tokens == 0 else model(input_ids=ids, labels=label).loss * n_tokens
+            if loss is None:
+                model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    outputs = [y for n in names for _, y in captured[n]]
+    if loss is None:
+        grads = [torch.zeros_like(w) for w in weights]
+        deltas = [torch.zeros_like(y) for y in outputs]
+    else:
+        found = torch.autograd.grad(loss, weights + outputs, allow_unused=True)
+        found = [
+            torch.zeros_like(x) if g is None else g for g, x in zip(found, weights + outputs, strict=True)
+        ]
+        grads, deltas = found[: len(names)], found[len(names) :]
+    flat = iter(deltas)
+    out.grads.append({n: g.double() for n, g in zip(names, grads, strict=True)})
+    out.inputs.append({n: torch.cat([_rows(x) for x, _ in captured[n]]) for n in names})
+    out.deltas.append({n: torch.cat([_rows(next(flat)) for _ in captured[n]]) for n in names})
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).double()
 
 
 def brute_force_fisher(model, batches, names):

@@ -105,10 +105,70 @@ def test_blocks_match_reference(dtype, bound, transposed, widths):
         expected = float(reference(a[n : n + 1], d[n : n + 1], MASK[n : n + 1])["trace"])
         if blocks._size(selection) == 0:
             continue
-        ghost = blocks._ghost_norm(a[n], d[n], selection, d_in, d_out, bound)
-        direct = blocks._direct_norm(a[n], d[n], selection, d_in, d_out, bound)
+        ghost = blocks._ghost_norm([(a[n], d[n], selection)], d_in, d_out, bound)
+        direct = blocks._direct_norm([(a[n], d[n], selection)], d_in, d_out, bound)
         assert float(ghost) == pytest.approx(expected, rel=1e-5)
         assert float(direct) == pytest.approx(expected, rel=1e-5)
+
+
+def layer_calls(d_in, d_out, dtype=torch.float32):
+    """Three calls of one layer on the batch of MASK: the full mask, one token per example, and every
+    second position of the mask (a different length, with holes)."""
+    calls = []
+    for seed, mask in enumerate([MASK, torch.ones(MASK.shape[0], 1, dtype=torch.long), MASK[:, ::2]]):
+        g = torch.Generator().manual_seed(10 + seed)
+        a = torch.randn(*mask.shape, d_in, generator=g).to(dtype)
+        d = torch.randn(*mask.shape, d_out, generator=g).to(dtype)
+        calls.append((a, d, mask))
+    return calls
+
+
+def calls_reference(calls):
+    """G_n summed over the calls (each call's real tokens), then squared: float64."""
+    grads = sum(torch.einsum("bti,btj->bij", (d.double() * m.unsqueeze(-1)), a.double()) for a, d, m in calls)
+    return {"diagonal": (grads**2).sum(0), "trace": (grads**2).sum()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bound", [1, 7, 40, 2**20])
+@pytest.mark.parametrize("widths", [(6, 9), (32, 40)], ids=["narrow", "wide"])
+def test_squares_over_calls_sum_every_call_before_squaring(dtype, bound, widths):
+    d_in, d_out = widths
+    raw = layer_calls(d_in, d_out, dtype)
+    calls = [(a, d, Tokens.from_mask(m, *m.shape)) for a, d, m in raw]
+    ref = calls_reference(raw)
+    diag = torch.full((d_out, d_in), float("nan"))
+    blocks.add_squared_gradients_over_calls(diag, calls, bound, fresh=True)
+    torch.testing.assert_close(diag.double(), ref["diagonal"], rtol=1e-5, atol=1e-5)
+    blocks.add_squared_gradients_over_calls(diag, calls, bound)
+    torch.testing.assert_close(diag.double(), 2 * ref["diagonal"], rtol=1e-5, atol=1e-5)
+    assert float(blocks.squared_norms_over_calls(calls, bound)) == pytest.approx(
+        float(ref["trace"]), rel=1e-5
+    )
+    # Both per-example forms across calls, whichever the cost model would pick.
+    for n in range(MASK.shape[0]):
+        segments = blocks._segments(calls, n)
+        expected = float(
+            calls_reference([(a[n : n + 1], d[n : n + 1], m[n : n + 1]) for a, d, m in raw])["trace"]
+        )
+        if not segments:
+            assert expected == 0
+            continue
+        assert float(blocks._ghost_norm(segments, d_in, d_out, bound)) == pytest.approx(expected, rel=1e-5)
+        assert float(blocks._direct_norm(segments, d_in, d_out, bound)) == pytest.approx(expected, rel=1e-5)
+    # Squaring each call's G_n separately, what a hook per call did, is a different number.
+    separate = sum(calls_reference([call])["trace"] for call in raw)
+    assert abs(float(separate) - float(ref["trace"])) > 1e-3 * float(ref["trace"])
+
+
+@pytest.mark.parametrize("bound", [60, 200, 1000])
+def test_squares_over_calls_stay_under_the_bound(bound):
+    calls = [(a, d, Tokens.from_mask(m, *m.shape)) for a, d, m in layer_calls(32, 40, torch.bfloat16)]
+    acc = torch.zeros(40, 32)
+    with LargestNewTensor() as mode:
+        blocks.add_squared_gradients_over_calls(acc, calls, bound)
+        blocks.squared_norms_over_calls(calls, bound)
+    assert mode.largest <= max(bound, 40)
 
 
 class LargestNewTensor(TorchDispatchMode):
@@ -156,11 +216,11 @@ def test_chunking_keeps_every_block_under_the_bound(monkeypatch, dtype):
     largest = []
     accumulate = _Accumulator.accumulate
 
-    def watched(self, name, activation, delta):
+    def watched(self, name, calls, **kwargs):
         for kind in self.kinds:  # the accumulators (statistic-sized, allocated once) are not blocks
             self._sum(kind, name)
         with LargestNewTensor() as mode:
-            accumulate(self, name, activation, delta)
+            accumulate(self, name, calls, **kwargs)
         largest.append(mode.largest)
 
     for statistic in ("diagonal", "trace", "kfac"):

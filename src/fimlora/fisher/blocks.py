@@ -4,6 +4,11 @@ Inputs are one layer's activations ``a`` (B, T, d_in) and output gradients ``δ`
 batch, as the hooks of :mod:`fimlora.fisher.estimator` receive them, and ``Tokens``: which positions are
 real (not padding). Example n's weight gradient is G_n = Σ_t δ_{n,t} a_{n,t}ᵀ over its real tokens.
 
+A layer that runs several times in one forward pass (a block shared across depth, a tied weight) has
+one such ``Call`` per run, and G_n sums the tokens of all of them: the ``*_over_calls`` functions square
+that sum. Sums over tokens (K-FAC factors, the gradient) need no such care: adding each call's share is
+already exact.
+
 Memory is bounded by chunking over examples, output rows and tokens: every tensor these functions
 create (gradient blocks, Gram blocks, float32 or gathered copies of token chunks) holds at most
 max(``max_elements``, d_in, d_out) elements, whatever T and B are (one row or one token is the
@@ -61,6 +66,22 @@ class Tokens:
         return cls(selections, flat, real.to(torch.float32), int(lengths.sum()))
 
 
+# One run of a layer in a batch: its inputs (B, T, d_in), output gradients (B, T, d_out) and real tokens.
+Call = tuple[torch.Tensor, torch.Tensor, Tokens]
+# One example's tokens in one call: inputs (T, d_in), output gradients (T, d_out), the real positions.
+Segment = tuple[torch.Tensor, torch.Tensor, Selection]
+
+
+def _segments(calls: list[Call], n: int) -> list[Segment]:
+    """Example n's non-empty segments, one per call."""
+    out = []
+    for a, d, tokens in calls:
+        selection = tokens.per_example[n]
+        if _size(selection):
+            out.append((a[n], d[n], selection))
+    return out
+
+
 def _size(selection: Selection) -> int:
     if isinstance(selection, slice):
         return selection.stop - selection.start
@@ -89,28 +110,32 @@ def _copies(x: torch.Tensor, selection: Selection) -> bool:
 
 
 def _gradient_blocks(
-    a_n: torch.Tensor, d_n: torch.Tensor, selection: Selection, buffer: torch.Tensor, max_elements: int
+    segments: list[Segment], buffer: torch.Tensor, max_elements: int
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """G_n = Σ_t δ_t a_tᵀ of one example, as ``(r0, r1, G_n[r0:r1])`` blocks of output rows.
+    """G_n = Σ_t δ_t a_tᵀ of one example over its ``segments``, as ``(r0, r1, G_n[r0:r1])`` blocks of rows.
 
     Each block is written into ``buffer`` (rows, d_in), reused for the next block: consume it first.
-    Without copies it is one matmul per block over the example's tokens; otherwise the tokens are taken
-    in chunks whose float32 copies stay under the bound.
+    Without copies and with one segment it is one matmul per block over the example's tokens; otherwise
+    the tokens are taken in chunks whose float32 copies stay under the bound, and added up.
     """
-    d_out, d_in = d_n.shape[-1], a_n.shape[-1]
+    d_out, d_in = segments[0][1].shape[-1], segments[0][0].shape[-1]
     rows = buffer.shape[0]
-    if _copies(a_n, selection) or _copies(d_n, selection):
-        chunks = _split(selection, max(1, max_elements // max(d_in, rows)))
-    else:
-        chunks = [selection]
+    pieces: list[Segment] = []
+    for a_n, d_n, selection in segments:
+        if _copies(a_n, selection) or _copies(d_n, selection):
+            chunks = _split(selection, max(1, max_elements // max(d_in, rows)))
+        else:
+            chunks = [selection]
+        pieces.extend((a_n, d_n, chunk) for chunk in chunks)
     for r0 in range(0, d_out, rows):
         r1 = min(r0 + rows, d_out)
         block = buffer[: r1 - r0]
-        if len(chunks) == 1:
-            torch.mm(_take(d_n[:, r0:r1], chunks[0]).T, _take(a_n, chunks[0]), out=block)
+        if len(pieces) == 1:
+            a_n, d_n, chunk = pieces[0]
+            torch.mm(_take(d_n[:, r0:r1], chunk).T, _take(a_n, chunk), out=block)
         else:
             block.zero_()
-            for chunk in chunks:
+            for a_n, d_n, chunk in pieces:
                 block.addmm_(_take(d_n[:, r0:r1], chunk).T, _take(a_n, chunk))
         yield r0, r1, block
 
@@ -153,10 +178,29 @@ def add_squared_gradients(
             if fresh:
                 acc.zero_()
                 fresh = False
-            for r0, r1, block in _gradient_blocks(a[n], d[n], selection, buffer, max_elements):
+            for r0, r1, block in _gradient_blocks([(a[n], d[n], selection)], buffer, max_elements):
                 acc[r0:r1].addcmul_(block, block)
     if fresh:
         acc.zero_()
+
+
+def add_squared_gradients_over_calls(
+    acc: torch.Tensor, calls: list[Call], max_elements: int, *, fresh: bool = False
+) -> None:
+    """``acc`` (d_out, d_in) += Σ_n G_n ⊙ G_n, G_n summed over the tokens of every call before squaring.
+
+    Example by example, G_n in blocks of output rows (each the sum of every call's δ aᵀ over its real
+    tokens), so nothing beyond one row block is created, whatever the number of calls.
+    """
+    d_out, d_in = acc.shape
+    if fresh:
+        acc.zero_()
+    buffer = _row_buffer(d_in, d_out, max_elements, acc.device)
+    for n in range(calls[0][0].shape[0]):
+        segments = _segments(calls, n)
+        if segments:
+            for r0, r1, block in _gradient_blocks(segments, buffer, max_elements):
+                acc[r0:r1].addcmul_(block, block)
 
 
 def squared_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements: int) -> torch.Tensor:
@@ -173,17 +217,30 @@ def squared_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_elements
     per_example = length * (length if a.dtype == d.dtype == torch.float32 else max(length, d_in, d_out))
     if length * (d_in + d_out) < d_in * d_out and per_example <= max_elements:
         return _batched_ghost_norms(a, d, tokens, max_elements)
+    return squared_norms_over_calls([(a, d, tokens)], max_elements)
+
+
+def squared_norms_over_calls(calls: list[Call], max_elements: int) -> torch.Tensor:
+    """Σ_n ‖G_n‖_F², G_n summed over the tokens of every call, example by example (float64 scalar).
+
+    An example's tokens in all calls are one token axis: the ghost norm runs over the Gram blocks of
+    every pair of its token chunks, across calls; the direct form adds every call's δ aᵀ into G_n.
+    Whichever costs fewer multiply-adds for the example's total token count is used.
+    """
+    a0, d0, _ = calls[0]
+    d_in, d_out = a0.shape[-1], d0.shape[-1]
     parts: list[torch.Tensor] = []
-    for n, selection in enumerate(tokens.per_example):
-        size = _size(selection)
+    for n in range(a0.shape[0]):
+        segments = _segments(calls, n)
+        size = sum(_size(selection) for _, _, selection in segments)
         if size == 0:
             continue
         if size * (d_in + d_out) < d_in * d_out:
-            parts.append(_ghost_norm(a[n], d[n], selection, d_in, d_out, max_elements))
+            parts.append(_ghost_norm(segments, d_in, d_out, max_elements))
         else:
-            parts.append(_direct_norm(a[n], d[n], selection, d_in, d_out, max_elements))
+            parts.append(_direct_norm(segments, d_in, d_out, max_elements))
     if not parts:
-        return torch.zeros((), dtype=torch.float64, device=a.device)
+        return torch.zeros((), dtype=torch.float64, device=a0.device)
     return torch.stack(parts).double().sum()
 
 
@@ -206,29 +263,31 @@ def _batched_ghost_norms(a: torch.Tensor, d: torch.Tensor, tokens: Tokens, max_e
     return total
 
 
-def _ghost_norm(
-    a_n: torch.Tensor, d_n: torch.Tensor, selection: Selection, d_in: int, d_out: int, max_elements: int
-) -> torch.Tensor:
+def _ghost_norm(segments: list[Segment], d_in: int, d_out: int, max_elements: int) -> torch.Tensor:
+    """‖Σ_t δ_t a_tᵀ‖² over one example's segments, by Gram blocks of token chunks (i ≤ j, i < j twice)."""
     block = max(1, math.isqrt(max_elements))
-    if _copies(a_n, selection) or _copies(d_n, selection):
+    if any(_copies(a_n, sel) or _copies(d_n, sel) for a_n, d_n, sel in segments):
         block = min(block, max(1, max_elements // max(d_in, d_out)))
-    chunks = _split(selection, block)
-    total = a_n.new_zeros((), dtype=torch.float32)
-    for i, ci in enumerate(chunks):
+    chunks = [(a_n, d_n, chunk) for a_n, d_n, sel in segments for chunk in _split(sel, block)]
+    total = segments[0][0].new_zeros((), dtype=torch.float32)
+    for i, (a_n, d_n, ci) in enumerate(chunks):
         a_i, d_i = _take(a_n, ci), _take(d_n, ci)
         for j in range(i, len(chunks)):
-            a_j, d_j = (a_i, d_i) if j == i else (_take(a_n, chunks[j]), _take(d_n, chunks[j]))
+            if j == i:
+                a_j, d_j = a_i, d_i
+            else:
+                a_m, d_m, cj = chunks[j]
+                a_j, d_j = _take(a_m, cj), _take(d_m, cj)
             gram_a, gram_d = a_i @ a_j.T, d_i @ d_j.T
             total += (1.0 if j == i else 2.0) * torch.dot(gram_a.view(-1), gram_d.view(-1))
     return total
 
 
-def _direct_norm(
-    a_n: torch.Tensor, d_n: torch.Tensor, selection: Selection, d_in: int, d_out: int, max_elements: int
-) -> torch.Tensor:
-    buffer = _row_buffer(d_in, d_out, max_elements, a_n.device)
-    total = a_n.new_zeros((), dtype=torch.float32)
-    for _, _, block in _gradient_blocks(a_n, d_n, selection, buffer, max_elements):
+def _direct_norm(segments: list[Segment], d_in: int, d_out: int, max_elements: int) -> torch.Tensor:
+    """‖G_n‖² of one example by forming G_n in blocks of output rows over its segments."""
+    buffer = _row_buffer(d_in, d_out, max_elements, segments[0][0].device)
+    total = segments[0][0].new_zeros((), dtype=torch.float32)
+    for _, _, block in _gradient_blocks(segments, buffer, max_elements):
         flat = block.view(-1)
         total += torch.dot(flat, flat)
     return total

@@ -11,6 +11,11 @@ a; a tensor hook on y receives δ during the backward pass and hands (a, δ) to
     kfac      A      = (1/M) Σ_{n,t} a_{n,t} a_{n,t}ᵀ,  S = (1/N) Σ_{n,t} δ_{n,t} δ_{n,t}ᵀ
     gradient  Ḡ      = (1/N) Σ_n G_n                       (optional, with any statistic)
 
+A layer that runs more than once in a forward pass (a block shared across depth as in ALBERT, a tied
+weight) has G_n = Σ over the tokens of all its calls: its calls are kept until the last δ arrives and
+squared together. A layer fed tokens flattened to (B·T, d_in) is mapped back to (example, token); a
+layer whose inputs cannot be attributed to examples (e.g. the tokens routed to an expert) is an error.
+
 Weight gradients are never formed by autograd and nothing accumulates into ``weight.grad``: all
 parameters are frozen during the pass, and autograd only propagates δ through the network, as a
 frozen-weight backward already does. Under ``torch.distributed`` every rank sums its accumulators and
@@ -19,6 +24,7 @@ counts with the others before normalising, so all ranks return the same result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -48,6 +54,13 @@ class _Accumulator:
     ``phase`` says what the next backward pass is for: ``"both"`` (the statistic and, if asked, the
     gradient), ``"statistic"`` or ``"gradient"`` (the Monte-Carlo estimator with a gradient needs a
     second backward with the data's labels).
+
+    Each call of a layer is attributed to the batch's examples and tokens by its input's shape (see
+    :meth:`_attribute`). A layer that ran once in the forward pass is accumulated as soon as its δ
+    arrives. A layer that ran k > 1 times (a block shared across depth, a tied weight) adds each call's
+    token sums (K-FAC factors, gradient) at once, but keeps its calls until the k-th δ arrives: its
+    squared statistics need G_n summed over every call first. Calls whose δ never arrives (outputs the
+    loss does not use) have δ = 0 and are squared with the others when the backward pass ends.
     """
 
     def __init__(
@@ -55,10 +68,16 @@ class _Accumulator:
     ) -> None:
         self.modules = dict(modules)
         self.statistic = statistic
+        # Statistics that square G_n (the others are sums over tokens).
+        self.squares = statistic in ("diagonal", "trace")
         self.max_chunk_elements = max_chunk_elements
         self.phase = "both"
+        self.batch_size = 0
+        self.length = 0
         self.attention_mask: torch.Tensor | None = None
         self.leaves: list[torch.Tensor] = []
+        self.calls = dict.fromkeys(self.modules, 0)
+        self._waiting: dict[str, list[blocks.Call]] = {}
         self._tokens: dict[tuple[int, int], Tokens] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         kinds = {"diagonal": ["diagonal"], "trace": ["trace"], "kfac": ["kfac.A", "kfac.S"]}[statistic]
@@ -107,14 +126,22 @@ class _Accumulator:
             handle.remove()
         self._handles.clear()
 
-    def start_batch(self, attention_mask: torch.Tensor | None) -> None:
+    def start_batch(self, batch_size: int, length: int, attention_mask: torch.Tensor | None) -> None:
+        """A batch of ``batch_size`` examples of ``length`` positions; ``attention_mask`` (B, T) or None."""
+        self.batch_size, self.length = batch_size, length
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, length):
+            attention_mask = None
         self.attention_mask = attention_mask
         self.leaves = []
+        self.calls = dict.fromkeys(self.modules, 0)
+        self._waiting = {}
         self._tokens = {}
 
     def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             activation = args[0].detach()
+            repeat = self._attribute(name, activation.shape)
+            self.calls[name] += 1
             replaced = None
             if not output.requires_grad:
                 # The first adapted layers see inputs that do not require grad (every parameter is
@@ -122,40 +149,98 @@ class _Accumulator:
                 replaced = output.detach().requires_grad_(True)
                 self.leaves.append(replaced)
                 output = replaced
-            output.register_hook(lambda delta: self.accumulate(name, activation, delta))
+            output.register_hook(lambda delta: self._receive(name, activation, delta, repeat))
             return replaced
 
         return hook
 
-    def _real_tokens(self, batch: int, length: int) -> Tokens:
-        key = (batch, length)
+    def _attribute(self, name: str, shape: torch.Size) -> int:
+        """How a call's positions map to the batch's (example, token): how many positions each token has.
+
+        With B examples of T tokens, inputs shaped (B, …, d_in) are example-major, as they always were:
+        their positions are the mask's tokens when there are T of them (1 is returned), otherwise all
+        real (0: a pooled vector, another sequence's length). Inputs whose leading size is B·T are tokens
+        flattened inside a block, example-major: (B·T, …, d_in) maps back to (B, T·r, d_in), each token's
+        r positions masked with it (r is returned). Any other layout cannot be attributed to examples.
+        """
+        batch, length = self.batch_size, self.length
+        lead = shape[0] if len(shape) >= 2 else None
+        if lead == batch:
+            return 1 if math.prod(shape[1:-1]) == length else 0
+        if lead == batch * length:
+            return math.prod(shape[1:-1])
+        raise FimloraError(
+            f"The Fisher cannot attribute the inputs of {name!r} (shape {tuple(shape)}) to the batch's "
+            f"{batch} examples × {length} tokens: their leading size is neither {batch} nor {batch * length} "
+            "(e.g. only the tokens routed to an expert). Leave this layer out with target_modules."
+        )
+
+    def _real_tokens(self, positions: int, repeat: int) -> Tokens:
+        """Real positions of a (B, positions) call whose tokens have ``repeat`` positions each (0: all)."""
+        key = (positions, repeat)
         if key not in self._tokens:
-            mask = self.attention_mask
-            if mask is not None and tuple(mask.shape) != key:
-                mask = None  # this layer's positions are not the mask's tokens: every one is real
-            self._tokens[key] = Tokens.from_mask(mask, batch, length)
+            mask = self.attention_mask if repeat else None
+            if mask is not None and repeat > 1:
+                mask = mask.repeat_interleave(repeat, dim=1)
+            self._tokens[key] = Tokens.from_mask(mask, self.batch_size, positions)
         return self._tokens[key]
 
-    def accumulate(self, name: str, activation: torch.Tensor, delta: torch.Tensor) -> None:
-        """Add one layer's share of the batch: ``activation`` (B, …, d_in), ``delta`` (B, …, d_out)."""
-        batch = activation.shape[0]
+    def _receive(self, name: str, activation: torch.Tensor, delta: torch.Tensor, repeat: int) -> None:
+        """The δ of one call of layer ``name``: accumulate it, or keep it until its layer's last call."""
+        batch = self.batch_size
         a = activation.reshape(batch, -1, activation.shape[-1])
         d = delta.detach().reshape(batch, -1, delta.shape[-1])
-        tokens = self._real_tokens(batch, a.shape[1])
+        tokens = self._real_tokens(a.shape[1], repeat)
+        if self.calls[name] == 1:
+            self.accumulate(name, [(a, d, tokens)])
+            return
+        self.accumulate(name, [(a, d, tokens)], squares=False)
+        if self.squares and self.phase != "gradient":
+            waiting = self._waiting.setdefault(name, [])
+            waiting.append((a, d, tokens))
+            if len(waiting) == self.calls[name]:
+                del self._waiting[name]
+                self.accumulate(name, waiting, sums=False)
+
+    def end_backward(self) -> None:
+        """Square what layers whose other calls' δ never arrived hold (those calls have δ = 0)."""
+        waiting, self._waiting = self._waiting, {}
+        for name, calls in waiting.items():
+            self.accumulate(name, calls, sums=False)
+
+    def accumulate(
+        self, name: str, calls: list[blocks.Call], *, squares: bool = True, sums: bool = True
+    ) -> None:
+        """Add layer ``name``'s share of the batch from ``calls``: its runs' (a, δ, tokens), a (B, T, d_in).
+
+        ``squares``: the squared statistics (diagonal, trace), G_n summed over every call first; ``sums``:
+        the per-token sums (K-FAC factors and token count, gradient), call by call.
+        """
         bound = self.max_chunk_elements
-        if self.phase != "gradient":
+        if squares and self.phase != "gradient":
             if self.statistic == "diagonal":
                 acc, fresh = self._fresh_sum("diagonal", name)
-                blocks.add_squared_gradients(acc, a, d, tokens, bound, fresh=fresh)
+                if len(calls) == 1:
+                    blocks.add_squared_gradients(acc, *calls[0], bound, fresh=fresh)
+                else:
+                    blocks.add_squared_gradients_over_calls(acc, calls, bound, fresh=fresh)
             elif self.statistic == "trace":
-                self._sum("trace", name).add_(blocks.squared_norms(a, d, tokens, bound))
-            else:
+                norms = (
+                    blocks.squared_norms(*calls[0], bound)
+                    if len(calls) == 1
+                    else blocks.squared_norms_over_calls(calls, bound)
+                )
+                self._sum("trace", name).add_(norms)
+        if not sums:
+            return
+        for a, d, tokens in calls:
+            if self.statistic == "kfac" and self.phase != "gradient":
                 (a_sum, fresh), (s_sum, _) = self._fresh_sum("kfac.A", name), self._fresh_sum("kfac.S", name)
                 blocks.add_kronecker_factors(a_sum, s_sum, a, d, tokens, bound, fresh=fresh)
                 self.tokens[name] += tokens.count
-        if self.phase != "statistic" and "gradient" in self.kinds:
-            acc, fresh = self._fresh_sum("gradient", name)
-            blocks.add_gradient(acc, a, d, tokens, bound, fresh=fresh)
+            if self.phase != "statistic" and "gradient" in self.kinds:
+                acc, fresh = self._fresh_sum("gradient", name)
+                blocks.add_gradient(acc, a, d, tokens, bound, fresh=fresh)
 
     def reduce_and_normalise(self, examples: int) -> tuple[int, dict[str, Any]]:
         """Sum every accumulator and count over ranks, then divide in place.
@@ -204,6 +289,14 @@ def _truncate(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tens
     return {k: v[:keep] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
 
 
+def _batch_shape(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(B, T): examples, and positions per example (the attention mask's, else the input ids')."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[0] == ids.shape[0]:
+        return int(mask.shape[0]), int(mask.shape[1])
+    return int(ids.shape[0]), int(ids.shape[1]) if ids.dim() > 1 else 1
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -234,6 +327,16 @@ def estimate_fisher(
     loss (:mod:`fimlora.fisher.losses`: classification → cross-entropy of its label; causal LM → the
     **sum** of its token NLLs over positions whose label ≠ -100). N = number of examples. A token is a
     position whose attention mask is nonzero; padded positions contribute to nothing.
+
+    Which positions are example n's tokens, per layer and call, from the input's shape (B examples, T
+    = the attention mask's length, else the input ids'): (B, T, …) → the mask's tokens; (B, other, …)
+    → positions of example n, all real (e.g. a pooled vector); (B·T, …) → tokens flattened inside a
+    block, mapped back to (n, t) and masked. Anything else (e.g. only the tokens routed to an expert)
+    raises a ``FimloraError`` naming the layer: leave it out with ``target_modules``. A layer that runs
+    k times per forward pass (ALBERT's shared layer, a tied weight) has one token axis per example
+    made of all k calls' tokens: G_n sums over them before any square, for every statistic, and M
+    counts them. For the squared statistics its k calls' output gradients are held until the last
+    arrives (at most k·B·T·d_out more floats per such layer and batch).
 
     Args:
         model: a Hugging Face model whose forward takes ``input_ids``/``attention_mask`` and returns
@@ -310,7 +413,7 @@ def estimate_fisher(
             if max_examples is not None:
                 batch = _truncate(batch, max_examples - seen)
             labels = batch["labels"]
-            accumulator.start_batch(batch.get("attention_mask"))
+            accumulator.start_batch(*_batch_shape(batch), batch.get("attention_mask"))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
             losses = {}
             if estimator == "empirical" or two_passes:
@@ -333,6 +436,7 @@ def estimate_fisher(
                         retain_graph=i + 1 < len(losses),
                         allow_unused=True,
                     )
+                    accumulator.end_backward()
             del losses
             accumulator.leaves = []
             seen += int(labels.shape[0])
