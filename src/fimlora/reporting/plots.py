@@ -357,10 +357,14 @@ def rank_trajectories(
     colours = matplotlib.colormaps["viridis"]
     n_cols = min(4, len(kinds))
     n_rows = math.ceil(len(kinds) / n_cols)
-    top = max(max(ranks.get(n, 0.0) for n in names) for _, ranks in history)
+    top = dict.fromkeys(kinds, 0.0)
+    for name, p in parsed.items():
+        kind = p.kind if p.layer is not None else name
+        top[kind] = max(top[kind], *(float(ranks.get(name, 0.0)) for _, ranks in history))
     with matplotlib.rc_context(STYLE):
         figure = _new_figure(3.1 * n_cols + 1.0, 2.4 * n_rows + 0.8)
-        axes = figure.subplots(n_rows, n_cols, squeeze=False, sharex=True, sharey=True)
+        # Each panel its own rank scale: a type at ranks 1–3 next to one at 100+ would read as flat.
+        axes = figure.subplots(n_rows, n_cols, squeeze=False, sharex=True)
         for ax in axes.flat[len(kinds) :]:
             ax.set_visible(False)
         for name in names:
@@ -374,7 +378,7 @@ def rank_trajectories(
         for index, kind in enumerate(kinds):
             ax = axes.flat[index]
             ax.set_title(kind, fontsize=9)
-            ax.set_ylim(0, top * 1.08 + 0.5)
+            ax.set_ylim(0, top[kind] * 1.08 + 0.5)
             ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
             ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
             if index % n_cols == 0:
