@@ -1,18 +1,25 @@
-"""Training-step cost of fim-lora's uneven ranks vs uniform LoRA at the same budget, and of AdaLoRA.
+"""Training-step cost of fim-lora's uneven ranks vs uniform LoRA at the same budget, of AdaLoRA, and of
+fim-lora-dynamic's online Fisher.
 
 On MiniLM (classification head, every linear layer inside the transformer blocks adapted):
 
-    lora      uniform rank r on every module; its parameter count is the budget
-    fim-lora  a skewed rank pattern at the same budget: ``allocate_ranks`` ("proportional") on
-              synthetic scores spread log-uniformly over ``--skew`` (max/min; 300 ≈ what the real
-              MiniLM Fisher gives, see the README), as ``Allocation.to_lora_config``
-    adalora   peft.AdaLoraConfig(init_r=1.5·r, target_r=r), ``update_and_allocate(step)`` every step
-              (the importance EMAs, the cubic budget schedule and the masking are part of its step)
+    lora              uniform rank r on every module; its parameter count is the budget
+    fim-lora          a skewed rank pattern at the same budget: ``allocate_ranks`` ("proportional") on
+                      synthetic scores spread log-uniformly over ``--skew`` (max/min; 300 ≈ what the real
+                      MiniLM Fisher gives, see the README), as ``Allocation.to_lora_config``
+    adalora           peft.AdaLoraConfig(init_r=1.5·r, target_r=r), ``update_and_allocate(step)`` every
+                      step (the importance EMAs, the cubic budget schedule and the masking are part of it)
+    fim-lora-dynamic  fim-lora's ranks with the online Fisher's hooks on (``fimlora.fisher.online``: the
+                      per-example trace of every frozen weight from the step's own pass, folded into the
+                      running average after the step), as in the steps before its last re-allocation
 
-A step is forward (train mode, dropout on) + backward + AdamW step (+ AdaLoRA's update) + zero_grad, on
-random token ids from a fixed seed, the same batches for every method. The methods' steps are
-interleaved (lora, fim-lora, adalora, lora, …) so a change in machine load hits them alike; the step
-time is the median after warm-up steps. Target: fim-lora within 5 % of uniform LoRA (ratio ≤ 1.05).
+A step is forward (train mode, dropout on) + backward + AdamW step (+ AdaLoRA's update, + the online
+Fisher) + zero_grad, on random token ids from a fixed seed, the same batches for every method. The
+methods' steps are interleaved (lora, fim-lora, adalora, fim-lora-dynamic, lora, …) so a change in
+machine load hits them alike; the step time is the median after warm-up steps. Targets: fim-lora within
+5 % of uniform LoRA (ratio ≤ 1.05); fim-lora-dynamic within 15 % (ratio ≤ 1.15). One re-allocation of
+fim-lora-dynamic (re-solve on the accumulated trace, re-size the layers, swap the optimizer's tensors)
+is timed once at the end: it happens twice per run by default, not every step.
 
 Usage: ``python benchmarks/train_step.py [--quick] [--device cuda]`` (``make bench`` runs it).
 Writes ``benchmarks/results/<device>-train-step.{json,md}``.
@@ -36,7 +43,8 @@ import _common as common
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 TARGET = 1.05
-METHODS = ("lora", "fim-lora", "adalora")
+TARGET_DYNAMIC = 1.15
+METHODS = ("lora", "fim-lora", "adalora", "fim-lora-dynamic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, device: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The three PEFT models (deep copies of one seeded base model) and what each one trains."""
+    """The PEFT models (deep copies of one seeded base model) and what each one trains."""
     import torch
     from peft import AdaLoraConfig, get_peft_model
 
@@ -83,6 +91,7 @@ def build(args: argparse.Namespace, device: Any) -> tuple[dict[str, Any], dict[s
         "lora": allocate_ranks(None, shapes, budget=budget, strategy="uniform"),
         "fim-lora": allocate_ranks(scores, shapes, budget=budget, strategy="proportional"),
     }
+    allocations["fim-lora-dynamic"] = allocations["fim-lora"]
     alpha = 2 * args.budget_rank
     total_steps = args.warmup_steps + args.steps
     init_r = max(args.budget_rank + 1, round(1.5 * args.budget_rank))
@@ -127,6 +136,37 @@ def build(args: argparse.Namespace, device: Any) -> tuple[dict[str, Any], dict[s
     return models, info
 
 
+def online_trace(model: Any) -> Any:
+    """fim-lora-dynamic's online Fisher on every LoRA layer of ``model``, hooks attached."""
+    from fimlora.fisher.online import OnlineTrace
+    from fimlora.methods.resize import lora_layers
+
+    trace = OnlineTrace(model, lora_layers(model), task="classification")
+    trace.attach()
+    return trace
+
+
+def time_reallocation(model: Any, optimizer: Any, trace: Any, info: dict[str, Any], device: Any) -> dict:
+    """One re-allocation as the callback runs it: re-solve on the averaged trace, re-size, swap tensors."""
+    from fimlora.allocation import allocate_ranks
+    from fimlora.methods.resize import lora_layers, replace_in_optimizer, set_ranks
+
+    layers = lora_layers(model)
+    shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
+    changed: list[Any] = []
+
+    def reallocate() -> None:
+        traces = trace.averaged()
+        scores = {n: v / (shapes[n][0] * shapes[n][1]) for n, v in traces.items()}
+        allocation = allocate_ranks(scores, shapes, budget=info["budget"], strategy="proportional")
+        changes = set_ranks(model, allocation.ranks, scaling="alpha_over_r")
+        replace_in_optimizer(optimizer, [pair for c in changes for pair in c.replaced])
+        changed.extend(changes)
+
+    wall, cpu = common.timed(reallocate, device)
+    return {"wall_s": wall, "cpu_s": cpu, "changed_modules": len(changed), "fisher_steps": trace.steps}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.set_threads(args.threads)
@@ -151,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, 2, (args.batch_size,), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    trace = online_trace(models["fim-lora-dynamic"])
 
     def step(key: str, index: int) -> None:
         model, optimizer = models[key], optimizers[key]
@@ -159,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         if key == "adalora":
             model.base_model.update_and_allocate(index)
+        elif key == "fim-lora-dynamic":
+            trace.end_step()
         optimizer.zero_grad(set_to_none=True)
 
     walls: dict[str, list[float]] = {k: [] for k in METHODS}
     cpus: dict[str, list[float]] = {k: [] for k in METHODS}
     for index in range(args.warmup_steps + args.steps):
-        order = METHODS[index % 3 :] + METHODS[: index % 3]  # rotate: no method always runs first
+        shift = index % len(METHODS)
+        order = METHODS[shift:] + METHODS[:shift]  # rotate: no method always runs first
         for key in order:
             wall, cpu = common.timed(functools.partial(step, key, index), device)
             if index >= args.warmup_steps:
@@ -184,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         results[key]["cpu_time_ratio"] = (
             results[key]["median_step_cpu_s"] / results["lora"]["median_step_cpu_s"]
         )
+    dynamic = results["fim-lora-dynamic"]
+    dynamic["time_ratio_vs_fim_lora"] = dynamic["median_step_s"] / results["fim-lora"]["median_step_s"]
+    dynamic["cpu_time_ratio_vs_fim_lora"] = (
+        dynamic["median_step_cpu_s"] / results["fim-lora"]["median_step_cpu_s"]
+    )
+    dynamic["reallocation"] = time_reallocation(
+        models["fim-lora-dynamic"], optimizers["fim-lora-dynamic"], trace, info["fim-lora-dynamic"], device
+    )
     adalora_model = models["adalora"]
     final_ranks = adalora_model.peft_config["default"].rank_pattern
     if final_ranks:
@@ -193,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target_fim_lora_over_lora": TARGET,
+        "target_fim_lora_dynamic_over_lora": TARGET_DYNAMIC,
         "methods": results,
         "load_average_at_end": list(__import__("os").getloadavg()),
         "wall_s": time.perf_counter() - started,
@@ -208,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(report: dict[str, Any]) -> str:
     env, s, m = report["environment"], report["settings"], report["methods"]
+    dynamic = m["fim-lora-dynamic"]
+    realloc = dynamic["reallocation"]
     rows = []
     for key in METHODS:
         r = m[key]
@@ -217,8 +272,9 @@ def render(report: dict[str, Any]) -> str:
             if "min" in ranks
             else f"init {ranks['init_r']} → target {ranks['target_r']} (avg)"
         )
-        if key == "fim-lora":
-            wall, cpu = common.verdict(r["time_ratio"], TARGET), common.verdict(r["cpu_time_ratio"], TARGET)
+        if key in ("fim-lora", "fim-lora-dynamic"):
+            target = TARGET if key == "fim-lora" else TARGET_DYNAMIC
+            wall, cpu = common.verdict(r["time_ratio"], target), common.verdict(r["cpu_time_ratio"], target)
         else:
             wall, cpu = common.ratio_text(r["time_ratio"]), common.ratio_text(r["cpu_time_ratio"])
         rows.append(
@@ -239,9 +295,9 @@ def render(report: dict[str, Any]) -> str:
         "budget",
         "ranks min/mean/max",
         "step (ms, wall)",
-        f"vs lora, wall (fim-lora ≤{TARGET}×)",
+        f"vs lora, wall (fim-lora ≤{TARGET}×, dynamic ≤{TARGET_DYNAMIC}×)",
         "step (ms, CPU)",
-        f"vs lora, CPU (fim-lora ≤{TARGET}×)",
+        f"vs lora, CPU (fim-lora ≤{TARGET}×, dynamic ≤{TARGET_DYNAMIC}×)",
     ]
     return "\n".join(
         [
@@ -255,11 +311,20 @@ def render(report: dict[str, Any]) -> str:
             f"MiniLM, batch {s['batch_size']} × {s['seq_len']} tokens, "
             f"budget = uniform rank {s['budget_rank']}; "
             f"median of {s['steps']} interleaved steps after {s['warmup_steps']} warm-up steps "
-            "(forward + backward + AdamW + AdaLoRA's update_and_allocate). AdaLoRA's adapter starts at "
-            "init_r (over the budget) and masks down to target_r on average; "
-            "its params are counted at start.",
+            "(forward + backward + AdamW + AdaLoRA's update_and_allocate + fim-lora-dynamic's online "
+            "Fisher). AdaLoRA's adapter starts at init_r (over the budget) and masks down to target_r on "
+            "average; its params are counted at start. fim-lora-dynamic has fim-lora's ranks and its "
+            "online-Fisher hooks on (as before its last re-allocation).",
             "",
             common.markdown_table(header, rows),
+            "",
+            f"fim-lora-dynamic over fim-lora (the online Fisher alone): "
+            f"{common.ratio_text(dynamic['time_ratio_vs_fim_lora'])} wall, "
+            f"{common.ratio_text(dynamic['cpu_time_ratio_vs_fim_lora'])} CPU. One re-allocation "
+            f"(re-solve on the trace of {realloc['fisher_steps']} steps, re-size "
+            f"{realloc['changed_modules']} modules, swap the optimizer's tensors): "
+            f"{realloc['wall_s'] * 1e3:.0f} ms wall, {realloc['cpu_s'] * 1e3:.0f} ms CPU, once per "
+            "scheduled re-allocation (twice per run by default).",
             "",
         ]
     )

@@ -6,6 +6,7 @@ is shorthand for what uniform LoRA of that rank costs on the same target modules
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,32 @@ class AdaLoraSettings(_Strict):
     )
 
 
+class FisherOnlineSettings(_Strict):
+    """fisher-online (fim-lora-dynamic): ranks re-solved during training on the training pass's Fisher."""
+
+    start: Literal["fisher", "uniform"] = Field(
+        "fisher", description="Initial ranks: the static Fisher allocation (fim-lora's) or uniform."
+    )
+    reallocate_at: list[float] = Field(
+        default_factory=lambda: [0.1, 0.3],
+        min_length=1,
+        description="When to re-solve the allocation, as increasing fractions of train.steps in (0, 1).",
+    )
+    averaging: Literal["ema", "mean"] = Field(
+        "ema", description="Running average of the per-step trace: bias-corrected EMA, or mean over steps."
+    )
+    ema_beta: float = Field(0.9, ge=0, lt=1, description="EMA decay per optimizer step.")
+
+    @field_validator("reallocate_at")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v < 1 for v in values):
+            raise ValueError("reallocate_at holds fractions of the training steps, each in (0, 1)")
+        if any(b <= a for a, b in itertools.pairwise(values)):
+            raise ValueError("reallocate_at must be strictly increasing")
+        return values
+
+
 class EvaSettings(_Strict):
     rho: float = Field(2.0, ge=1, description="A module may get up to rho × r ranks.")
     tau: float = Field(0.99, gt=0, le=1, description="Cosine-similarity threshold for SVD convergence.")
@@ -126,6 +153,7 @@ class MethodOptions(_Strict):
     """Knobs of individual methods; each applies only to the methods that use it."""
 
     adalora: AdaLoraSettings = AdaLoraSettings()
+    fisher_online: FisherOnlineSettings = FisherOnlineSettings()
     eva: EvaSettings = EvaSettings()
     loraplus: LoraPlusSettings = LoraPlusSettings()
     riemannian: RiemannianSettings = RiemannianSettings()

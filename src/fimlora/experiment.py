@@ -395,7 +395,10 @@ def run_method(
         progress=progress,
     )
     save_atomically(lambda tmp: adapter.save(model, tmp, ctx), run.file("adapter"))
-    effective = records.get("adalora", {}).get("final_params") if spec.allocation == "adalora" else None
+    # Methods whose adapter changes size while it trains (AdaLoRA, fisher-online) record what it ends with.
+    effective = next(
+        (r["final_params"] for r in records.values() if isinstance(r, dict) and "final_params" in r), None
+    )
     result = {
         "method": spec.name,
         "method_spec": spec.to_dict(),
@@ -408,7 +411,8 @@ def run_method(
         "budget": prepared.budget,
         "budget_matched": adapter.budget_matched,
         **counts,
-        # Trainable parameters the method ends with (AdaLoRA: unmasked triplets after pruning).
+        # Trainable parameters the method ends with (AdaLoRA: unmasked triplets after pruning;
+        # fisher-online: its adapter after the last re-allocation).
         "effective_adapter_params": counts["adapter_params"] if effective is None else effective,
         "num_target_modules": len(prepared.targets),
         "allocation": allocation.summary() if allocation is not None else None,

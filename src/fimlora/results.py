@@ -16,13 +16,13 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * held-out metrics, from ``result.json["metrics"]``: ``accuracy``, ``macro_f1`` (classification),
   ``perplexity`` (causal LM), ``eval_loss`` (``metrics.loss``: mean cross-entropy per example, or mean
   NLL per token in nats), ``eval_num_examples`` / ``eval_num_tokens``, and any other number there
-* parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning; the built
-  adapter is ``peak_adapter_params``), ``head_params`` (fully trained
-  task head), ``other_trainable_params``, ``num_target_modules``
+* parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning,
+  fim-lora-dynamic after its last re-allocation; the built adapter is ``peak_adapter_params``),
+  ``head_params`` (fully trained task head), ``other_trainable_params``, ``num_target_modules``
 * allocation summary: ``alloc_strategy``, ``alloc_num_params``; ``rank_min``, ``rank_mean``,
   ``rank_max`` of the ranks trained at the end, and ``rank_source`` where they come from
-  (``allocation``, or AdaLoRA's ``final_ranks`` / EVA's ``redistributed_ranks``, see
-  :func:`fimlora.runs.rank_range`); ``lora_alpha``, ``scaling``
+  (``allocation``, or AdaLoRA's ``final_ranks`` / EVA's ``redistributed_ranks`` / fim-lora-dynamic's
+  ``reallocated_ranks``, see :func:`fimlora.runs.rank_range`); ``lora_alpha``, ``scaling``
 * Fisher actually used by the method (``None`` for methods that do not use it): ``fisher_estimator``,
   ``fisher_num_examples``, ``fisher_aggregation``
 * cost: ``train_time_s`` (wall seconds of training), ``train_steps``, ``train_examples``,

@@ -114,8 +114,9 @@ class RunDirectory:
 
 
 # Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at
-# initialisation) record the ranks they end with under one of these keys of result.json["records"][...].
-RANK_RECORD_KEYS = ("final_ranks", "redistributed_ranks")
+# initialisation, fisher-online re-allocates while training) record the ranks they end with under one of
+# these keys of result.json["records"][...].
+RANK_RECORD_KEYS = ("final_ranks", "redistributed_ranks", "reallocated_ranks")
 
 
 def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | None:
@@ -131,6 +132,35 @@ def trained_ranks(result: Mapping[str, Any]) -> tuple[dict[str, int], str] | Non
             ranks = record.get(key)
             if isinstance(ranks, Mapping) and ranks and all(_is_rank(v) for v in ranks.values()):
                 return {str(name): int(rank) for name, rank in ranks.items()}, key
+    return None
+
+
+# Methods whose ranks move during training (AdaLoRA, fisher-online) record snapshots of them under this
+# key of result.json["records"][...]: a list of {"step": optimizer steps done, "ranks": {module: rank}}.
+RANK_HISTORY_KEY = "rank_history"
+
+
+def rank_history(result: Mapping[str, Any]) -> list[tuple[int, dict[str, int]]] | None:
+    """The ``(step, ranks)`` snapshots a dynamic method recorded (``RANK_HISTORY_KEY``), in step order;
+    ``None`` when the run has fewer than two (its ranks did not move during training)."""
+    records = result.get("records")
+    if not isinstance(records, Mapping):
+        return None
+    for record in records.values():
+        history = record.get(RANK_HISTORY_KEY) if isinstance(record, Mapping) else None
+        if not isinstance(history, list):
+            continue
+        snapshots = []
+        for entry in history:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("ranks"), Mapping):
+                break
+            step, ranks = entry.get("step"), entry["ranks"]
+            if not isinstance(step, int) or not ranks or not all(_is_rank(v) for v in ranks.values()):
+                break
+            snapshots.append((step, {str(name): int(rank) for name, rank in ranks.items()}))
+        else:
+            if len(snapshots) >= 2:
+                return sorted(snapshots, key=lambda snapshot: snapshot[0])
     return None
 
 

@@ -57,7 +57,11 @@ def _every_preset_config(model, dataset, out, **train):
             "budget": {"uniform_rank": 4},
             "fisher": {"num_examples": 16, "batch_size": 4},
             "train": {"steps": 3, "eval_examples": 16, "eval_batch_size": 8, "report_to": [], **train},
-            "method_options": {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.34}},
+            "method_options": {
+                "adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.34},
+                # 3 steps: the default [0.1, 0.3] would put both re-allocations on step 1.
+                "fisher_online": {"reallocate_at": [0.34]},
+            },
         }
     )
 

@@ -192,6 +192,13 @@ def test_adalora_prunes_every_step_down_to_the_parameter_budget(prepared, outcom
     assert len(ranks) == n and sum(ranks.values()) < record["init_r"] * n
     assert record["final_params"] <= prepared.budget < record["peak_params"]
     assert outcomes["adalora"].result["effective_adapter_params"] == record["final_params"]
+    # The rank pattern over training, for the report: init_r everywhere, then one snapshot per step (6
+    # steps < 50 points), ending at the kept triplets.
+    history = record["rank_history"]
+    assert history[0] == {"step": 0, "ranks": dict.fromkeys(ranks, record["init_r"])}
+    assert [h["step"] for h in history] == list(range(steps + 1))
+    assert history[-1]["ranks"] == ranks
+    assert any(set(h["ranks"].values()) != {record["init_r"]} for h in history[1:-1])
 
 
 def test_adalora_with_peft_rank_budget_keeps_exactly_target_r_per_module_on_average(prepared):

@@ -179,3 +179,39 @@ def test_rank_heatmaps_show_the_ranks_adaptive_methods_end_with(tmp_path):
     caption = next(line for line in text.splitlines() if line.startswith("*Budget r=4"))
     assert "adalora: seed 0" in caption and "eva: seed 0" in caption and "fim-lora: seed 0" in caption
     assert "Not shown" not in caption  # neither is reported as its uniform initial allocation
+
+
+def test_rank_trajectories_are_drawn_for_methods_whose_ranks_move(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "fim" / "fim-lora", method="fim-lora", seed=0)
+    histories = {}
+    for method, record_key, rank_key in (
+        ("adalora", "adalora", "final_ranks"),
+        ("fim-lora-dynamic", "fisher_online", "reallocated_ranks"),
+    ):
+        run = write_run(root / method / method, method="lora", seed=0)
+        names = list(json.loads((run / "allocation.json").read_text())["ranks"])
+        history = [
+            {"step": step, "ranks": {name: 1 + (i + step) % 5 for i, name in enumerate(names)}}
+            for step in (0, 4, 12)
+        ]
+        result = json.loads((run / "result.json").read_text())
+        result.update(
+            method=method, records={record_key: {"rank_history": history, rank_key: history[-1]["ranks"]}}
+        )
+        (run / "result.json").write_text(json.dumps(result))
+        histories[method] = history
+    files = build_report(root, n_resamples=10_000)
+    text = files.markdown.read_text(encoding="utf-8")
+    assert "Ranks during training" in text
+    drawn = sorted(p.name for p in files.images if p.name.startswith("rank-trajectories-"))
+    assert len(drawn) == 2
+    assert any("adalora" in n for n in drawn) and any("fim-lora-dynamic" in n for n in drawn)
+    captions = [line for line in text.splitlines() if line.startswith("*Rank of each module over training")]
+    assert len(captions) == 2 and all("recorded at 3 points" in c for c in captions)
+    from fimlora.runs import rank_history
+
+    result = json.loads((root / "fim-lora-dynamic" / "fim-lora-dynamic" / "result.json").read_text())
+    assert rank_history(result) == [(e["step"], e["ranks"]) for e in histories["fim-lora-dynamic"]]
+    static = json.loads((root / "fim" / "fim-lora" / "result.json").read_text())
+    assert rank_history(static) is None

@@ -136,7 +136,9 @@ class Allocation:
 
         self._check_lora_kwargs(lora_alpha, scaling, kwargs)
         r_ref = self.reference_rank
-        rank_pattern = _resolvable_pattern(self.ranks, default=r_ref)
+        rank_pattern, alpha_pattern = peft_patterns(
+            self.ranks, reference_rank=r_ref, lora_alpha=lora_alpha, scaling=scaling
+        )
         config_kwargs: dict[str, Any] = {
             "r": r_ref,
             "lora_alpha": lora_alpha,
@@ -144,9 +146,7 @@ class Allocation:
             "rank_pattern": rank_pattern,
         }
         if scaling == "constant":
-            # Modules at r_ref keep lora_alpha itself, so float round-off never lands them in the pattern.
-            alphas = {n: lora_alpha if r == r_ref else lora_alpha * r / r_ref for n, r in self.ranks.items()}
-            config_kwargs["alpha_pattern"] = _resolvable_pattern(alphas, default=lora_alpha)
+            config_kwargs["alpha_pattern"] = alpha_pattern
         elif scaling == "alpha_over_sqrt_r":
             config_kwargs["use_rslora"] = True
         return LoraConfig(**config_kwargs, **kwargs)
@@ -239,6 +239,37 @@ class Allocation:
                 f"The allocation file {path} is not valid JSON ({exc}); regenerate it."
             ) from exc
         return cls.from_dict(data)
+
+
+def module_alpha(rank: int, *, reference_rank: int, lora_alpha: float, scaling: str) -> float:
+    """The ``lora_alpha`` PEFT gives a module of rank ``rank`` under a scaling convention.
+
+    ``"constant"``: ``lora_alpha * rank / reference_rank`` (so ``alpha / rank = lora_alpha /
+    reference_rank`` for every module); a module at the reference rank keeps ``lora_alpha`` itself, so
+    float round-off never lands it in the pattern. Otherwise ``lora_alpha`` (PEFT divides by r or √r).
+    """
+    if scaling != "constant" or rank == reference_rank:
+        return lora_alpha
+    return lora_alpha * rank / reference_rank
+
+
+def peft_patterns(
+    ranks: dict[str, int], *, reference_rank: int, lora_alpha: float, scaling: str
+) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT's ``rank_pattern`` and ``alpha_pattern`` for these ranks around ``r = reference_rank``.
+
+    Every module resolves to its own rank and to :func:`module_alpha`'s value through PEFT's pattern
+    matching (see :func:`_resolvable_pattern`); ``alpha_pattern`` is empty except under ``"constant"``.
+    """
+    rank_pattern = _resolvable_pattern(ranks, default=reference_rank)
+    alpha_pattern: dict[str, float] = {}
+    if scaling == "constant":
+        alphas = {
+            n: module_alpha(r, reference_rank=reference_rank, lora_alpha=lora_alpha, scaling=scaling)
+            for n, r in ranks.items()
+        }
+        alpha_pattern = _resolvable_pattern(alphas, default=lora_alpha)
+    return rank_pattern, alpha_pattern
 
 
 def _resolvable_pattern(values: dict[str, Any], *, default: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ _ALLOCATIONS = {
     "spectral": "spectral",
     "whitened-spectral": "spectral",
     "adalora": "adalora",
+    "fisher-online": "fisher_online",
     "eva": "eva",
     "none": "none",
 }

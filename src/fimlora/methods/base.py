@@ -4,7 +4,7 @@ A *method* is one choice on each of three axes, resolved from a preset name (``f
 mapping in the config (``{name: fim-dora, allocation: fisher, adapter: dora}``):
 
 * an :class:`AllocationRule` decides how many ranks each target module gets under the parameter budget
-  (before training, or during training for AdaLoRA);
+  (before training, or during training for AdaLoRA and fisher-online);
 * an :class:`AdapterKind` wraps the base model (PEFT LoRA and its variants, VeRA, Delta-LoRA, HydraLoRA,
   full fine-tuning), says what a rank costs in parameters, and saves/loads what it trained;
 * an :class:`OptimizerKind` builds the optimizer (AdamW, LoRA+, LoRA-FA, the Riemannian preconditioner).
@@ -133,7 +133,8 @@ class AllocationRule(Component):
     adapters: frozenset[str] | None = None
     #: Optimizers this rule can train with; None = any the adapter accepts.
     optimizers: frozenset[str] | None = None
-    #: True when the ranks are fixed before training and the built adapter must match them exactly.
+    #: True when the built adapter must match the allocation's ranks exactly (they may still move during
+    #: training, as fisher-online's do); False when the adapter sets its own initial ranks (AdaLoRA, EVA).
     static_ranks: bool = True
 
     def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:

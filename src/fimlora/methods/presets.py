@@ -14,6 +14,7 @@ _TABLE: list[tuple[str, str, str, str, str]] = [
     ("spectral-lora", "spectral", "lora", "adamw", "Ours: knapsack on σ_k² of the calibration gradient."),
     ("whitened-spectral-lora", "whitened-spectral", "lora", "adamw", "Ours: same, K-FAC-whitened gradient."),
     ("adalora", "adalora", "lora", "adamw", "AdaLoRA (Zhang et al., 2023), pruned each step."),
+    ("fim-lora-dynamic", "fisher-online", "lora", "adamw", "Ours: fim-lora, re-solved while training."),
     ("eva", "eva", "lora", "adamw", "EVA (Paischer et al., 2024), activation-SVD init."),
     ("dora", "uniform", "dora", "adamw", "DoRA (Liu et al., 2024), magnitude + direction."),
     ("rslora", "uniform", "rslora", "adamw", "rsLoRA (Kalajdzievski, 2023), scaling α/√r."),

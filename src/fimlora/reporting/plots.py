@@ -328,3 +328,71 @@ def stability_plot(
             ax.legend(loc="lower right")
         figure.suptitle(title, fontsize=10)
         return _png(figure)
+
+
+def rank_trajectories(
+    history: Sequence[tuple[int, Mapping[str, float]]],
+    *,
+    title: str,
+    end_step: int | None = None,
+    order: Sequence[str] | None = None,
+) -> bytes:
+    """Ranks over training: one panel per module type, one line per layer (colour: layer index).
+
+    ``history`` holds ``(step, ranks per module)`` snapshots in step order; a rank holds from its step to
+    the next snapshot (or ``end_step``), drawn as a step function. Names are split into layer and type as
+    in :func:`fimlora.reporting.names.parse_module_name`; names that do not parse get a panel each.
+    """
+    from fimlora.reporting.names import parse_module_name
+
+    steps = np.array([step for step, _ in history], dtype=float)
+    if end_step is not None and end_step > steps[-1]:
+        steps = np.append(steps, float(end_step))
+        history = [*history, (end_step, history[-1][1])]
+    names = list(dict.fromkeys([*(n for n in (order or []) if n in history[0][1]), *history[0][1]]))
+    parsed = {n: parse_module_name(n) for n in names}
+    stacks = list(dict.fromkeys(p.stack for p in parsed.values() if p.layer is not None))
+    kinds = list(dict.fromkeys(p.kind if p.layer is not None else n for n, p in parsed.items()))
+    rows = sorted({(stacks.index(p.stack), p.layer) for p in parsed.values() if p.layer is not None})
+    colours = matplotlib.colormaps["viridis"]
+    n_cols = min(4, len(kinds))
+    n_rows = math.ceil(len(kinds) / n_cols)
+    top = dict.fromkeys(kinds, 0.0)
+    for name, p in parsed.items():
+        kind = p.kind if p.layer is not None else name
+        top[kind] = max(top[kind], *(float(ranks.get(name, 0.0)) for _, ranks in history))
+    with matplotlib.rc_context(STYLE):
+        figure = _new_figure(3.1 * n_cols + 1.0, 2.4 * n_rows + 0.8)
+        # Each panel its own rank scale: a type at ranks 1–3 next to one at 100+ would read as flat.
+        axes = figure.subplots(n_rows, n_cols, squeeze=False, sharex=True)
+        for ax in axes.flat[len(kinds) :]:
+            ax.set_visible(False)
+        for name in names:
+            p = parsed[name]
+            kind = p.kind if p.layer is not None else name
+            ax = axes.flat[kinds.index(kind)]
+            position = rows.index((stacks.index(p.stack), p.layer)) if p.layer is not None else 0
+            colour = colours(position / max(1, len(rows) - 1))
+            values = [float(ranks.get(name, math.nan)) for _, ranks in history]
+            ax.plot(steps, values, drawstyle="steps-post", color=colour, linewidth=1.2, alpha=0.85)
+        for index, kind in enumerate(kinds):
+            ax = axes.flat[index]
+            ax.set_title(kind, fontsize=9)
+            ax.set_ylim(0, top[kind] * 1.08 + 0.5)
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+            if index % n_cols == 0:
+                ax.set_ylabel("rank")
+            if index >= len(kinds) - n_cols:  # the lowest panel of its column: label its x axis
+                ax.set_xlabel("optimiser step")
+                ax.xaxis.set_tick_params(labelbottom=True)
+        if len(rows) > 1:
+            mappable = matplotlib.cm.ScalarMappable(
+                norm=matplotlib.colors.Normalize(vmin=0, vmax=len(rows) - 1), cmap=colours
+            )
+            bar = figure.colorbar(mappable, ax=list(axes.flat[: len(kinds)]), shrink=0.85, pad=0.02)
+            bar.set_label("layer" if len(stacks) == 1 else "layer (stacks in order)")
+            bar.locator = ticker.MaxNLocator(integer=True)
+            bar.update_ticks()
+        figure.suptitle(title, fontsize=10)
+        return _png(figure)

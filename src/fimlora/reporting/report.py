@@ -2,11 +2,12 @@
 
 Sections, per (dataset, model): results over seeds with bootstrap CIs and the paired comparison against
 uniform LoRA (``fimlora.stats``), cost, a Pareto plot (metric vs trainable adapter parameters), rank
-heatmaps (layer × module type) of each non-uniform allocation, the Fisher importance heatmap, and the
-training (and, where logged, evaluation) loss curves; then the calibration-size stability of the Fisher
-ranking when ``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of
-the statistics and the list of unfinished runs. PNGs go to ``<out>/report_files/``; the Markdown links
-them, the HTML embeds them. Every file is written atomically and the output is deterministic.
+heatmaps (layer × module type) of each non-uniform allocation, the ranks over training of methods that
+move them (AdaLoRA, fisher-online), the Fisher importance heatmap, and the training (and, where logged,
+evaluation) loss curves; then the calibration-size stability of the Fisher ranking when
+``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of the
+statistics and the list of unfinished runs. PNGs go to ``<out>/report_files/``; the Markdown links them,
+the HTML embeds them. Every file is written atomically and the output is deterministic.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from fimlora.results import (
     RESULT_FILE,
     collect_results,
 )
-from fimlora.runs import trained_ranks
+from fimlora.runs import rank_history, trained_ranks
 from fimlora.stats import (
     BASELINE,
     CONFIDENCE,
@@ -63,7 +64,11 @@ from fimlora.stats import (
 FILES_DIR = "report_files"
 MARKDOWN_FILE = "report.md"
 TITLE_PREFIX = "fimlora report: "
-_RANK_SOURCE_WORDS = {"final_ranks": "after pruning", "redistributed_ranks": "after redistribution"}
+_RANK_SOURCE_WORDS = {
+    "final_ranks": "after pruning",
+    "redistributed_ranks": "after redistribution",
+    "reallocated_ranks": "after re-allocation",
+}
 HTML_FILE = "report.html"
 SUMMARY_CSV = "summary.csv"
 
@@ -267,6 +272,7 @@ class _Builder:
         self.cost_table(frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
         self.rank_heatmaps(frame, dataset, model)
+        self.rank_trajectories(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
         self.loss_curves(frame, dataset, model)
 
@@ -441,6 +447,38 @@ class _Builder:
                 png,
                 caption,
                 alt=f"rank heatmaps, budget {label}",
+            )
+
+    def rank_trajectories(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
+        """Ranks over training of the methods that move them (AdaLoRA, fisher-online): one figure per
+        (budget, method), from its lowest finished seed."""
+        made = False
+        for _, run in self._representatives(frame).iterrows():
+            result = _read_json(self.root / run["run_dir"] / RESULT_FILE)
+            history = rank_history(result) if isinstance(result, dict) else None
+            if history is None:
+                continue
+            if not made:
+                self.blocks.append(Heading("Ranks during training", 3))
+                made = True
+            train = result.get("train") if isinstance(result.get("train"), dict) else {}
+            end = train.get("steps") if isinstance(train.get("steps"), int) else None
+            label = self.series_label(run)
+            png = plots.rank_trajectories(
+                history,
+                title=f"{dataset} / {model}: {label}, budget {run['budget_label']}, seed {run['seed']}",
+                end_step=end,
+                order=_model_order(self.root / run["run_dir"]),
+            )
+            self.image(
+                f"rank-trajectories-{_slug(dataset)}-{_slug(model)}-{_slug(str(run['method']))}-"
+                f"{int(run['budget'])}.png",
+                png,
+                f"Rank of each module over training, {label} at budget {run['budget_label']} "
+                f"(`{run['run_dir']}`, the lowest finished seed): one panel per module type, one line per "
+                f"layer (colour), recorded at {len(history)} points; a rank holds until the next point. "
+                "AdaLoRA: triplets its masks keep; fisher-online: the ranks after each re-allocation.",
+                alt=f"rank trajectories of {label}",
             )
 
     def _final_ranks(self, run_dir: str) -> tuple[dict[str, float], str] | None:

@@ -98,17 +98,47 @@ class ParameterBudgetRankAllocator(RankAllocator):
         return keep
 
 
+# At most this many snapshots of the rank pattern are recorded over a run (plus the initial one).
+_HISTORY_POINTS = 50
+
+
 class AdaLoraCallback(TrainerCallback):
-    """Calls ``update_and_allocate`` after every optimizer step, while the gradients still exist."""
+    """Calls ``update_and_allocate`` after every optimizer step, while the gradients still exist.
+
+    Also records the rank pattern every ``ceil(total_step / 50)`` steps and after the last one
+    (``history``: ``{"step": optimizer steps done, "ranks": unmasked triplets per module}``), from the
+    masks PEFT keeps in ``rank_pattern`` (every triplet counts until the first mask), so the report can
+    draw the ranks over training.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.calls = 0
+        config = model.peft_config[model.active_adapter]
+        self.interval = max(1, math.ceil(config.total_step / _HISTORY_POINTS))
+        self.history: list[dict[str, Any]] = [{"step": 0, "ranks": self.masked_ranks()}]
+
+    def masked_ranks(self) -> dict[str, int]:
+        """Triplets per module that the current masks keep (names relative to the base model)."""
+        config = self.model.peft_config[self.model.active_adapter]
+        if config.rank_pattern:
+            return {
+                key.split(".lora_E")[0].removeprefix("base_model.model."): int(sum(mask))
+                for key, mask in sorted(config.rank_pattern.items())
+            }
+        return {
+            name.split(".lora_E.")[0].removeprefix("base_model.model."): int(param.shape[0])
+            for name, param in self.model.named_parameters()
+            if ".lora_E." in name
+        }
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         # state.global_step is the 0-based index of the step being taken (incremented after this event).
         self.model.base_model.update_and_allocate(state.global_step)
         self.calls += 1
+        done = state.global_step + 1
+        if done % self.interval == 0 or done == state.max_steps:
+            self.history.append({"step": done, "ranks": self.masked_ranks()})
 
 
 def kept_ranks(model: nn.Module) -> dict[str, int]:
@@ -200,6 +230,7 @@ class AdaLora(AllocationRule):
                 "final_params": final_params,
                 "final_ranks": ranks,
                 "update_and_allocate_calls": None if callback is None else callback.calls,
+                "rank_history": None if callback is None else callback.history,
             }
         }
 
