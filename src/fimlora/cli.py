@@ -46,7 +46,12 @@ def _target_spec(value: str | None) -> str | list[str] | None:
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (see README, 'Configuration').")],
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Re-run methods that already finished (without it, one made with other settings is refused)."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method of an experiment config and print the comparison."""
@@ -197,7 +202,12 @@ def methods(
 def demo(
     output_dir: Annotated[str, typer.Option(help="Where the runs and report.md go.")] = "runs/demo",
     steps: Annotated[int | None, typer.Option(help="Training steps per method (default 100).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Re-run methods that already finished (without it, one made with other settings is refused)."
+        ),
+    ] = False,
 ) -> None:
     """MiniLM + movie reviews: Fisher-guided vs uniform vs random ranks at the same budget."""
     from fimlora.demo import demo_config, run_demo
@@ -281,7 +291,7 @@ def calibration(
     except ValueError:
         raise FimloraError(f"--sizes must be comma-separated integers, got {sizes!r}.") from None
     cfg = load_config(config)
-    target = ensure_directory(out or Path(cfg.output_dir) / "calibration", "--out")
+    target = ensure_directory(out or Path(cfg.output_dir) / "calibration", "--out" if out else "output_dir")
     prepared = prepare(cfg)
     result = calibration_stability(
         prepared,
