@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny_bert, make_tiny_llama
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BertTokenizerFast
 
 from fimlora.assets import minilm_path, smollm2_path
 
@@ -39,6 +39,22 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     model.resize_token_embeddings(len(tokenizer))
     model.bert.save_pretrained(directory)  # backbone only: the head must be created fresh, as for MiniLM
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_bert_dir(tmp_path_factory) -> Path:
+    """The tiny BERT with a WordPiece tokenizer of only the words in ``write_sentiment_csv``'s data.
+
+    For tests that run many experiments: ``datasets`` fingerprints every tokenization by pickling the
+    tokenizer, seconds per split for MiniLM's 30k-word one, nothing for this one.
+    """
+    directory = tmp_path_factory.mktemp("tiny-vocab-bert")
+    vocab = directory / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab.write_text("\n".join(specials + FILLER + POSITIVE + NEGATIVE) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+    make_tiny_bert(num_labels=2).bert.save_pretrained(directory)  # backbone only: the head is new
     return directory
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
+from fimlora.config import LoraSettings
 from fimlora.errors import FimloraError
+from fimlora.io import ensure_directory
+
+# The values of the config's lora.scaling, so that `allocate` offers exactly what a config accepts.
+SCALINGS: tuple[str, ...] = get_args(LoraSettings.model_fields["scaling"].annotation)
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +29,10 @@ def _echo(message: str) -> None:
     typer.echo(message)
 
 
+def _echo_error(message: str) -> None:
+    typer.echo(message, err=True)
+
+
 def _target_spec(value: str | None) -> str | list[str] | None:
     """``query,value`` → a list of names; ``re:<pattern>`` → a regex; empty → the default targets."""
     if not value:
@@ -37,7 +46,12 @@ def _target_spec(value: str | None) -> str | list[str] | None:
 def run(
     config: Annotated[Path, typer.Argument(help="Experiment YAML (see README, 'Configuration').")],
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Re-run methods that already finished (without it, one made with other settings is refused)."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run every method of an experiment config and print the comparison."""
@@ -91,6 +105,7 @@ def fisher(
         },
         source="fisher options",
     )
+    ensure_directory(output, "--output")
     prepared = prepare(cfg)
     result = compute_fisher(prepared, output, progress=progress)
     scores = result.scores("mean")
@@ -117,7 +132,7 @@ def allocate(
     lora_alpha: Annotated[
         float | None, typer.Option(help="Default: 2 × the budget's reference rank.")
     ] = None,
-    scaling: Annotated[str, typer.Option(help="alpha_over_r or constant.")] = "alpha_over_r",
+    scaling: Annotated[str, typer.Option(help=f"{' or '.join(SCALINGS)} (as lora.scaling).")] = SCALINGS[0],
     seed: int = 0,
 ) -> None:
     """Allocate ranks from a saved Fisher; write allocation.json and a PEFT adapter_config.json."""
@@ -127,6 +142,9 @@ def allocate(
 
     if budget_rank is not None and budget_params is not None:
         raise FimloraError("Give either --budget-rank or --budget-params, not both.")
+    if scaling not in SCALINGS:
+        raise FimloraError(f"--scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}.")
+    ensure_directory(output, "--output")
     result = FisherResult.load(fisher_dir)
     shapes = result.shapes
     reference_rank = budget_rank or 8
@@ -148,7 +166,6 @@ def allocate(
         task_type={"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(str(task)),
         base_model_name_or_path=result.metadata.get("base_model_name_or_path"),
     )
-    output.mkdir(parents=True, exist_ok=True)
     allocation.save(output / "allocation.json")
     # PEFT's own writer: it serialises target_modules (a set) the way LoraConfig.from_pretrained reads it.
     lora_config.save_pretrained(str(output))
@@ -163,7 +180,8 @@ def methods(
     ] = None,
     every_preset: Annotated[bool, typer.Option("--all", help="Count every preset instead.")] = False,
 ) -> None:
-    """List the method presets, or what each method trains at a config's budget."""
+    """List the method presets, or what each method trains at a config's budget (nothing is trained, and
+    the config's output_dir is left untouched)."""
     from fimlora.inventory import inventory_table, parameter_inventory, presets_table
 
     if config is None:
@@ -175,13 +193,21 @@ def methods(
     cfg = load_config(config)
     rows = parameter_inventory(cfg, list(PRESETS) if every_preset else None, log=_echo)
     _echo(inventory_table(rows))
+    failed = [row for row in rows if row["error"]]
+    if failed and not every_preset:  # the config's own methods: its run would fail the same way
+        raise FimloraError(failed[0]["error"])
 
 
 @app.command()
 def demo(
     output_dir: Annotated[str, typer.Option(help="Where the runs and report.md go.")] = "runs/demo",
     steps: Annotated[int | None, typer.Option(help="Training steps per method (default 100).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Re-run methods that already finished.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Re-run methods that already finished (without it, one made with other settings is refused)."
+        ),
+    ] = False,
 ) -> None:
     """MiniLM + movie reviews: Fisher-guided vs uniform vs random ranks at the same budget."""
     from fimlora.demo import demo_config, run_demo
@@ -199,6 +225,8 @@ def results(
     """Collect every finished run below DIR into one table (Parquet + CSV); unfinished runs kept apart."""
     from fimlora.results import collect_results
 
+    if out is not None:
+        ensure_directory(out, "--out")
     table = collect_results(runs_dir)
     paths = table.write(out or runs_dir)
     _echo(f"{len(table.frame)} finished run(s) written to {paths['parquet']} and {paths['csv']}")
@@ -220,7 +248,10 @@ def report(
     metric: Annotated[
         str | None, typer.Option(help="Primary metric (default: accuracy, or perplexity for causal LM).")
     ] = None,
-    baseline: Annotated[str, typer.Option(help="Method the paired comparisons are made against.")] = "lora",
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Method the paired comparisons are made against (default: lora, if present)."),
+    ] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples (at least 10,000).")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
 ) -> None:
@@ -229,6 +260,8 @@ def report(
 
     if resamples < 10_000:
         raise FimloraError(f"--resamples must be at least 10000 for stable 95% intervals, got {resamples}.")
+    if out is not None:
+        ensure_directory(out, "--out")
     files = build_report(runs_dir, out, metric=metric, baseline=baseline, n_resamples=resamples, seed=seed)
     _echo(f"report: {files.markdown} and {files.html} ({len(files.images)} figures in {files.html.parent})")
 
@@ -258,6 +291,7 @@ def calibration(
     except ValueError:
         raise FimloraError(f"--sizes must be comma-separated integers, got {sizes!r}.") from None
     cfg = load_config(config)
+    target = ensure_directory(out or Path(cfg.output_dir) / "calibration", "--out" if out else "output_dir")
     prepared = prepare(cfg)
     result = calibration_stability(
         prepared,
@@ -269,7 +303,7 @@ def calibration(
         progress=progress,
         log=_echo,
     )
-    paths = result.write(out or Path(cfg.output_dir) / "calibration")
+    paths = result.write(target)
     summary = result.summary()
     for _, row in summary[summary["aggregation"] == cfg.fisher.aggregation].iterrows():
         _echo(
@@ -300,7 +334,9 @@ def sweep(
 ) -> None:
     """Run every grid point of a sweep spec once: finished runs are skipped, unfinished ones re-run.
 
-    Exit code 1 when any run failed (the others still ran), 2 for a bad spec or bad options.
+    Every run still to do is checked first (dataset, model, targets, max_length, budget): a run that
+    would refuse to start stops the sweep before anything runs. Exit code 1 when any run failed (the
+    others still ran; the failures are on stderr), 2 for a bad spec or bad options.
     """
     from fimlora.sweep import load_spec, run_sweep
 
@@ -317,6 +353,7 @@ def sweep(
         gpus_per_run=gpus_per_run,
         progress=progress,
         log=_echo,
+        log_failure=_echo_error,
     )
     if summary.failed:
         raise typer.Exit(1)

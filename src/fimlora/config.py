@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fimlora.errors import FimloraError
 
@@ -205,7 +213,8 @@ class ExperimentConfig(_Strict):
     target_modules: list[str] | str | None = None
     seed: int = 0
     output_dir: str = "runs/experiment"
-    trust_remote_code: bool = False
+    # A security switch: only a real YAML boolean turns it on, never a string such as 'yes' or 'false'.
+    trust_remote_code: StrictBool = False
     budget: BudgetSettings = BudgetSettings()
     fisher: FisherSettings = FisherSettings()
     allocation: AllocationSettings = AllocationSettings()
@@ -264,6 +273,10 @@ def read_yaml_file(path: Path, what: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FimloraError(f"Cannot read {what} {path}: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise FimloraError(
+            f"{what.capitalize()} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8."
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,4 +1,5 @@
-"""Held-out metrics: accuracy and macro-F1 for classification, perplexity for causal LM (dropout off)."""
+"""Held-out metrics: accuracy, macro-F1 and per-class results for classification, perplexity for causal
+LM (dropout off)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -27,8 +28,11 @@ def evaluate(
     *,
     batch_size: int = 64,
     progress: bool = True,
-) -> dict[str, float]:
-    """Classification: ``loss`` (mean cross-entropy), ``accuracy``, ``macro_f1``.
+    label_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Classification: ``loss`` (mean cross-entropy), ``accuracy``, ``macro_f1``, ``majority_rate`` (the
+    share of the split's most frequent true class: the accuracy of always predicting it),
+    ``num_examples``, and ``classes`` (see :func:`class_report`; ``label_names`` name the ids 0..K-1).
     Causal LM: ``loss`` (mean NLL per predicted token, nats) and ``perplexity`` = exp(loss)."""
     if len(dataset) == 0:
         raise FimloraError("The evaluation split is empty.")
@@ -68,10 +72,36 @@ def evaluate(
         raise FimloraError("The evaluation loss is not finite; the trained model diverged.")
     if task == "classification":
         y_pred, y_true = np.concatenate(predictions), np.concatenate(references)
+        names = label_names or [str(i) for i in range(int(logits.shape[-1]))]
         return {
             "loss": loss,
             "accuracy": float((y_pred == y_true).mean()),
             "macro_f1": float(f1_score(y_true, y_pred, average="macro")),
+            "majority_rate": float(np.bincount(y_true).max() / len(y_true)),
             "num_examples": len(y_true),
+            "classes": class_report(y_true, y_pred, names),
         }
     return {"loss": loss, "perplexity": math.exp(loss), "num_tokens": total_count}
+
+
+def class_report(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """Per-class results over classes ``0..K-1`` (K = ``len(label_names)``), lists in class-id order.
+
+    ``precision[k]`` = correct k predictions / k predictions (0 when k is never predicted, see
+    ``predicted``), ``recall[k]`` = correct k predictions / true k examples (0 without any), ``support[k]``
+    = true k examples, ``predicted[k]`` = k predictions, ``confusion_matrix[i][j]`` = examples of true
+    class i predicted as j (rows: true, columns: predicted).
+    """
+    ids = list(range(len(label_names)))
+    precision, recall, _, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=ids, average=None, zero_division=0
+    )
+    matrix = confusion_matrix(y_true, y_pred, labels=ids)
+    return {
+        "labels": list(label_names),
+        "precision": [float(v) for v in precision],
+        "recall": [float(v) for v in recall],
+        "support": [int(v) for v in support],
+        "predicted": [int(v) for v in matrix.sum(axis=0)],
+        "confusion_matrix": matrix.astype(int).tolist(),
+    }

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
 from fimlora.fisher.distributed import rank_and_world_size
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
-from fimlora.io import ordinary_permissions
+from fimlora.io import atomic_write_text, ensure_directory, ordinary_permissions
 from fimlora.methods import (
     MethodContext,
     MethodSpec,
@@ -47,8 +48,15 @@ from fimlora.methods.base import (
     AllocationRule,
     Component,
     OptimizerKind,
+    peft_modules_to_save,
 )
-from fimlora.models import LoadedModel, load_model, resolve_target_modules, weight_shapes
+from fimlora.models import (
+    LoadedModel,
+    load_model,
+    max_sequence_length,
+    resolve_target_modules,
+    weight_shapes,
+)
 from fimlora.processes import (
     is_main_process,
     join_launched_processes,
@@ -56,11 +64,14 @@ from fimlora.processes import (
     wait_for_everyone,
     world_size,
 )
+from fimlora.resolved import describe, run_config_differences
 from fimlora.runs import RunDirectory, environment
 from fimlora.train import train
 
 FISHER_DIR = "fisher"
 KFAC_DIR = "fisher-kfac"
+# Written into every adapter directory: the base task model's transformers config (labels included).
+MODEL_CONFIG_FILE = "model_config.json"
 _TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -98,13 +109,31 @@ def prepare(config: ExperimentConfig) -> Prepared:
     loaded = load_model(
         config.model,
         data.task,  # type: ignore[arg-type]
-        num_labels=data.num_labels if data.task == "classification" else None,
+        label_names=data.label_names if data.task == "classification" else None,
         trust_remote_code=config.trust_remote_code,
     )
+    check_max_length(config, max_sequence_length(loaded.model, loaded.tokenizer))
     targets = resolve_target_modules(loaded.model, config.target_modules)
     shapes = weight_shapes(loaded.model, targets)
+    budget = check_budget(config, shapes)
+    tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
+    collator = make_collator(loaded.tokenizer, data.task)
+    return Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+
+
+def check_max_length(config: ExperimentConfig, limit: int | None) -> None:
+    """``train.max_length`` must fit the model (its position embeddings, its tokenizer's limit): longer
+    inputs would crash inside the model, or run it outside anything it was trained on."""
+    if limit is not None and config.train.max_length > limit:
+        raise FimloraError(
+            f"train.max_length {config.train.max_length} exceeds what model {config.model!r} can take "
+            f"({limit} tokens); lower train.max_length to at most {limit}."
+        )
+
+
+def check_budget(config: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> int:
+    """The budget in trainable parameters; a FimloraError when r_min on every module alone exceeds it."""
     budget = config.budget.params or uniform_rank_budget(shapes, config.budget.reference_rank)
-    # Fail before any expensive step if r_min alone does not fit the budget.
     allocate_ranks(
         dict.fromkeys(shapes, 1.0),
         shapes,
@@ -113,15 +142,13 @@ def prepare(config: ExperimentConfig) -> Prepared:
         r_min=config.allocation.r_min,
         r_max=config.allocation.r_max,
     )
-    tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
-    collator = make_collator(loaded.tokenizer, data.task)
-    return Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    return budget
 
 
-def _fisher_fingerprint(
+def _fisher_settings(
     config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
-) -> str:
-    """Hash of everything the Fisher depends on, so a cached Fisher is reused only when still valid."""
+) -> dict[str, Any]:
+    """Everything the Fisher depends on (its fingerprint is a hash of this)."""
     relevant = {
         "model": config.model,
         "dataset": config.dataset,
@@ -135,7 +162,18 @@ def _fisher_fingerprint(
     }
     if world_size() > 1:  # MC labels are drawn per process: another split of the examples, another draw
         relevant["world_size"] = world_size()
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return relevant
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fisher_fingerprint(
+    config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
+) -> str:
+    """Hash of everything the Fisher depends on, so a cached Fisher is reused only when still valid."""
+    return _fingerprint(_fisher_settings(config, targets, statistic, with_gradient))
 
 
 def calibration_loader(prepared: Prepared, *, shard: bool = False) -> DataLoader:
@@ -164,14 +202,39 @@ def compute_fisher(
     statistic: str = "diagonal",
     with_gradient: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    what: str = "Fisher",
 ) -> FisherResult:
-    """Estimate the Fisher on the calibration subset of the training split, or reuse a valid cached one."""
+    """Estimate the Fisher on the calibration subset of the training split, or reuse a valid cached one.
+
+    ``directory`` is a cache: a Fisher there is reused only when it was computed with the same settings
+    (its fingerprint) and its tensor file is intact (its checksum); otherwise it is recomputed and
+    replaced. ``log`` is told which happened and why, naming the pass ``what``.
+    """
     config = prepared.config
-    fingerprint = _fisher_fingerprint(config, prepared.targets, statistic, with_gradient)
-    if (directory / META_FILE).is_file():
-        cached = FisherResult.load(directory)
-        if cached.metadata.get("fingerprint") == fingerprint:
-            return cached
+    settings = _fisher_settings(config, prepared.targets, statistic, with_gradient)
+    fingerprint = _fingerprint(settings)
+    say = log or _silent
+    reason = ""
+    if (directory / META_FILE).is_file() or (directory / TENSORS_FILE).is_file():
+        try:
+            cached = FisherResult.load(directory)
+        except FimloraError as exc:
+            reason = f"the cached copy is unusable: {exc}"
+        else:
+            if cached.metadata.get("fingerprint") == fingerprint:
+                say(f"{what} reused from {directory} ({cached.estimator}, {cached.num_examples} examples)")
+                return cached
+            before = cached.metadata.get("fingerprint_settings")
+            changed = (
+                [k for k in settings if before.get(k) != settings[k]] if isinstance(before, dict) else []
+            )
+            reason = f"settings changed since {directory} was written" + (
+                f" ({', '.join(changed)})" if changed else ""
+            )
+    examples = min(config.fisher.num_examples, len(prepared.tokenized["train"]))
+    computing = f"({config.fisher.estimator}) on {examples} calibration examples"
+    say(f"{what} {computing}" + (f", recomputed: {reason}" if reason else ""))
     result = estimate_fisher(
         prepared.loaded.model,
         calibration_loader(prepared, shard=True),
@@ -188,6 +251,7 @@ def compute_fisher(
             "dataset": config.dataset,
             "task": prepared.data.task,
             "fingerprint": fingerprint,
+            "fingerprint_settings": settings,
         }
     )
     result.metadata["base_model_name_or_path"] = prepared.loaded.source
@@ -205,7 +269,7 @@ def lora_config_for(prepared: Prepared, allocation: Allocation):  # -> peft.Lora
         scaling=config.lora.scaling,
         lora_dropout=config.lora.dropout,
         task_type=_TASK_TYPES[prepared.data.task],
-        modules_to_save=prepared.loaded.head_modules or None,
+        modules_to_save=peft_modules_to_save(prepared.loaded.head_modules, prepared.data.task),
     )
 
 
@@ -269,6 +333,18 @@ def allocate_for(
     """
     if not adapter.rank_based:
         return None, 0
+    shapes, budget, fixed = rank_budget(adapter, ctx)
+    try:
+        return rule.allocate(ctx, shapes, budget), fixed
+    except FimloraError as exc:
+        extra = f" after its {fixed:,} fixed parameters" if fixed else ""
+        raise FimloraError(f"Method {ctx.spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
+
+
+def rank_budget(adapter: AdapterKind, ctx: MethodContext) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """What the ranks of a rank-based adapter may spend: ``(per-rank shapes, budget, fixed)``, where
+    ``fixed`` (DoRA's magnitudes, HydraLoRA's routers) is paid first out of a budget-matched budget and
+    a rank of module i costs ``d_out + d_in`` of its per-rank shape."""
     costs = {name: adapter.cost(shape, ctx) for name, shape in ctx.shapes.items()}
     fixed = sum(c.fixed for c in costs.values())
     budget = ctx.budget - fixed if adapter.budget_matched else ctx.budget
@@ -277,12 +353,7 @@ def allocate_for(
             f"Method {ctx.spec.name!r}: the adapter's fixed parameters ({fixed:,}) exceed the budget "
             f"({ctx.budget:,}); raise the budget."
         )
-    shapes = {name: c.per_rank_shape for name, c in costs.items()}
-    try:
-        return rule.allocate(ctx, shapes, budget), fixed
-    except FimloraError as exc:
-        extra = f" after its {fixed:,} fixed parameters" if fixed else ""
-        raise FimloraError(f"Method {ctx.spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
+    return {name: c.per_rank_shape for name, c in costs.items()}, budget, fixed
 
 
 @dataclass
@@ -386,6 +457,7 @@ def run_method(
         eval_data = eval_data.shuffle(seed=config.seed).select(
             range(min(config.train.eval_examples, len(eval_data)))
         )
+    started = time.perf_counter()
     metrics = evaluate(
         model,
         eval_data,
@@ -393,8 +465,18 @@ def run_method(
         prepared.data.task,
         batch_size=config.train.eval_batch_size,
         progress=progress,
+        label_names=prepared.data.label_names,
     )
-    save_atomically(lambda tmp: adapter.save(model, tmp, ctx), run.file("adapter"))
+    eval_time_s = round(time.perf_counter() - started, 3)
+    classes = metrics.pop("classes", None)
+
+    def save(tmp: Path) -> None:
+        adapter.save(model, tmp, ctx)
+        # The task model's config (id2label/label2id included), under a name that does not make
+        # transformers take the adapter directory for a complete model.
+        atomic_write_text(tmp / MODEL_CONFIG_FILE, prepared.loaded.model.config.to_json_string())
+
+    save_atomically(save, run.file("adapter"))
     # Methods whose adapter changes size while it trains (AdaLoRA, fisher-online) record what it ends with.
     effective = next(
         (r["final_params"] for r in records.values() if isinstance(r, dict) and "final_params" in r), None
@@ -408,6 +490,9 @@ def run_method(
         "seed": config.seed,
         "eval_split": config.train.eval_split,
         "metrics": metrics,
+        **({"classes": classes} if classes is not None else {}),
+        **label_record(prepared.data.label_names),
+        "eval_time_s": eval_time_s,
         "budget": prepared.budget,
         "budget_matched": adapter.budget_matched,
         **counts,
@@ -434,6 +519,16 @@ def run_method(
     run.finish(result)
     wait_for_everyone()
     return MethodOutcome(result=result, model=model)
+
+
+def label_record(label_names: list[str] | None) -> dict[str, Any]:
+    """``id2label``/``label2id`` for result.json (JSON keys are strings: id2label's are the ids)."""
+    if label_names is None:
+        return {}
+    return {
+        "id2label": {str(i): name for i, name in enumerate(label_names)},
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
 
 
 def save_adapter(model: Any, directory: Path) -> None:
@@ -463,16 +558,24 @@ def calibrate(
     out = Path(config.output_dir)
     if needs & {NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
         with_gradient = NEEDS_GRADIENTS in needs
-        what = "Fisher" + (" and gradients" if with_gradient else "")
-        log(f"{what} ({config.fisher.estimator}) on {config.fisher.num_examples} calibration examples")
         prepared.fisher_dir = out / FISHER_DIR
         prepared.fisher = compute_fisher(
-            prepared, prepared.fisher_dir, with_gradient=with_gradient, progress=progress
+            prepared,
+            prepared.fisher_dir,
+            with_gradient=with_gradient,
+            progress=progress,
+            log=log,
+            what="Fisher" + (" and gradients" if with_gradient else ""),
         )
     if NEEDS_KFAC in needs:
-        log(f"K-FAC factors ({config.fisher.estimator}) on {config.fisher.num_examples} calibration examples")
         prepared.kfac = compute_fisher(
-            prepared, out / KFAC_DIR, statistic="kfac", with_gradient=True, progress=progress
+            prepared,
+            out / KFAC_DIR,
+            statistic="kfac",
+            with_gradient=True,
+            progress=progress,
+            log=log,
+            what="K-FAC factors",
         )
 
 
@@ -483,7 +586,9 @@ def run_experiment(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[Prepared, list[dict]]:
-    """Run every method of ``config``; finished runs are reused unless ``overwrite``.
+    """Run every method of ``config``; a finished run is reused when it was made with the same
+    result-affecting settings (:mod:`fimlora.resolved`), and refused with a FimloraError naming the
+    differing keys otherwise; ``overwrite`` re-runs every method.
 
     Started by ``torchrun``/``accelerate launch``, the processes share the work (see
     :mod:`fimlora.processes`); only the main one logs, shows progress and writes.
@@ -492,11 +597,14 @@ def run_experiment(
     if not is_main_process():
         progress, log = False, _silent
     out = Path(config.output_dir)
-    with main_process_first():
-        prepared = prepare(config)
+    if is_main_process():
+        ensure_directory(out, "output_dir")
     names = config.method_names
     runs = {name: RunDirectory(out / name) for name in names}
     pending = [name for name in names if overwrite or not runs[name].is_finished]
+    check_reusable(config, {name: runs[name] for name in names if name not in pending})
+    with main_process_first():
+        prepared = prepare(config)
     wait_for_everyone()  # every process decided on the same runs before the main one rewrites any
     needs: set[str] = set()
     for entry in config.methods:
@@ -506,12 +614,28 @@ def run_experiment(
     results = []
     for name in names:
         if name not in pending:
-            log(f"{name}: already finished in {runs[name].path}, reusing its result")
+            log(f"{name}: already finished in {runs[name].path} with the same settings, reusing its result")
             results.append(runs[name].read_result())
             continue
         log(f"{name}: training {config.train.steps} steps at a budget of {prepared.budget:,} parameters")
         results.append(run_method(prepared, name, runs[name], progress=progress).result)
     return prepared, results
+
+
+def check_reusable(config: ExperimentConfig, finished: dict[str, RunDirectory]) -> None:
+    """Refuse to reuse finished runs made with other result-affecting settings than ``config``'s."""
+    stale = []
+    for name, run in finished.items():
+        diffs = run_config_differences(run.path, config.for_method(name))
+        if diffs is None:
+            stale.append(f"{name} (its config.yaml is missing or unreadable)")
+        elif diffs:
+            stale.append(f"{name}: {describe(diffs)}")
+    if stale:
+        raise FimloraError(
+            f"{config.output_dir} holds finished run(s) made with other settings than this config: "
+            f"{'; '.join(stale)}. Re-run with --overwrite to replace them, or choose another output_dir."
+        )
 
 
 def _silent(_: str) -> None:

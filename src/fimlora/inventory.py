@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fimlora.config import ExperimentConfig, parse_config
-from fimlora.experiment import build_method, calibrate, prepare
+from fimlora.errors import FimloraError
+from fimlora.experiment import BuiltMethod, Prepared, build_method, calibrate, prepare
 from fimlora.methods import PRESETS, get_allocation, resolve_method
 from fimlora.report import markdown_table
 
@@ -21,36 +23,67 @@ def parameter_inventory(
     """Build every method (default: the config's) on the config's targets and count what it trains.
 
     Runs the calibration passes the methods need (Fisher, gradients, K-FAC; EVA's and LoRA-GA's inits),
-    but no training. ``effective`` is what the method trains at the end (AdaLoRA: its pruning target).
+    but no training, in a temporary directory: the config's ``output_dir`` (a run store) is never read
+    nor written. A method that cannot be built at this budget is a row with ``error`` set (the others
+    are still counted); ``note`` explains counts that differ from the budget by design.
     """
+    data = config.model_dump(mode="json", by_alias=True)
     if methods is not None:
-        data = config.model_dump(mode="json", by_alias=True)
         data["methods"] = list(methods)
+    with tempfile.TemporaryDirectory(prefix="fimlora-methods-") as scratch:
+        data["output_dir"] = scratch
         config = parse_config(data)
-    prepared = prepare(config)
-    needs: set[str] = set()
-    for entry in config.methods:
-        needs |= get_allocation(resolve_method(entry).allocation).needs
-    calibrate(prepared, needs, progress=progress, log=log)
-    rows = []
-    for name in config.method_names:
+        prepared = prepare(config)
+        needs: set[str] = set()
+        for entry in config.methods:
+            needs |= get_allocation(resolve_method(entry).allocation).needs
+        calibrate(prepared, needs, progress=progress, log=log)
+        return [_row(prepared, name) for name in config.method_names]
+
+
+def _row(prepared: Prepared, name: str) -> dict[str, Any]:
+    spec = resolve_method(prepared.config.methods[prepared.config.method_names.index(name)])
+    row: dict[str, Any] = {
+        "method": name,
+        "allocation": spec.allocation,
+        "adapter": spec.adapter,
+        "optimizer": spec.optimizer,
+        "budget": prepared.budget,
+        "adapter_params": None,
+        "head_params": None,
+        "budget_matched": True,
+        "ranks": None,
+        "note": "",
+        "error": None,
+    }
+    try:
         built = build_method(prepared, name)
-        allocation = built.allocation
-        ranks = allocation.summary() if allocation is not None and built.rule.static_ranks else None
-        rows.append(
-            {
-                "method": name,
-                "allocation": built.spec.allocation,
-                "adapter": built.spec.adapter,
-                "optimizer": built.spec.optimizer,
-                "adapter_params": built.counts["adapter_params"],
-                "head_params": built.counts["head_params"],
-                "budget": prepared.budget,
-                "budget_matched": built.adapter.budget_matched,
-                "ranks": ranks,
-            }
-        )
-    return rows
+    except FimloraError as exc:
+        row["error"] = str(exc)
+        row["note"] = f"cannot be built at this budget: {exc}"
+        return row
+    allocation = built.allocation
+    row.update(
+        {
+            "adapter_params": built.counts["adapter_params"],
+            "head_params": built.counts["head_params"],
+            "budget_matched": built.adapter.budget_matched,
+            "ranks": allocation.summary() if allocation is not None and built.rule.static_ranks else None,
+            "note": _note(built, prepared.budget),
+        }
+    )
+    return row
+
+
+def _note(built: BuiltMethod, budget: int) -> str:
+    """Why a count differs from the budget, when it does by design."""
+    if not built.adapter.rank_based:
+        return "trains every weight: no budget applies"
+    if not built.adapter.budget_matched:
+        return "own size: its rule sets the trainable parameters, not the budget"
+    if not built.rule.static_ranks and built.counts["adapter_params"] > budget:
+        return "initial adapter: pruned to the budget while it trains"
+    return ""
 
 
 def inventory_table(rows: list[dict[str, Any]]) -> str:
@@ -63,15 +96,17 @@ def inventory_table(rows: list[dict[str, Any]]) -> str:
         "head",
         "budget",
         "ranks",
+        "note",
     ]
     body = []
     for row in rows:
         ranks = row["ranks"]
         shown = f"{ranks['min_rank']}/{ranks['mean_rank']:.2f}/{ranks['max_rank']}" if ranks else "–"
-        params = f"{row['adapter_params']:,}" + ("" if row["budget_matched"] else " (own size)")
+        params = "–" if row["adapter_params"] is None else f"{row['adapter_params']:,}"
+        head = "–" if row["head_params"] is None else f"{row['head_params']:,}"
         body.append(
-            [row["method"], row["allocation"], row["adapter"], row["optimizer"], params,
-             f"{row['head_params']:,}", f"{row['budget']:,}", shown]
+            [row["method"], row["allocation"], row["adapter"], row["optimizer"], params, head,
+             f"{row['budget']:,}", shown, row.get("note", "")]
         )  # fmt: skip
     return markdown_table(header, body)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fimlora.errors import FimloraError
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
@@ -50,3 +53,31 @@ def ordinary_permissions(path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def ensure_directory(path: str | os.PathLike[str], what: str) -> Path:
+    """Create directory ``path`` (and its parents) if needed; a path that is a file or cannot be created
+    is a one-line ``FimloraError`` naming ``what`` it was meant to be (e.g. ``"output_dir"``)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FimloraError(f"{what} {path} is a file, not a directory; give a directory path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            reason = f"{blocker} is a file"
+        raise FimloraError(f"Cannot create {what} {path}: {reason}; give a writable directory.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FimloraError(f"{what} {path} is not writable; give a writable directory.")
+    return path
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (files may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -72,6 +73,7 @@ def load_model(
     task: Task,
     *,
     num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
@@ -80,12 +82,17 @@ def load_model(
     For classification the head is freshly initialised by transformers when the checkpoint has none;
     every module whose weights were missing from the checkpoint is reported in ``head_modules`` so it is
     trained and saved with the adapter (a frozen random module would not survive a reload).
+    ``label_names`` (class ids 0..K-1 in order) become the model config's ``id2label``/``label2id``.
     """
     if task not in TASKS:
         raise FimloraError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if label_names is not None:
+        num_labels = len(label_names)
     if task == "classification" and (num_labels is None or num_labels < 2):
         raise FimloraError("A classification model needs num_labels >= 2 (taken from the dataset).")
     source = resolve_model_source(name)
+    check_model_directory(name, source)
+    labels = label_config(label_names) if task == "classification" and label_names is not None else {}
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -96,6 +103,7 @@ def load_model(
                     dtype=dtype,
                     trust_remote_code=trust_remote_code,
                     output_loading_info=True,
+                    **labels,
                 )
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
@@ -104,11 +112,7 @@ def load_model(
     except FimloraError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FimloraError(
-            f"Could not load model {name!r}: {first_line} (built-in names: {', '.join(BUILTIN_MODELS)}; "
-            "otherwise give a local directory or a Hugging Face model id)."
-        ) from exc
+        raise _load_error(name, exc) from exc
     if tokenizer.pad_token_id is None:
         # Decoder-only checkpoints often ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -116,6 +120,75 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     head = head_modules(model, task, missing_keys=info.get("missing_keys", ()))
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, head_modules=head)
+
+
+def load_model_shell(
+    name: str, task: Task, *, num_labels: int | None = None, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model's architecture without weights (on the ``meta`` device) and its tokenizer: enough to
+    resolve target modules, read weight shapes and length limits, at a fraction of a load's cost."""
+    source = resolve_model_source(name)
+    check_model_directory(name, source)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if task == "classification" and num_labels else {}
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, exc) from exc
+    return model, tokenizer
+
+
+def _load_error(name: str, exc: BaseException) -> FimloraError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FimloraError(
+        f"Could not load model {name!r}: {first_line} (built-in names: {', '.join(BUILTIN_MODELS)}; "
+        "otherwise give a local directory or a Hugging Face model id)."
+    )
+
+
+def label_config(label_names: Sequence[str]) -> dict[str, dict]:
+    """``id2label``/``label2id`` of a transformers config for class ids ``0..K-1`` named ``label_names``."""
+    names = [str(n) for n in label_names]
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def check_model_directory(name: str, source: str) -> None:
+    """A local directory must hold a saved transformers model (``config.json``); say so in one line
+    rather than let the tokenizer fail on it with a message about backends."""
+    path = Path(source)
+    if not path.is_dir():
+        if path.exists():
+            raise FimloraError(
+                f"Model {name!r} is a file; give a directory saved with save_pretrained, a built-in "
+                f"name ({', '.join(BUILTIN_MODELS)}) or a Hugging Face model id."
+            )
+        return
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:5]
+        what = f"it holds {found}" if found else "it is empty"
+        raise FimloraError(
+            f"Model directory {name!r} has no config.json ({what}); give a directory written by "
+            "save_pretrained (config, weights and tokenizer)."
+        )
+
+
+def max_sequence_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The most tokens one sequence may have: the smaller of the config's ``max_position_embeddings``
+    and the tokenizer's ``model_max_length`` (ignored when unset: transformers' huge sentinel); None
+    when neither is known."""
+    limits = []
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
+        limits.append(tokenizer_max)
+    return min(limits) if limits else None
 
 
 @contextlib.contextmanager

@@ -52,13 +52,25 @@ def _metric_columns(task: str) -> list[tuple[str, str, str]]:
     return [("perplexity", "perplexity", "{:.2f}")]
 
 
+def class_recalls(result: Mapping[str, Any]) -> str:
+    """``neg 0.00 / pos 1.00``: recall per class, from result.json's ``classes``; "—" without them."""
+    classes = result.get("classes")
+    if not isinstance(classes, Mapping):
+        return "—"
+    pairs = zip(classes.get("labels") or [], classes.get("recall") or [], strict=False)
+    return " / ".join(f"{label} {float(value):.2f}" for label, value in pairs) or "—"
+
+
 def results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """One row per method: held-out metrics, exact trainable parameter counts, time and memory."""
+    """One row per method: held-out metrics (classification: with the majority-class rate of the split
+    and the recall of each class), exact trainable parameter counts, time and memory."""
     task = results[0]["task"]
     metric_cols = _metric_columns(task)
+    classification = task == "classification"
     header = [
         "method",
         *(label for label, _, _ in metric_cols),
+        *(["majority-class rate", "recall per class"] if classification else []),
         "adapter params",
         "head params",
         "budget",
@@ -73,6 +85,7 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
             [
                 r["method"],
                 *(fmt.format(r["metrics"][key]) for _, key, fmt in metric_cols),
+                *([_majority(r), class_recalls(r)] if classification else []),
                 f"{r.get('effective_adapter_params', r['adapter_params']):,}",
                 f"{r['head_params']:,}",
                 f"{r['budget']:,}",
@@ -83,6 +96,11 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
             ]
         )
     return markdown_table(header, rows)
+
+
+def _majority(result: Mapping[str, Any]) -> str:
+    value = result["metrics"].get("majority_rate")
+    return f"{value:.4f}" if isinstance(value, int | float) else "—"
 
 
 def _rank_summary(result: Mapping[str, Any]) -> str:

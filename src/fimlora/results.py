@@ -15,7 +15,11 @@ Columns of the table (``None``/NaN where a run does not have the value):
   ``budget_label`` (``"r=4"`` for ``budget.uniform_rank: 4``, else ``"123,456 params"``)
 * held-out metrics, from ``result.json["metrics"]``: ``accuracy``, ``macro_f1`` (classification),
   ``perplexity`` (causal LM), ``eval_loss`` (``metrics.loss``: mean cross-entropy per example, or mean
-  NLL per token in nats), ``eval_num_examples`` / ``eval_num_tokens``, and any other number there
+  NLL per token in nats), ``eval_num_examples`` / ``eval_num_tokens``, ``majority_rate``
+  (classification: share of the evaluation split's most frequent class), and any other number there
+* per class (classification, from ``result.json["classes"]``): ``precision.<label>``,
+  ``recall.<label>`` for each class name, ``class_labels`` (the names in class-id order) and
+  ``confusion_matrix`` (rows: true class, columns: predicted), both JSON-encoded
 * parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning,
   fim-lora-dynamic after its last re-allocation; the built adapter is ``peak_adapter_params``),
   ``head_params`` (fully trained task head), ``other_trainable_params``, ``num_target_modules``
@@ -228,6 +232,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     for key, value in (result.get("metrics") or {}).items():
         if _is_number(value):
             row[_METRIC_RENAMES.get(key, key)] = value
+    row.update(class_columns(result.get("classes")))
     for key in ("adapter_params", "head_params", "other_trainable_params", "num_target_modules"):
         row[key] = result.get(key)
     # What the method ends up training (AdaLoRA: its pruned triplets, not the initial init_r adapter);
@@ -269,6 +274,21 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     for key, value in config.items():
         if key not in _CONFIG_SKIP:
             _flatten(key, value, row)
+    return row
+
+
+def class_columns(classes: Any) -> dict[str, Any]:
+    """The per-class columns of a result's ``classes`` record (see the module docstring); ``{}`` without."""
+    if not isinstance(classes, Mapping) or not isinstance(classes.get("labels"), list):
+        return {}
+    labels = [str(label) for label in classes["labels"]]
+    row: dict[str, Any] = {}
+    for key in ("precision", "recall"):
+        values = classes.get(key)
+        if isinstance(values, list) and len(values) == len(labels):
+            row.update({f"{key}.{label}": value for label, value in zip(labels, values, strict=True)})
+    row["class_labels"] = json.dumps(labels)
+    row["confusion_matrix"] = json.dumps(classes.get("confusion_matrix"))
     return row
 
 

@@ -162,11 +162,12 @@ def sign_flip_p_value(
 
     Exact: all 2ⁿ sign patterns (the observed one included), p = #{|mean(s·d)| ≥ |mean(d)|} / 2ⁿ.
     For n > ``max_exact``: ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples).
-    NaN for no differences.
+    NaN for fewer than 2 differences: one difference and its sign flip always tie (p = 1 whatever the
+    data), and the paired t-test is undefined there too, so neither test is reported.
     """
     d = _as_array(diffs)
     n = d.size
-    if n == 0:
+    if n < 2:
         return math.nan, True
     observed = abs(float(d.mean()))
     tolerance = 1e-12 * max(1.0, float(np.abs(d).max()))

@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from results.fabricate import write_run, write_sweep
+from results.fabricate import class_record, write_run, write_sweep
 
 from fimlora.analysis.calibration import CalibrationStability, SubsetScores, compare_subsets
 from fimlora.cli import main
@@ -215,3 +215,44 @@ def test_rank_trajectories_are_drawn_for_methods_whose_ranks_move(tmp_path):
     assert rank_history(result) == [(e["step"], e["ranks"]) for e in histories["fim-lora-dynamic"]]
     static = json.loads((root / "fim" / "fim-lora" / "result.json").read_text())
     assert rank_history(static) is None
+
+
+def test_per_class_results_show_what_accuracy_hides(tmp_path):
+    """Accuracy 0.53 with a class never predicted: the majority rate, per-class recall and precision and
+    the confusion matrix say so."""
+    root = tmp_path / "runs"
+    labels = ["neg", "neutral", "pos"]
+    for seed in range(2):
+        write_run(
+            root / f"s{seed}" / "lora",
+            method="lora",
+            seed=seed,
+            accuracy=0.7,
+            classes=class_record([[8, 1, 1], [1, 7, 2], [1, 1, 8]], labels),
+        )
+        write_run(
+            root / f"s{seed}" / "fim-lora",
+            method="fim-lora",
+            seed=seed,
+            accuracy=0.53,
+            classes=class_record([[9, 0, 1], [6, 0, 4], [3, 0, 7]], labels),
+        )
+    text = build_report(root, n_resamples=10_000).markdown.read_text(encoding="utf-8")
+    assert "always predicting the split's most frequent class scores 0.333" in text
+    assert "| r=4 | fim-lora | 2 | 0.900 | 0.000 | 0.700 | ⚠ never predicts neutral (2 of 2 runs) |" in text
+    assert "| r=4 | lora | 2 | 0.800 | 0.700 | 0.800 |  |" in text
+    assert "| r=4 | fim-lora | 2 | 0.500 | 0.000 | 0.583 |" in text  # precision: 9/18, 0 (never), 7/12
+    assert "r=4, fim-lora (2 run(s)) — true neg: 18 neg, 0 neutral, 2 pos; true neutral: 12 neg" in text
+
+
+def test_without_baseline_runs_the_default_is_a_notice_and_an_explicit_one_an_error(capsys, tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(2):
+        write_run(root / f"s{seed}" / "fim-lora", method="fim-lora", seed=seed)
+    text = build_report(root, n_resamples=10_000).markdown.read_text(encoding="utf-8")
+    assert "No run of `lora` below this directory, so there are no paired comparisons" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root), "--out", str(tmp_path / "r"), "--baseline", "dora"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "'dora'" in err and "fim-lora" in err
+    assert not (tmp_path / "r" / "report.md").exists()

@@ -77,8 +77,10 @@ def write_run(
     finished: bool = True,
     sweep: dict[str, Any] | None = None,
     eval_losses: bool = False,
+    classes: dict[str, Any] | None = None,
 ) -> Path:
-    """One run directory; ``finished=False`` leaves result.json out (a killed run)."""
+    """One run directory; ``finished=False`` leaves result.json out (a killed run). ``classes``: the
+    per-class record of result.json (labels, precision, recall, support, predicted, confusion_matrix)."""
     directory.mkdir(parents=True, exist_ok=True)
     shapes = module_shapes()
     budget = rank * sum(a + b for a, b in shapes.values())
@@ -199,8 +201,25 @@ def write_run(
             {"estimator": "empirical", "num_examples": 64, "aggregation": "mean"} if uses_fisher else None
         ),
     }
+    if classes is not None:
+        result["classes"] = classes
+        metrics["majority_rate"] = max(classes["support"]) / sum(classes["support"])
     (directory / "result.json").write_text(json.dumps(result), encoding="utf-8")
     return directory
+
+
+def class_record(matrix: list[list[int]], labels: list[str]) -> dict[str, Any]:
+    """The ``classes`` record of result.json for a confusion matrix (rows: true, columns: predicted)."""
+    support = [sum(row) for row in matrix]
+    predicted = [sum(row[j] for row in matrix) for j in range(len(labels))]
+    return {
+        "labels": labels,
+        "precision": [matrix[j][j] / predicted[j] if predicted[j] else 0.0 for j in range(len(labels))],
+        "recall": [matrix[i][i] / support[i] if support[i] else 0.0 for i in range(len(labels))],
+        "support": support,
+        "predicted": predicted,
+        "confusion_matrix": matrix,
+    }
 
 
 # Accuracy per (method, seed) with a known structure: fim-lora = lora + 0.01 + small noise.

@@ -111,6 +111,19 @@ def test_sign_flip_monte_carlo_beyond_the_exact_limit():
     assert approx == pytest.approx(exact, abs=0.01)
 
 
+def test_one_difference_gets_neither_p_value():
+    # With one seed, +d and -d always tie (p = 1 whatever d is); the t-test is undefined too: the
+    # report shows neither, rather than a sign-flip p next to an empty t p.
+    p_flip, _ = sign_flip_p_value([0.3])
+    assert math.isnan(p_flip) and all(math.isnan(v) for v in paired_t_test([0.3]))
+
+
+def test_a_one_seed_comparison_reports_no_p_value(tmp_path):
+    write_sweep(tmp_path, seeds=(0,), ranks=(4,))
+    fim = _row(summarize(collect_results(tmp_path).frame, ["accuracy"]), "fim-lora")
+    assert fim["n_paired"] == 1 and math.isnan(fim["p_ttest"]) and math.isnan(fim["p_signflip"])
+
+
 def test_sign_flip_of_zero_differences_is_one():
     assert sign_flip_p_value([0.0, 0.0, 0.0]) == (1.0, True)
 

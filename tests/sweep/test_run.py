@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fimlora.cli import main
+from fimlora.errors import FimloraError
 from fimlora.sweep import SWEEP_FILE, expand, load_spec, run_sweep
 from fimlora.sweep.lock import LOCK_FILE
 
@@ -136,20 +137,81 @@ def test_an_interrupted_run_is_rerun_cleanly(capsys, serial, tmp_path):
     assert_same_results(store, copy, runs)
 
 
-def test_a_failing_run_does_not_stop_the_others(capsys, grid, defaults, tmp_path):
-    missing = str(tmp_path / "no-such-data.csv")
-    path = spec_file(tmp_path, {**grid, "dataset": [missing, *grid["dataset"]], "method": ["lora"]}, defaults)
-    bad, good = expand(load_spec(path))
-    assert bad.config.dataset == missing
+def test_a_failing_run_does_not_stop_the_others(capsys, monkeypatch, grid, defaults, tmp_path):
+    """A run that fails while it trains (nothing a pre-check could see): the other runs, exit code 1, and
+    the failure on stderr."""
+    import fimlora.experiment
+
+    path = spec_file(tmp_path, {**grid, "learning_rate": [1e-2, 0.5], "method": ["lora"]}, defaults)
+    good, bad = expand(load_spec(path))
+    assert bad.config.train.learning_rate == 0.5
+    real = fimlora.experiment.run_experiment
+
+    def diverging(config, **kwargs):
+        if config.train.learning_rate == 0.5:
+            raise FimloraError("Training loss became nan at step 1; lower the learning rate.")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(fimlora.experiment, "run_experiment", diverging)
     code, out, err = run_cli(capsys, "sweep", path, "--no-progress")
     assert code == 1
-    assert f"FAILED {bad.key}: lora seed=0" in out and "no-such-data.csv" in out
+    assert f"FAILED {bad.key}: lora seed=0" in err and "loss became nan" in err
+    assert f"failed {bad.key}" in err and "FAILED" not in out
     assert f"done {good.key}" in out and "1 finished, 0 skipped, 1 failed" in out
     assert good.run_directory.is_finished and not bad.run_directory.is_finished
     assert "Traceback" in (bad.directory / "failure.txt").read_text()
     assert "Traceback" not in err
     code, out, _ = run_cli(capsys, "sweep", path, "--dry-run")
     assert "1 done, 1 to run (0 interrupted, 1 failed before)" in out and f"failed {bad.key}" in out
+
+
+def test_runs_that_would_fail_stop_the_sweep_before_anything_runs(capsys, grid, defaults, tmp_path):
+    missing = str(tmp_path / "no-such-data.csv")
+    budgets = [{"uniform_rank": 2}, {"params": 100}]  # 100 parameters cannot give 24 modules rank 1
+    changed = {**grid, "dataset": [*grid["dataset"], missing], "method": ["lora"], "budget": budgets}
+    path = spec_file(tmp_path, changed, defaults)
+    assert len(expand(load_spec(path))) == 4
+    for extra in ([], ["--dry-run"]):
+        code, _, err = run_cli(capsys, "sweep", path, "--no-progress", *extra)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert "3 of 4 run(s) would fail before training, so nothing was started" in err
+        assert "no-such-data.csv' does not exist" in err and "A budget of 100 trainable parameters" in err
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_dry_run_tells_a_running_run_from_an_interrupted_one(capsys, grid, defaults, tmp_path):
+    path = spec_file(tmp_path, grid, defaults)
+    first, second = expand(load_spec(path))
+    started = first.run_directory.path
+    started.mkdir(parents=True)
+    (started / "config.yaml").write_text("started\n", encoding="utf-8")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path\n"
+            "from fimlora.sweep.lock import run_lock, store_lock\n"
+            "with store_lock(Path(sys.argv[1])), run_lock(Path(sys.argv[2])):\n"
+            "    print('locked', flush=True); time.sleep(60)",
+            str(first.directory.parent),
+            str(first.directory),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        code, out, _ = run_cli(capsys, "sweep", path, "--dry-run")
+        assert code == 0
+        assert "0 done, 1 running, 1 to run (0 interrupted, 0 failed before)" in out
+        assert f"a sweep (pid {holder.pid}) is running on this store now" in out
+        assert f"running {first.key}" in out and f"run    {second.key}" in out
+    finally:
+        holder.kill()  # the kernel drops both locks with their holder
+        holder.wait()
+    code, out, _ = run_cli(capsys, "sweep", path, "--dry-run")
+    assert "0 done, 2 to run (1 interrupted, 0 failed before)" in out and f"re-run {first.key}" in out
+    assert "is running on this store" not in out
 
 
 def test_two_local_workers_give_the_same_results(serial, tmp_path):

@@ -121,6 +121,7 @@ def test_output_dir_is_relative_to_the_spec_file(write_spec, tmp_path):
         ({"grid": {**GRID, "method": ["lora", "adalorra"]}}, ["adalorra"]),
         ({"grid": {**GRID, "seed": [0, 0]}}, ["same run"]),
         ({"grid": {"method": ["lora"]}, "defaults": {}}, ["model", "required"]),
+        ({"defaults": {"trust_remote_code": "yes"}}, ["trust_remote_code", "boolean"]),
     ],
 )
 def test_invalid_specs_fail_before_anything_runs(defaults, change, words):

@@ -108,6 +108,11 @@ def normalize_splits(
             f"Dataset {name!r} has no label column (looked for {list(DEFAULT_LABEL_COLUMNS)}; "
             f"available columns: {columns}); pass label_column or use task='causal-lm'."
         )
+    if resolved == "classification" and label_col == text_col:
+        raise FimloraError(
+            f"Dataset {name!r}: the text and the label column are both {text_col!r}; give two different "
+            f"columns (available: {columns})."
+        )
     if resolved == "causal-lm":
         if label_column is not None:
             raise FimloraError(
@@ -259,10 +264,17 @@ def _encode_labels(
             f"The label column of {name!r} mixes value types ({sorted(map(repr, distinct))[:5]}"
             "...); make every label the same type."
         ) from exc
-    if len(ordered) > 1000:
+    rows = sum(len(ds) for ds in splits.values())
+    if len(ordered) > 1000 or (len(ordered) > 10 and len(ordered) > rows // 2):
+        # Most rows a class of their own: a text, an id or a regression target, not a class label.
+        texts = len(set().union(*(set(ds["text"][:]) for ds in splits.values())))
+        hint = (
+            f"; the text column has only {texts} distinct value(s): are text_column and label_column swapped?"
+            if texts < len(ordered)
+            else "; that looks like an id or a regression target, not a class label."
+        )
         raise FimloraError(
-            f"The label column of {name!r} has {len(ordered)} distinct values; that looks "
-            "like an id or a regression target, not a class label."
+            f"The label column of {name!r} has {len(ordered)} distinct values in {rows} rows{hint}"
         )
     ids = {value: i for i, value in enumerate(ordered)}
     names = [str(v) for v in ordered]

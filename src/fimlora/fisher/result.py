@@ -14,7 +14,9 @@ metadata, shapes, traces, the per-module scores). The tensors are float32, keyed
 ``model.named_modules()`` with a prefix per kind: the diagonal has none (so files written before the other
 statistics existed still load), K-FAC factors are ``kfac.A/<name>`` and ``kfac.S/<name>``, gradients
 ``gradient/<name>``. A trace-only result without gradients writes an empty ``fisher.safetensors``.
-Nothing is pickled.
+Nothing is pickled. ``fisher.json`` records the SHA-256 of ``fisher.safetensors`` (``checksums``), and
+:meth:`FisherResult.load` refuses a tensor file that does not match it, or that safetensors cannot read,
+with a one-line :class:`FimloraError` (files written before checksums existed load unchecked).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fimlora.errors import FimloraError
-from fimlora.io import atomic_write, atomic_write_json
+from fimlora.io import atomic_write, atomic_write_json, sha256_file
 
 TENSORS_FILE = "fisher.safetensors"
 META_FILE = "fisher.json"
@@ -143,7 +146,13 @@ class FisherResult:
         for name, g in (self.gradients or {}).items():
             tensors[_GRADIENT + name] = g
         tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in tensors.items()}
-        atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        digest: list[str] = []
+
+        def write_tensors(tmp: Path) -> None:
+            save_file(tensors, str(tmp))
+            digest.append(sha256_file(tmp))  # of the bytes that get renamed into place
+
+        atomic_write(directory / TENSORS_FILE, write_tensors)
         meta = {
             "num_examples": self.num_examples,
             "estimator": self.estimator,
@@ -153,6 +162,7 @@ class FisherResult:
             "shapes": {name: list(shape) for name, shape in self.shapes.items()},
             **({"traces": self.traces} if self.traces is not None else {}),
             "scores": {agg: self.scores(agg) for agg in AGGREGATIONS},
+            "checksums": {TENSORS_FILE: {"sha256": digest[0]}},
         }
         atomic_write_json(directory / META_FILE, meta)
         return directory
@@ -164,9 +174,16 @@ class FisherResult:
         tensors_path, meta_path = directory / TENSORS_FILE, directory / META_FILE
         if not tensors_path.is_file() or not meta_path.is_file():
             raise FimloraError(f"No Fisher found in {directory} (expected {TENSORS_FILE} and {META_FILE}).")
+        meta = _read_meta(meta_path)
+        _verify_checksum(tensors_path, meta)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             tensors = load_file(str(tensors_path))
+        except (SafetensorError, OSError) as exc:
+            raise FimloraError(
+                f"{tensors_path} is not a readable safetensors file ({_first_line(exc)}); delete it and "
+                "compute the Fisher again."
+            ) from None
+        try:
             statistic = str(meta.get("statistic", "diagonal"))
             shapes = {str(n): (int(s[0]), int(s[1])) for n, s in meta.get("shapes", {}).items()}
             a = {k.removeprefix(_KFAC_A): t for k, t in tensors.items() if k.startswith(_KFAC_A)}
@@ -185,10 +202,48 @@ class FisherResult:
                 gradients=gradients if meta.get("with_gradient", False) else None,
                 shapes=shapes,
             )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FimloraError(
-                f"The Fisher in {directory} is unreadable or its two files describe different modules: {exc}."
-            ) from exc
+                f"The Fisher in {directory} is unreadable or its two files describe different modules: "
+                f"{_first_line(exc)}."
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FimloraError(
+            f"{path} is not readable JSON ({_first_line(exc)}); delete it and compute the Fisher again."
+        ) from None
+    if not isinstance(meta, dict):
+        raise FimloraError(
+            f"{path} is not a Fisher description (a JSON object); delete it and compute the Fisher again."
+        )
+    return meta
+
+
+def _verify_checksum(tensors_path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a tensor file whose SHA-256 differs from the one ``fisher.json`` recorded at writing."""
+    recorded = meta.get("checksums", {})
+    entry = recorded.get(TENSORS_FILE) if isinstance(recorded, dict) else None
+    if entry is None:
+        return  # written before checksums existed
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
+    try:
+        actual = sha256_file(tensors_path)
+    except OSError as exc:
+        raise FimloraError(f"Cannot read {tensors_path}: {exc.strerror}.") from None
+    if actual != expected:
+        raise FimloraError(
+            f"{tensors_path} does not match the SHA-256 recorded in {META_FILE} when it was written: the "
+            "file is corrupted or was changed; delete it and compute the Fisher again."
+        )
 
 
 def _derive_shapes(result: FisherResult) -> dict[str, tuple[int, int]]:

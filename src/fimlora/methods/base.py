@@ -87,9 +87,25 @@ class MethodContext:
         return {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[self.task]
 
     @property
+    def peft_modules_to_save(self) -> list[str] | None:
+        """``modules_to_save`` for a PEFT config (see :func:`peft_modules_to_save`)."""
+        return peft_modules_to_save(self.head_modules, self.task)
+
+    @property
     def options(self) -> Any:
         """The experiment's ``method_options`` section."""
         return self.config.method_options
+
+
+# PEFT adds these to modules_to_save itself for sequence classification (PeftModelForSequenceClassification).
+_PEFT_CLASSIFIER_NAMES = ("classifier", "score")
+
+
+def peft_modules_to_save(head_modules: list[str], task: str) -> list[str] | None:
+    """The head modules to name in a PEFT config: those PEFT does not add on its own (it appends
+    ``classifier`` and ``score`` for sequence classification, so naming them too lists them twice)."""
+    own = _PEFT_CLASSIFIER_NAMES if task == "classification" else ()
+    return [m for m in head_modules if m not in own] or None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A report as a list of blocks, rendered to Markdown (images linked) or one self-contained HTML file.
 
 The HTML embeds every PNG as a base64 ``data:`` URI and carries its CSS inline: it makes no external
-request and can be mailed or archived as one file. All text is HTML-escaped.
+request and can be mailed or archived as one file. All text is HTML-escaped. Table cells wrap (only
+numbers stay on one line), so that every table fits the page's width with all its columns visible.
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ p, ul { margin: 6px 0 12px; }
 .notice { background: var(--warn-bg); border-left: 4px solid var(--warn-line); padding: 8px 12px;
           margin: 10px 0 14px; }
 .table-wrap { overflow-x: auto; margin: 6px 0 16px; }
-table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
+table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; max-width: 100%; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding: 0 0 4px; font-style: italic; }
-th, td { border: 1px solid var(--line); padding: 4px 8px; white-space: nowrap; text-align: left; }
+th, td { border: 1px solid var(--line); padding: 4px 6px; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
 th { background: var(--head-bg); font-weight: 600; }
-td.num { text-align: right; }
+td.num { text-align: right; white-space: nowrap; }
 tr.warn td { background: var(--warn-bg); }
 figure { margin: 10px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }

@@ -191,6 +191,7 @@ class _Builder:
         self.metric = metric
         self.blocks: list[Block] = []
         self.images: dict[str, bytes] = {}
+        self.majority = ""  # majority-class rate of the current dataset's evaluation split(s)
         shared, method_settings = setting_columns(frame)
         self.shared_settings = shared
         self.method_settings = method_settings
@@ -266,9 +267,11 @@ class _Builder:
             self.blocks.append(Notice("These runs record no held-out metric."))
             return
         primary = metrics[0]
+        self.majority = _value_range(frame, "majority_rate")
         self.blocks.append(Heading("Results over seeds", 3))
         for metric in metrics:
             self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
+        self.per_class(frame)
         self.cost_table(frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
         self.rank_heatmaps(frame, dataset, model)
@@ -329,7 +332,88 @@ class _Builder:
         caption = f"{metric} on the held-out split ({better} is better)" + (
             "; primary metric" if primary else ""
         )
+        if metric == "accuracy" and self.majority:
+            caption += f"; always predicting the split's most frequent class scores {self.majority}"
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
+
+    def per_class(self, frame: pd.DataFrame) -> None:
+        """Recall and precision per class (mean over seeds) and the confusion matrices (summed over
+        seeds): what accuracy and macro-F1 hide, such as a class that is never predicted."""
+        if "class_labels" not in frame.columns or not frame["class_labels"].notna().any():
+            return
+        labels = json.loads(frame["class_labels"].dropna().iloc[0])
+        keys = ["budget", "method", *self.shared_settings, *self.method_settings]
+        groups = sorted(
+            frame.groupby(keys, dropna=False, sort=True),
+            key=lambda kv: (kv[1]["budget"].iloc[0], kv[1]["method"].iloc[0] != self.baseline),
+        )
+        recall_rows: list[list[Any]] = []
+        precision_rows: list[list[Any]] = []
+        confusions: list[str] = []
+        warn: set[int] = set()
+        for _, sub in groups:
+            first = sub.iloc[0]
+            head = [first["budget_label"], self.series_label(first), len(sub)]
+            matrices = _confusions(sub["confusion_matrix"], len(labels))
+            matrix = np.sum(matrices, axis=0) if matrices else None
+            never = []
+            for j, label in enumerate(labels):
+                runs = sum(1 for m in matrices if m[:, j].sum() == 0)
+                if runs:
+                    never.append(f"{label} ({runs} of {len(matrices)} runs)")
+            note = f"⚠ never predicts {', '.join(never)}" if never else ""
+            if never:
+                warn.add(len(recall_rows))
+            recall_rows.append(
+                [
+                    *head,
+                    *(_fmt(sub.get(f"recall.{c}", pd.Series(dtype=float)).mean(), 3) for c in labels),
+                    note,
+                ]
+            )
+            precision_rows.append(
+                [*head, *(_fmt(sub.get(f"precision.{c}", pd.Series(dtype=float)).mean(), 3) for c in labels)]
+            )
+            if matrix is not None:
+                cells = "; ".join(
+                    f"true {label}: "
+                    + ", ".join(f"{int(n)} {p}" for n, p in zip(matrix[i], labels, strict=True))
+                    for i, label in enumerate(labels)
+                )
+                confusions.append(
+                    f"{first['budget_label']}, {self.series_label(first)} ({len(sub)} run(s)) — {cells}"
+                )
+        self.blocks.append(Heading("Per-class results", 3))
+        numeric = set(range(2, 3 + len(labels)))
+        majority = f"; majority-class rate of the evaluation split: {self.majority}" if self.majority else ""
+        self.blocks.append(
+            Table(
+                ["budget", "method", "runs", *(f"recall {c}" for c in labels), "note"],
+                recall_rows,
+                caption="recall per class (share of each true class predicted as itself), mean over runs"
+                + majority,
+                warn_rows=warn,
+                numeric=numeric,
+            )
+        )
+        self.blocks.append(
+            Table(
+                ["budget", "method", "runs", *(f"precision {c}" for c in labels)],
+                precision_rows,
+                caption="precision per class (share of each predicted class that is right; 0 when never "
+                "predicted), mean over runs",
+                numeric=numeric,
+            )
+        )
+        if confusions:
+            self.blocks.append(
+                Details(
+                    "Confusion matrices (evaluation examples, summed over runs): per true class, how many "
+                    "were predicted as each class",
+                    confusions,
+                    open=len(confusions) <= 12,
+                )
+            )
 
     def cost_table(self, frame: pd.DataFrame) -> None:
         columns = [
@@ -718,6 +802,30 @@ class _Builder:
 _SUMMARY_VALUES = set(SUMMARY_VALUE_COLUMNS)
 
 
+def _value_range(frame: pd.DataFrame, column: str) -> str:
+    """``0.625``, or ``0.600–0.650`` when runs differ (e.g. splits carved per seed); "" when absent."""
+    if column not in frame.columns:
+        return ""
+    values = pd.to_numeric(frame[column], errors="coerce").dropna()
+    if values.empty:
+        return ""
+    low, high = float(values.min()), float(values.max())
+    return f"{low:.3f}" if round(low, 3) == round(high, 3) else f"{low:.3f}–{high:.3f}"
+
+
+def _confusions(cells: pd.Series, k: int) -> list[np.ndarray]:
+    """The readable K×K confusion matrices among some runs' ``confusion_matrix`` cells (JSON strings)."""
+    found = []
+    for cell in cells.dropna():
+        try:
+            matrix = np.asarray(json.loads(cell), dtype=np.int64)
+        except (TypeError, ValueError):
+            continue
+        if matrix.shape == (k, k):
+            found.append(matrix)
+    return found
+
+
 def _mean_range(row: Mapping[str, Any], column: str, digits: int) -> str:
     low, high = _fmt(row[f"{column}_min"], digits), _fmt(row[f"{column}_max"], digits)
     return f"{_fmt(row[f'{column}_mean'], digits)} [{low}, {high}]"
@@ -743,7 +851,7 @@ def build_report(
     out: str | Path | None = None,
     *,
     metric: str | None = None,
-    baseline: str = BASELINE,
+    baseline: str | None = None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
 ) -> ReportFiles:
@@ -751,18 +859,34 @@ def build_report(
 
     ``root``: directory searched recursively for runs (and ``calibration.json``); ``out`` defaults to it.
     ``metric``: the primary metric (default: accuracy for classification, perplexity for causal LM).
-    Raises ``FimloraError`` when ``root`` is missing or holds no finished run.
+    ``baseline``: the method of the paired comparisons; default ``lora``, and a notice instead of
+    comparisons when no run has it. Raises ``FimloraError`` when ``root`` is missing or holds no finished
+    run, or when a ``baseline`` given explicitly has no finished run.
     """
     root = Path(root)
     out = Path(out) if out is not None else root
     _refuse_foreign_report(out / MARKDOWN_FILE)
     table = collect_results(root)
     frame = table.frame
+    methods = sorted(str(m) for m in frame["method"].unique())
+    if baseline is not None and baseline not in methods:
+        raise FimloraError(
+            f"No finished run of the baseline method {baseline!r} below {root}; the runs there are of "
+            f"{', '.join(methods)}: choose --baseline among them."
+        )
+    baseline = baseline or BASELINE
     summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed)
     builder = _Builder(root, frame, summary, baseline, metric)
     title = f"{TITLE_PREFIX}{root.resolve().name}"
     builder.blocks.append(Heading(title, 1))
     builder.overview(table.unfinished)
+    if baseline not in methods:
+        builder.blocks.append(
+            Notice(
+                f"No run of `{baseline}` below this directory, so there are no paired comparisons; "
+                "give --baseline METHOD to compare against another method."
+            )
+        )
     pairs = sorted({(str(d), str(m)) for d, m in zip(frame["dataset"], frame["model"], strict=True)})
     for dataset, model in pairs:
         builder.dataset_model(dataset, model)

@@ -6,6 +6,7 @@ resolved config (everything except ``output_dir``)::
     <sweep output>/fim-lora-r4-s0-3f9c0a1b2d/
         run.log               what the run printed (latest attempt)
         failure.txt           traceback of the latest attempt, if it failed
+        .running              locked while a sweep executes the run (see fimlora.sweep.lock)
         fisher/               the run's Fisher (methods that use one)
         fim-lora/             the run directory (fimlora.runs): config.yaml (resolved), result.json, …
             sweep.json        sweep name, key and grid coordinates; written once the run finished
@@ -28,6 +29,7 @@ from typing import Any, Literal
 from fimlora.config import ExperimentConfig, parse_config
 from fimlora.errors import FimloraError
 from fimlora.runs import RunDirectory
+from fimlora.sweep.lock import RUN_LOCK_FILE, is_locked
 from fimlora.sweep.spec import SweepSpec, method_name
 
 SWEEP_FILE = "sweep.json"
@@ -35,7 +37,7 @@ FAILURE_FILE = "failure.txt"
 LOG_FILE = "run.log"
 KEY_HASH_CHARS = 10
 
-RunStatus = Literal["finished", "failed", "interrupted", "new"]
+RunStatus = Literal["finished", "running", "failed", "interrupted", "new"]
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -88,10 +90,13 @@ class PlannedRun:
 
     @property
     def status(self) -> RunStatus:
-        """``finished`` (result.json written), ``failed`` (the last attempt raised), ``interrupted``
-        (started, never finished) or ``new``. Every status but ``finished`` means: to run."""
+        """``finished`` (result.json written), ``running`` (a sweep is executing it now), ``failed`` (the
+        last attempt raised), ``interrupted`` (started, never finished, nobody running it) or ``new``.
+        Every status but ``finished`` means: to run."""
         if self.run_directory.is_finished:
             return "finished"
+        if is_locked(self.directory / RUN_LOCK_FILE):
+            return "running"
         if (self.directory / FAILURE_FILE).exists():
             return "failed"
         return "interrupted" if self.run_directory.path.exists() else "new"

@@ -21,6 +21,7 @@ from typing import Any
 
 from fimlora.io import atomic_write_json, atomic_write_text
 from fimlora.sweep.expand import FAILURE_FILE, LOG_FILE, SWEEP_FILE, PlannedRun
+from fimlora.sweep.lock import run_lock
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def execute_run(task: RunTask, threads: int | None = None) -> RunOutcome:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / FAILURE_FILE).unlink(missing_ok=True)
         with (
+            run_lock(directory),
             (directory / LOG_FILE).open("w", encoding="utf-8") as log,
             contextlib.redirect_stdout(log),
             contextlib.redirect_stderr(log),

@@ -1,4 +1,9 @@
-"""One sweep at a time per store: two sweeps would both see an unfinished run as theirs to (re-)run."""
+"""One sweep at a time per store: two sweeps would both see an unfinished run as theirs to (re-)run.
+
+Each run also holds a lock on its own directory while it executes, so that a reader (``--dry-run``) can
+tell a run in progress from one that was interrupted: the kernel drops the lock when its holder ends or
+dies, so a killed run reads as interrupted at once.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fimlora.errors import FimloraError
+from fimlora.io import ensure_directory
 
 LOCK_FILE = ".sweep.lock"
+RUN_LOCK_FILE = ".running"
 
 
 @contextlib.contextmanager
@@ -25,7 +32,7 @@ def store_lock(store: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    store.mkdir(parents=True, exist_ok=True)
+    ensure_directory(store, "sweep output_dir")
     path = store / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -42,3 +49,49 @@ def store_lock(store: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold a lock on one run's ``directory`` while it executes (see :func:`is_locked`)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(directory / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some live process holds the lock file ``path`` (never true where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def store_holder(store: Path) -> str | None:
+    """The pid of the sweep running on ``store``, or None when none is."""
+    path = store / LOCK_FILE
+    if not is_locked(path):
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"

@@ -14,7 +14,7 @@ from fimlora.io import atomic_write_json
 from fimlora.processes import launched_world_size
 from fimlora.sweep.expand import SWEEP_FILE, PlannedRun, budget_label, expand
 from fimlora.sweep.local import RunOutcome, RunTask, run_local
-from fimlora.sweep.lock import store_lock
+from fimlora.sweep.lock import store_holder, store_lock
 from fimlora.sweep.spec import SweepSpec
 
 Backend = Literal["local", "ray"]
@@ -53,18 +53,29 @@ def outcome_line(run: PlannedRun, outcome: RunOutcome) -> str:
     return f"done {run.key}: {what} {shown} ({outcome.seconds:.1f} s)"
 
 
-_STATUS_WORDS = {"finished": "done", "failed": "failed", "interrupted": "re-run", "new": "run"}
+_STATUS_WORDS = {
+    "finished": "done",
+    "running": "running",
+    "failed": "failed",
+    "interrupted": "re-run",
+    "new": "run",
+}
 
 
 def plan_lines(spec: SweepSpec, runs: list[PlannedRun]) -> list[str]:
-    """The dry-run listing: a summary line, then one line per run: ``done``, or to run: ``run`` (new),
-    ``re-run`` (interrupted) or ``failed`` (the last attempt failed)."""
+    """The dry-run listing: a summary line, then one line per run: ``done``, ``running`` (a sweep is
+    executing it now), or to run: ``run`` (new), ``re-run`` (interrupted) or ``failed`` (the last
+    attempt failed)."""
     statuses = [run.status for run in runs]
     done = statuses.count("finished")
+    holder = store_holder(spec.output_path)
+    running = statuses.count("running")
     lines = [
         f"sweep {spec.name}: {len(runs)} runs in {spec.output_path}: {done} done, "
-        f"{len(runs) - done} to run ({statuses.count('interrupted')} interrupted, "
+        + (f"{running} running, " if running else "")
+        + f"{len(runs) - done - running} to run ({statuses.count('interrupted')} interrupted, "
         f"{statuses.count('failed')} failed before)"
+        + (f"; a sweep (pid {holder}) is running on this store now" if holder else "")
     ]
     width = max((len(run.key) for run in runs), default=0)
     for run, status in zip(runs, statuses, strict=True):
@@ -83,13 +94,20 @@ def run_sweep(
     gpus_per_run: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    log_failure: Callable[[str], None] | None = None,
+    preflight: bool = True,
 ) -> SweepReport:
     """Expand ``spec`` (validating every run first), skip finished runs, execute the rest.
 
-    ``workers`` (local backend only, default 1) is the number of worker processes; 1 runs in this
-    process. ``ray_address``, ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the
-    Ray backend only. Never raises for a failed run: see :attr:`SweepReport.failed`.
+    Before anything runs, every run still to do is checked for what would make it refuse to start
+    (:mod:`fimlora.preflight`: dataset, model, target modules, max_length, budget), unless
+    ``preflight`` is off; one FimloraError lists the runs that would fail. ``workers`` (local backend
+    only, default 1) is the number of worker processes; 1 runs in this process. ``ray_address``,
+    ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the Ray backend only. Never
+    raises for a failed run: see :attr:`SweepReport.failed`; each failure goes to ``log_failure``
+    (default: ``log``) as it happens and again in the closing summary.
     """
+    log_failure = log_failure or log
     if launched_world_size() > 1:
         raise FimloraError(
             "fimlora sweep was started by a multi-process launcher (WORLD_SIZE > 1): every process would "
@@ -123,7 +141,14 @@ def run_sweep(
     else:
         raise FimloraError(f"Unknown backend {backend!r}; use local or ray.")
 
+    store = spec.output_path
+    if store.exists() and not store.is_dir():
+        raise FimloraError(f"The sweep's output_dir {store} is a file, not a directory; give a directory.")
     runs = expand(spec)
+    if preflight:
+        from fimlora.preflight import check_runs
+
+        check_runs([(run.key, run.config) for run in runs if run.status != "finished"], what="run")
     if dry_run:
         for line in plan_lines(spec, runs):
             log(line)
@@ -152,7 +177,7 @@ def run_sweep(
         def on_outcome(outcome: RunOutcome) -> None:
             report.outcomes.append(outcome)
             with tqdm.external_write_mode(file=sys.stderr):
-                log(outcome_line(by_key[outcome.key], outcome))
+                (log if outcome.ok else log_failure)(outcome_line(by_key[outcome.key], outcome))
             bar.update(1)
 
         try:
@@ -176,5 +201,5 @@ def run_sweep(
             f"{len(report.skipped)} skipped, {len(failed)} failed"
         )
         for outcome in failed:
-            log(f"  failed {outcome.key}: {outcome.error}")
+            log_failure(f"  failed {outcome.key}: {outcome.error}")
         return report

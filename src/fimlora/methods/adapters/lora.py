@@ -46,7 +46,7 @@ class PeftLora(AdapterKind):
             scaling=self.scaling(ctx),
             lora_dropout=ctx.config.lora.dropout,
             task_type=ctx.task_type,
-            modules_to_save=ctx.head_modules or None,
+            modules_to_save=ctx.peft_modules_to_save,
         )
         keys = (
             "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
@@ -66,7 +66,11 @@ class PeftLora(AdapterKind):
         peft_config = rule.peft_config(self.lora_kwargs(allocation, ctx), allocation, ctx)
         self.before_wrap(model, peft_config, ctx)
         set_seed(ctx.seed)
-        peft_model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # EVA: PEFT suggests low_cpu_mem_usage for the SVD batch size; EVA initialises after the
+            # wrap (AllocationRule.after_wrap), at the batch size the calibration pass already uses.
+            warnings.filterwarnings("ignore", message="lora with eva initialization", category=UserWarning)
+            peft_model = get_peft_model(model, peft_config)
         rule.after_wrap(peft_model, ctx)
         if self.rewrites_base:
             # PEFT converts the trained adapter against this snapshot of the initial one on save.
@@ -81,7 +85,14 @@ class PeftLora(AdapterKind):
             model.save_pretrained(str(directory))
             return
         try:
-            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial.name)
+            with warnings.catch_warnings():
+                # PEFT loads the initial adapter next to the trained one to convert it, then warns
+                # that PiSSA/OLoRA should not share a model with another adapter: the conversion it
+                # recommends is what this call does.
+                warnings.filterwarnings(
+                    "ignore", message=r"(PiSSA|OLoRA|CorDA) changes the base weights", category=UserWarning
+                )
+                model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial.name)
         finally:
             initial.cleanup()
         _restore_modules_to_save(model, directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -38,7 +39,10 @@ class LoraGa(PeftLora):
 
         was_training = model.training
         model.eval()
-        preprocess_loraga(model, peft_config, train_step)
+        with warnings.catch_warnings():
+            # PEFT's hooks watch the frozen weights' gradients; torch notes that no *input* needs one.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            preprocess_loraga(model, peft_config, train_step)
         model.train(was_training)
 
 

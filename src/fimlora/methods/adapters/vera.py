@@ -37,7 +37,7 @@ class Vera(AdapterKind):
             save_projection=True,
             vera_dropout=ctx.config.lora.dropout,
             d_initial=opts.d_initial,
-            modules_to_save=ctx.head_modules or None,
+            modules_to_save=ctx.peft_modules_to_save,
             task_type=ctx.task_type,
         )
         set_seed(ctx.seed)

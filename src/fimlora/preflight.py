@@ -1,0 +1,148 @@
+"""What a run would refuse at its start, checked for many runs before any of them starts (sweeps).
+
+For each config: the dataset exists and loads (which gives the task and the labels), the model exists
+(its architecture is built without weights, on the ``meta`` device), the target modules resolve,
+``train.max_length`` fits the model, and the budget pays for ``r_min`` on every target module after each
+method's fixed parameters (DoRA's magnitudes, HydraLoRA's routers). These are the checks of
+:func:`fimlora.experiment.prepare` and :func:`fimlora.experiment.allocate_for`, run on the same code.
+Datasets and models are loaded once per distinct setting, not once per run. What depends on training
+data beyond that (HydraLoRA's automatic head count, a Fisher) is checked when the run starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fimlora.allocation import allocate_ranks
+from fimlora.config import ExperimentConfig
+from fimlora.data import TaskData, load_task_data, quiet_datasets
+from fimlora.errors import FimloraError
+from fimlora.experiment import check_budget, check_max_length, rank_budget
+from fimlora.methods import MethodContext, get_adapter, resolve_method
+from fimlora.models import load_model_shell, max_sequence_length, resolve_target_modules, weight_shapes
+
+
+class _NeedsTrainingData(Exception):
+    """Raised into a method that asks for the training texts: its check waits for the run itself."""
+
+
+def _needs_training_data() -> list[str]:
+    raise _NeedsTrainingData
+
+
+class _Cache:
+    """Datasets and model shells by the settings they depend on; a failure is cached like a result."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        token = json.dumps(key, sort_keys=True, default=str)
+        if token not in self.values:
+            try:
+                self.values[token] = load()
+            except FimloraError as exc:
+                self.values[token] = exc
+        value = self.values[token]
+        if isinstance(value, FimloraError):
+            raise value
+        return value
+
+
+def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
+    """Raise the FimloraError that the run of ``config`` would raise before training, if any."""
+    cache = cache or _Cache()
+    options = config.dataset_options
+    data: TaskData = cache.get(
+        ("data", config.dataset, config.task, options.model_dump(), config.trust_remote_code),
+        lambda: _load_data(config),
+    )
+    num_labels = data.num_labels if data.task == "classification" else None
+    model, tokenizer = cache.get(
+        ("model", config.model, data.task, num_labels, config.trust_remote_code),
+        lambda: load_model_shell(
+            config.model,
+            data.task,
+            num_labels=num_labels,
+            trust_remote_code=config.trust_remote_code,
+        ),
+    )
+    check_max_length(config, max_sequence_length(model, tokenizer))
+    targets = resolve_target_modules(model, config.target_modules)
+    shapes = weight_shapes(model, targets)
+    budget = check_budget(config, shapes)
+    for entry in config.methods:
+        spec = resolve_method(entry)
+        adapter = get_adapter(spec.adapter)
+        if not adapter.rank_based:
+            continue
+        ctx = MethodContext(
+            config=config,
+            spec=spec,
+            task=data.task,
+            targets=targets,
+            shapes=shapes,
+            budget=budget,
+            head_modules=[],
+            base_name_or_path=config.model,
+            seed=config.seed,
+            train_texts=_needs_training_data,
+        )
+        try:
+            per_rank, left, fixed = rank_budget(adapter, ctx)
+        except _NeedsTrainingData:
+            continue
+        try:
+            allocate_ranks(
+                dict.fromkeys(per_rank, 1.0),
+                per_rank,
+                budget=left,
+                strategy="uniform",
+                r_min=config.allocation.r_min,
+                r_max=config.allocation.r_max,
+            )
+        except FimloraError as exc:
+            extra = f" after its {fixed:,} fixed parameters" if fixed else ""
+            raise FimloraError(f"Method {spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
+
+
+def _load_data(config: ExperimentConfig) -> TaskData:
+    options = config.dataset_options
+    with quiet_datasets():
+        return load_task_data(
+            config.dataset,
+            seed=config.seed,
+            task=config.task,
+            text_column=options.text_column,
+            label_column=options.label_column,
+            hub_config=options.hub_config,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+
+def check_runs(runs: Sequence[tuple[str, ExperimentConfig]], *, what: str = "run") -> None:
+    """:func:`check_config` for every ``(label, config)``; one FimloraError listing the runs that would
+    fail, grouped by reason (at most three labels and three reasons shown)."""
+    cache = _Cache()
+    failures: dict[str, list[str]] = {}
+    for label, config in runs:
+        try:
+            check_config(config, cache)
+        except FimloraError as exc:
+            failures.setdefault(str(exc).rstrip("."), []).append(label)
+    if not failures:
+        return
+    count = sum(len(labels) for labels in failures.values())
+    parts = []
+    for reason, labels in list(failures.items())[:3]:
+        shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        parts.append(f"{shown}: {reason}")
+    more = f"; and {len(failures) - 3} other reason(s)" if len(failures) > 3 else ""
+    raise FimloraError(
+        f"{count} of {len(runs)} {what}(s) would fail before training, so nothing was started: "
+        + "; ".join(parts)
+        + more
+        + "."
+    )
