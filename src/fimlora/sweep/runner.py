@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -83,8 +84,12 @@ def run_sweep(
     gpus_per_run: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    tuned: str | Path | None = None,
 ) -> SweepReport:
     """Expand ``spec`` (validating every run first), skip finished runs, execute the rest.
+
+    ``tuned``: a ``tuned.yaml`` written by ``fimlora tune``: every run takes its cell's tuned settings
+    and is scored on the test split (see :mod:`fimlora.tune.apply`).
 
     ``workers`` (local backend only, default 1) is the number of worker processes; 1 runs in this
     process. ``ray_address``, ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the
@@ -123,7 +128,12 @@ def run_sweep(
     else:
         raise FimloraError(f"Unknown backend {backend!r}; use local or ray.")
 
-    runs = expand(spec)
+    if tuned is None:
+        runs = expand(spec)
+    else:
+        from fimlora.tune.apply import expand_tuned
+
+        runs = expand_tuned(spec, Path(tuned))
     if dry_run:
         for line in plan_lines(spec, runs):
             log(line)
