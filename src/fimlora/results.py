@@ -30,7 +30,8 @@ Columns of the table (``None``/NaN where a run does not have the value):
   GPU, sampled process RSS on CPU, see ``peak_memory_kind``), ``eval_time_s`` (when the run records it)
 * provenance: ``git_revision``, ``device`` (from ``environment.json``)
 * ``tuned_params``: the settings chosen by ``fimlora tune`` (comma-separated config keys) for runs of
-  ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise
+  ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise; ``tuned``:
+  whether there are any
 * ``sweep.<key>``: the grid coordinates from ``sweep.json``, when a sweep wrote one
 * ``<section>.<key>``: every leaf of the run's resolved ``config.yaml`` below a section (e.g.
   ``train.learning_rate``, ``train.steps``, ``budget.uniform_rank``, ``budget.params``,
@@ -266,6 +267,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
             "tuned_params": _tuned_params(result),
         }
     )
+    row["tuned"] = row["tuned_params"] is not None
     if isinstance(sweep, Mapping):
         for key, value in sweep.items():
             _flatten(f"sweep.{key}", value, row)

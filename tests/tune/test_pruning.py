@@ -51,7 +51,23 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails_while_the_study_goes_on
     assert "not finite" in diverged.user_attrs[FAILURE_ATTR] or "nan" in diverged.user_attrs[FAILURE_ATTR]
     assert any("trial 1 [lr=0.1]: pruned" in line for line in lines)
     assert any("trial 2 [lr=1e+30]: failed" in line for line in lines)
-    (entry,) = yaml.safe_load((spec.output_path / TUNED_FILE).read_text())["cells"]
+    document = yaml.safe_load((spec.output_path / TUNED_FILE).read_text())
+    assert {k: document[k] for k in ("name", "split", "seed", "trials_per_study")} == {
+        "name": "tiny",
+        "split": "validation",
+        "seed": 0,
+        "trials_per_study": 4,
+    }
+    (entry,) = document["cells"]
+    assert list(entry) == [
+        "model", "dataset", "method", "budget", "params", "metric", "validation_score", "trials"
+    ]  # fmt: skip
+    assert (entry["model"], entry["dataset"], entry["method"]) == (
+        str(small_bert_dir),
+        str(split_dir),
+        "lora",
+    )
+    assert entry["budget"] == {"uniform_rank": 2} and entry["metric"] == "loss"
     assert entry["trials"] == {"complete": 2, "pruned": 1, "failed": 1}
     best = min((t for t in trials if trial_kind(t) == "complete"), key=lambda t: t.value)
     assert entry["params"] == best.params and entry["validation_score"] == best.value

@@ -104,6 +104,7 @@ def test_study_names_are_deterministic_and_follow_every_setting_but_the_trial_co
         ({**TUNE, "methods": {"lora": {"allocation.tau": {"low": 2, "high": 1}}}}, GRID, "low < high"),
         ({**TUNE, "methods": {"lora": {"allocation.tau": 3}}}, GRID, "must be {low, high}"),
         (TUNE, {**GRID, "learning_rate": [1e-3]}, "must not have a learning_rate axis"),
+        ({**TUNE, "learning_rate": None}, {**GRID, "learning_rate": [1e-3, 2e-3]}, "would need one each"),
         ({**TUNE, "learning_rate": None}, GRID, "nothing to search for lora"),
         ({"learning_rate": {"low": 1e-4, "high": 1e-2}}, GRID, "tune.trials: Field required"),
     ],

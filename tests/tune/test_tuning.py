@@ -1,4 +1,5 @@
-"""A whole tuning on a tiny model: test data never read, equal budgets, tuned.yaml, then the final runs."""
+"""A whole tuning on a tiny model: test data never read, equal budgets, tuned.yaml, then the final runs
+and the report (about 45 s on 2 idle cores: slow)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from fimlora.experiment import run_experiment
 from fimlora.sweep import load_spec
 from fimlora.tune import TRIALS_FILE, TUNED_FILE, plan_cells, run_tuning
 from fimlora.tune.storage import kind_counts, trial_kind
+
+pytestmark = pytest.mark.slow
 
 TRIALS = 3
 TUNE = {

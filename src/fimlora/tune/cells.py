@@ -121,7 +121,7 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
     search space must be a valid experiment, or a FimloraError names the cell and the dimension."""
     seed = tuning_seed(spec, settings)
     defaults = {k: v for k, v in spec.defaults.items() if k != "seed"}
-    grid = spec.grid.model_copy(update={"seed": [seed], "learning_rate": None})
+    grid = spec.grid.model_copy(update={"seed": [seed]})
     runs = expand(spec.model_copy(update={"grid": grid, "defaults": defaults}))
     store = spec.output_path / TUNING_DIR
     cells = []

@@ -126,26 +126,36 @@ class Objective:
         self.log(f"{what}: {self.cell.metric} {value:.4f} ({time.perf_counter() - started:.0f} s)")
         return value
 
-    def _run(self, trial: Any, config: ExperimentConfig, params: dict[str, Any]) -> float:
-        import optuna
+    def setup(self) -> None:
+        """Prepare the cell (data, model, Fisher) before any trial: a cell that cannot run at all fails
+        here with a FimloraError, not as a trial."""
+        self._prepared(self.cell.config)
 
-        cell, metric = self.cell, self.cell.metric
-        try:
-            base = self.cache.get(config)
-            prepared = dataclasses.replace(base, config=config)
-            # The cell's Fisher lives in the cell's directory, shared by its trials.
-            needs = get_allocation(resolve_method(config.methods[0]).allocation).needs
-            calibration = dataclasses.replace(
-                prepared, config=config.model_copy(update={"output_dir": str(cell.directory)})
-            )
-            calibrate(calibration, set(needs), progress=False, log=_silent)
-        except (FimloraError, RuntimeError, OSError) as exc:
-            raise SetupError(f"{cell.describe()}: {exc}") from exc
+    def _prepared(self, config: ExperimentConfig) -> Prepared:
+        """The trial's prepared experiment: cached data and model, the cell's Fisher."""
+        base = self.cache.get(config)
+        prepared = dataclasses.replace(base, config=config)
+        # The cell's Fisher lives in the cell's directory, shared by its trials.
+        needs = get_allocation(resolve_method(config.methods[0]).allocation).needs
+        calibration = dataclasses.replace(
+            prepared, config=config.model_copy(update={"output_dir": str(self.cell.directory)})
+        )
+        calibrate(calibration, set(needs), progress=False, log=_silent)
         prepared.fisher, prepared.fisher_dir, prepared.kfac = (
             calibration.fisher,
             calibration.fisher_dir,
             calibration.kfac,
         )
+        return prepared
+
+    def _run(self, trial: Any, config: ExperimentConfig, params: dict[str, Any]) -> float:
+        import optuna
+
+        cell, metric = self.cell, self.cell.metric
+        try:
+            prepared = self._prepared(config)
+        except (FimloraError, RuntimeError, OSError) as exc:
+            raise SetupError(f"{cell.describe()}: {exc}") from exc
 
         def on_validation(step: int, metrics: dict[str, float]) -> None:
             value = float(metrics[metric])

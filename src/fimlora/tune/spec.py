@@ -213,10 +213,16 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
         if not isinstance(entry, dict):
             raise FimloraError(f"Invalid {source}: tune.methods.{method} must be a mapping of dimensions.")
         methods[method] = {k: v for k, v in entry.items() if k != "trials"}
-    if settings.learning_rate is not None and spec.grid.learning_rate is not None:
+    rates = spec.grid.learning_rate
+    if settings.learning_rate is not None and rates is not None:
         raise FimloraError(
             f"Invalid {source}: the learning rate is searched (tune.learning_rate), so the grid must not "
             "have a learning_rate axis; remove one of them."
+        )
+    if rates is not None and len(rates) > 1:
+        raise FimloraError(
+            f"Invalid {source}: a study is one model × dataset × method × budget; the grid's "
+            f"{len(rates)} learning rates would need one each. Keep one, or search the rate."
         )
     updated: dict[str, Any] = {"methods": methods}
     if trials is not None:

@@ -109,11 +109,15 @@ def tune_cell(
         if taken(trials) >= budget and not kind_counts(trials)["waiting"]:
             study.stop()
 
+    ready = False
     while True:
         trials = study.get_trials(deepcopy=False)
         counts = kind_counts(trials)
         if sum(counts[k] for k in COUNTED) >= budget:
             return
+        if not ready:  # only a study with trials to run loads the model
+            objective.setup()
+            ready = True
         if taken(trials) >= budget and not counts["waiting"]:
             # The last places are held by running trials: another worker's, or a dead one's that the
             # heartbeat fails (and re-enqueues) once it has been silent for the grace period.
