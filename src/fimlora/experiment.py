@@ -130,7 +130,7 @@ def _fisher_fingerprint(
     """Hash of everything the Fisher depends on, so a cached Fisher is reused only when still valid."""
     relevant = {
         "model": config.model,
-        "dataset": config.dataset,  # a split mapping is hashed as the mapping
+        "dataset": config.dataset,
         "dataset_options": config.dataset_options.model_dump(),
         "seed": config.seed,
         "fisher": config.fisher.model_dump(exclude={"aggregation"}),
