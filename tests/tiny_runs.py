@@ -85,3 +85,35 @@ def text_jsonl(tmp_path_factory) -> Path:
         lines.append('{"body": "' + " ".join(words) + '."}')
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# A 20-word vocabulary keeps tokenization (and datasets' fingerprinting of the tokenizer) instant.
+SMALL_WORDS = {"pos": ["great", "wonderful", "funny"], "neg": ["dull", "awful", "boring"]}
+SMALL_FILLER = ["the", "film", "plot", "acting", "story", "was", "really", "quite"]
+
+
+def write_small_bert(directory: Path) -> Path:
+    """A 2-layer, 16-wide BERT backbone with a 20-word WordPiece tokenizer, saved as a checkpoint."""
+    from transformers import BertTokenizerFast
+
+    vocab = directory / "vocab.txt"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + SMALL_FILLER + SMALL_WORDS["pos"] + SMALL_WORDS["neg"]
+    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+    make_tiny_bert(num_labels=2).bert.save_pretrained(directory)  # backbone only: the head is new
+    return directory
+
+
+def write_small_reviews(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` labelled snippets in the small vocabulary (columns review, sentiment)."""
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            words = [*rng.sample(SMALL_FILLER, 4), rng.choice(SMALL_WORDS[label])]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return path

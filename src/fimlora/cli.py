@@ -331,6 +331,10 @@ def sweep(
         Path | None,
         typer.Option(help="Run store instead of the spec's output_dir (run keys do not depend on it)."),
     ] = None,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(help="tuned.yaml from `fimlora tune`: each cell runs with its tuned settings, on test."),
+    ] = None,
 ) -> None:
     """Run every grid point of a sweep spec once: finished runs are skipped, unfinished ones re-run.
 
@@ -354,9 +358,50 @@ def sweep(
         progress=progress,
         log=_echo,
         log_failure=_echo_error,
+        tuned=tuned,
     )
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec with a tune: section (see README, 'Tuning').")],
+    trials: Annotated[int | None, typer.Option(help="Trials per study, for every study.")] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes sharing the storage.")] = 1,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL (default: sqlite:///<store>/tuning.db); share it across machines."
+        ),
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Store instead of the spec's output_dir (tuned.yaml goes there).")
+    ] = None,
+) -> None:
+    """Tune every cell of a sweep on the validation split, the same search for every method; write
+    tuned.yaml. Run again to resume; then `fimlora sweep SPEC --tuned <store>/tuned.yaml`."""
+    from fimlora.sweep import load_spec
+    from fimlora.tune import run_tuning
+    from fimlora.tune.objective import format_params
+
+    loaded = load_spec(spec)
+    if output_dir is not None:
+        loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
+    report = run_tuning(loaded, trials=trials, workers=workers, storage=storage, log=_echo)
+    _echo("")
+    for summary in report.summaries:
+        entry, counts = summary.entry, summary.entry.trials
+        best = (
+            f"{entry.metric} {entry.validation_score:.4f} with {format_params(entry.params)}"
+            if entry.params is not None and entry.validation_score is not None
+            else "no completed trial"
+        )
+        _echo(
+            f"{summary.cell.describe()}: {best} "
+            f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)"
+        )
+    _echo(f"written: {report.tuned_file} and {report.trials_file}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,11 @@ class BudgetSettings(_Strict):
 class LoraSettings(_Strict):
     alpha: float | None = Field(None, gt=0, description="Default: 2 × the budget's reference rank.")
     dropout: float = Field(0.0, ge=0, lt=1)
-    scaling: Literal["alpha_over_r", "constant"] = "alpha_over_r"
+    scaling: Literal["alpha_over_r", "constant", "alpha_over_sqrt_r"] = Field(
+        "alpha_over_r",
+        description="Module scaling: alpha/r_i (PEFT's default), alpha/r of the reference rank "
+        "(constant), or rsLoRA's alpha/sqrt(r_i) (alpha_over_sqrt_r).",
+    )
 
 
 class AdaLoraSettings(_Strict):
@@ -189,8 +193,13 @@ class TrainSettings(_Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     lr_scheduler: str = "linear"
     max_length: int = Field(64, ge=2, description="Tokens per example (causal LM: block length).")
-    eval_split: Literal["validation", "test"] = "test"
+    eval_split: Literal["validation", "test"] = Field(
+        "validation", description="Split of the run's final evaluation; final numbers say test explicitly."
+    )
     eval_examples: int | None = Field(None, ge=1, description="Cap on evaluated examples; None = all.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Optimiser steps between validation evaluations during training; None = none."
+    )
     eval_batch_size: int = Field(64, ge=1)
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
@@ -202,7 +211,10 @@ class ExperimentConfig(_Strict):
     """One experiment: a model, a dataset, a budget and the methods compared at that budget."""
 
     model: str = Field(description="Built-in name (minilm, smollm2), local directory or hub id.")
-    dataset: str = Field(description="Built-in name, local .csv/.json/.jsonl file or hub dataset id.")
+    dataset: str | dict[str, str] = Field(
+        description="Built-in name, local .csv/.json/.jsonl file, directory of split files, hub dataset id, "
+        "or a mapping split → file."
+    )
     task: Literal["classification", "causal-lm"] | None = None
     dataset_options: DatasetSettings = DatasetSettings()
     methods: list[str | MethodEntry] = Field(
@@ -236,6 +248,36 @@ class ExperimentConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("method names must not repeat")
         return methods
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_mapping(cls, dataset: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(dataset, dict):
+            from fimlora.data.files import check_split_mapping
+
+            try:
+                check_split_mapping(dataset)
+            except FimloraError as exc:
+                raise ValueError(str(exc)) from None
+        return dataset
+
+    @model_validator(mode="after")
+    def _supported_scaling(self) -> ExperimentConfig:
+        from fimlora.methods import check_scaling, resolve_method
+
+        for entry in self.methods:
+            try:
+                check_scaling(resolve_method(entry), self.lora.scaling)
+            except FimloraError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset as one string (a split mapping as ``train=…,validation=…``), for records and tables."""
+        from fimlora.data.files import dataset_label
+
+        return dataset_label(self.dataset)
 
     @property
     def method_names(self) -> list[str]:

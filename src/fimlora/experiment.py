@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,10 @@ from fimlora.processes import (
 )
 from fimlora.resolved import describe, run_config_differences
 from fimlora.runs import RunDirectory, environment
-from fimlora.train import train
+from fimlora.train import PeriodicValidation, train
 
 FISHER_DIR = "fisher"
+VALIDATION_FILE = "validation.jsonl"
 KFAC_DIR = "fisher-kfac"
 # Written into every adapter directory: the base task model's transformers config (labels included).
 MODEL_CONFIG_FILE = "model_config.json"
@@ -92,8 +93,12 @@ class Prepared:
     kfac: FisherResult | None = None
 
 
-def prepare(config: ExperimentConfig) -> Prepared:
-    """Load data and model, tokenize, resolve targets and the budget (no Fisher yet)."""
+def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) -> Prepared:
+    """Load data and model, tokenize, resolve targets and the budget (no Fisher yet).
+
+    ``splits``: the only splits that may be loaded (e.g. train and validation while tuning: the test
+    split is then sealed, see :class:`fimlora.data.SealedSplits`); None loads all three.
+    """
     options = config.dataset_options
     data = load_task_data(
         config.dataset,
@@ -103,6 +108,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         label_column=options.label_column,
         hub_config=options.hub_config,
         trust_remote_code=config.trust_remote_code,
+        splits=splits,
     )
     # The task head is initialised randomly at load time: seed first, or no run is reproducible.
     set_seed(config.seed)
@@ -248,7 +254,7 @@ def compute_fisher(
     result.metadata.update(
         {
             "model": config.model,
-            "dataset": config.dataset,
+            "dataset": config.dataset_label,
             "task": prepared.data.task,
             "fingerprint": fingerprint,
             "fingerprint_settings": settings,
@@ -406,10 +412,32 @@ def _summed(losses: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tens
     return total
 
 
+def evaluation_data(prepared: Prepared, split: str) -> Any:
+    """The tokenized ``split``, cut to ``train.eval_examples`` by a seeded random subset when that is set."""
+    config = prepared.config
+    data = prepared.tokenized[split]
+    if config.train.eval_examples is not None:
+        # A seeded random subset: the split keeps its source order, whose head need not be typical.
+        data = data.shuffle(seed=config.seed).select(range(min(config.train.eval_examples, len(data))))
+    return data
+
+
 def run_method(
-    prepared: Prepared, method_name: str, run: RunDirectory, *, progress: bool = True
+    prepared: Prepared,
+    method_name: str,
+    run: RunDirectory,
+    *,
+    progress: bool = True,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+    result_extras: Mapping[str, Any] | None = None,
 ) -> MethodOutcome:
-    """Allocate, wrap, train, evaluate and save one method into its run directory."""
+    """Allocate, wrap, train, evaluate and save one method into its run directory.
+
+    With ``train.eval_every`` set, the validation split is evaluated every that many steps during
+    training (``validation.jsonl`` in the run) and each result is passed to ``on_validation(step,
+    metrics)``, which may raise to stop the run (an Optuna pruner does). ``result_extras`` are added
+    to ``result.json`` (e.g. where the hyperparameters came from).
+    """
     config = prepared.config
     main = is_main_process()
     if main:
@@ -424,6 +452,23 @@ def run_method(
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
     optimizer = built.optimizer_kind.build(model, ctx)
     callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
+    if config.train.eval_every is not None:
+        validation = evaluation_data(prepared, "validation")
+        callbacks.append(
+            PeriodicValidation(
+                config.train.eval_every,
+                lambda m: evaluate(
+                    m,
+                    validation,
+                    prepared.collator,
+                    prepared.data.task,
+                    batch_size=config.train.eval_batch_size,
+                    progress=False,
+                ),
+                run.file(VALIDATION_FILE),
+                on_validation,
+            )
+        )
     losses = [fn for c in components if (fn := c.extra_loss(model, ctx)) is not None]
     learning_rate = config.train.learning_rate
     if not adapter.rank_based:
@@ -451,12 +496,7 @@ def run_method(
     if not main:
         wait_for_everyone()  # the main process evaluates and writes the run
         return MethodOutcome(result=run.read_result(), model=model)
-    eval_data = prepared.tokenized[config.train.eval_split]
-    if config.train.eval_examples is not None:
-        # A seeded random subset: the split keeps its source order, whose head need not be typical.
-        eval_data = eval_data.shuffle(seed=config.seed).select(
-            range(min(config.train.eval_examples, len(eval_data)))
-        )
+    eval_data = evaluation_data(prepared, config.train.eval_split)
     started = time.perf_counter()
     metrics = evaluate(
         model,
@@ -485,7 +525,7 @@ def run_method(
         "method": spec.name,
         "method_spec": spec.to_dict(),
         "model": config.model,
-        "dataset": config.dataset,
+        "dataset": config.dataset_label,
         "task": prepared.data.task,
         "seed": config.seed,
         "eval_split": config.train.eval_split,
@@ -515,6 +555,7 @@ def run_method(
             else None
         ),
         "records": records,
+        **(result_extras or {}),
     }
     run.finish(result)
     wait_for_everyone()
@@ -585,10 +626,13 @@ def run_experiment(
     progress: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    result_extras: Mapping[str, Any] | None = None,
 ) -> tuple[Prepared, list[dict]]:
     """Run every method of ``config``; a finished run is reused when it was made with the same
     result-affecting settings (:mod:`fimlora.resolved`), and refused with a FimloraError naming the
     differing keys otherwise; ``overwrite`` re-runs every method.
+
+    ``result_extras``: entries added to every method's ``result.json`` (see :func:`run_method`).
 
     Started by ``torchrun``/``accelerate launch``, the processes share the work (see
     :mod:`fimlora.processes`); only the main one logs, shows progress and writes.
@@ -618,7 +662,8 @@ def run_experiment(
             results.append(runs[name].read_result())
             continue
         log(f"{name}: training {config.train.steps} steps at a budget of {prepared.budget:,} parameters")
-        results.append(run_method(prepared, name, runs[name], progress=progress).result)
+        outcome = run_method(prepared, name, runs[name], progress=progress, result_extras=result_extras)
+        results.append(outcome.result)
     return prepared, results
 
 

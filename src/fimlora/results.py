@@ -33,6 +33,9 @@ Columns of the table (``None``/NaN where a run does not have the value):
   ``train_examples_per_s``, ``final_train_loss``, ``peak_memory_mb`` (MiB; CUDA allocator peak on
   GPU, sampled process RSS on CPU, see ``peak_memory_kind``), ``eval_time_s`` (when the run records it)
 * provenance: ``git_revision``, ``device`` (from ``environment.json``)
+* ``tuned_params``: the settings chosen by ``fimlora tune`` (comma-separated config keys) for runs of
+  ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise; ``tuned``:
+  whether there are any
 * ``sweep.<key>``: the grid coordinates from ``sweep.json``, when a sweep wrote one
 * ``<section>.<key>``: every leaf of the run's resolved ``config.yaml`` below a section (e.g.
   ``train.learning_rate``, ``train.steps``, ``budget.uniform_rank``, ``budget.params``,
@@ -266,8 +269,10 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
             "eval_time_s": _eval_time(result),
             "git_revision": env.get("git_revision"),
             "device": env.get("device"),
+            "tuned_params": _tuned_params(result),
         }
     )
+    row["tuned"] = row["tuned_params"] is not None
     if isinstance(sweep, Mapping):
         for key, value in sweep.items():
             _flatten(f"sweep.{key}", value, row)
@@ -290,6 +295,14 @@ def class_columns(classes: Any) -> dict[str, Any]:
     row["class_labels"] = json.dumps(labels)
     row["confusion_matrix"] = json.dumps(classes.get("confusion_matrix"))
     return row
+
+
+def _tuned_params(result: Mapping[str, Any]) -> str | None:
+    sources = result.get("hyperparameter_sources")
+    if not isinstance(sources, Mapping):
+        return None
+    tuned = sorted(k for k, v in sources.items() if isinstance(v, Mapping) and v.get("source") == "tuned")
+    return ",".join(tuned) or None
 
 
 def _eval_time(result: Mapping[str, Any]) -> float | None:

@@ -50,7 +50,7 @@ BASELINE = "lora"
 
 # Settings every method of a comparison shares: runs are only paired with a baseline that matches them.
 _SHARED_PREFIXES = ("train.", "lora.", "dataset_options.")
-_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha")
+_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha", "tuned")
 _IGNORED_SETTINGS = ("train.eval_batch_size", "train.eval_split", "train.report_to")
 # Settings of a method itself (NaN for methods that do not use them).
 _METHOD_SETTINGS = (
@@ -62,6 +62,8 @@ _METHOD_SETTINGS = (
     "allocation.r_max",
 )
 _METHOD_PREFIXES = ("method_options.",)
+# result.json columns that repeat a config setting: tuned with it, so never a shared setting either.
+_TUNED_ALIASES = {"lora.scaling": "scaling", "lora.alpha": "lora_alpha"}
 _BASE_KEYS = ("dataset", "model", "budget")
 # The columns of a :func:`summarize` row that are values, not keys of the row's group.
 SUMMARY_VALUE_COLUMNS = (
@@ -257,18 +259,32 @@ def setting_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     """The shared and the method-specific settings that vary in ``frame`` and so split its groups.
 
     Shared settings (``train.*``, ``lora.*``, …) must match between a method and its baseline; method
-    settings (Fisher estimator and size, allocation τ/r_min/r_max, ``method_options.*``) only split a
-    method's own groups; a baseline that varies in them too is matched on equal values.
+    settings (Fisher estimator and size, allocation τ/r_min/r_max, ``method_options.*``, and whatever
+    ``fimlora tune`` chose per method) only split a method's own groups; a baseline that varies in them
+    too is matched on equal values.
     """
+    tuned = tuned_columns(frame)
+    # A tuned setting is the method's own by design (lora at its best rate vs fim-lora at its own).
+    untouchable = {*tuned, *(_TUNED_ALIASES[c] for c in tuned if c in _TUNED_ALIASES)}
     shared = [
         c
         for c in frame.columns
-        if (c.startswith(_SHARED_PREFIXES) or c in _SHARED_COLUMNS) and c not in _IGNORED_SETTINGS
+        if (c.startswith(_SHARED_PREFIXES) or c in _SHARED_COLUMNS)
+        and c not in _IGNORED_SETTINGS
+        and c not in untouchable
     ]
     method = [c for c in _METHOD_SETTINGS if c in frame.columns]
     method += [c for c in frame.columns if c.startswith(_METHOD_PREFIXES)]
+    method += [c for c in sorted(tuned) if c in frame.columns and c not in method]
     base = [k for k in _BASE_KEYS if k in frame.columns]
     return _varying(frame, shared, base), _varying(frame, method, [*base, "method"])
+
+
+def tuned_columns(frame: pd.DataFrame) -> set[str]:
+    """Config columns that ``fimlora tune`` chose for some run of ``frame`` (its ``tuned_params``)."""
+    if "tuned_params" not in frame.columns:
+        return set()
+    return {key for value in frame["tuned_params"].dropna() for key in str(value).split(",") if key}
 
 
 def metrics_in(frame: pd.DataFrame) -> list[str]:

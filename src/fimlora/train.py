@@ -133,6 +133,41 @@ class _StepLog(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class PeriodicValidation(TrainerCallback):
+    """Evaluates the model every ``every`` optimiser steps during training (not after the last step: the
+    run's own evaluation follows) and appends ``{"step": …, <metric>: …}`` to ``path``.
+
+    ``on_result(step, metrics)`` sees each evaluation (e.g. to report it to an Optuna pruner; it may
+    raise to stop training). The evaluation runs inside ``torch.random.fork_rng``, so the training
+    trajectory (dropout masks, data order) is exactly that of a run without it.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        path: Path,
+        on_result: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.every = every
+        self.evaluate = evaluate
+        self.path = path
+        self.on_result = on_result
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        step = state.global_step
+        if step % self.every or step >= state.max_steps or not state.is_world_process_zero:
+            return
+        assert model is not None
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = self.evaluate(model)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.on_result is not None:
+            self.on_result(step, metrics)
+
+
 class _MethodTrainer(Trainer):
     """The Trainer, plus an optional auxiliary loss of the method (e.g. HydraLoRA's router balance)."""
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import random
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import make_tiny_bert
-from transformers import BertTokenizerFast
+from tiny_runs import write_small_bert, write_small_reviews
 
 from fimlora.config import TrainSettings
-
-WORDS = {"pos": ["great", "wonderful", "funny"], "neg": ["dull", "awful", "boring"]}
-FILLER = ["the", "film", "plot", "acting", "story", "was", "really", "quite"]
 
 
 @pytest.fixture(scope="session")
@@ -24,29 +18,13 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     The tiny vocabulary matters for speed: ``datasets`` fingerprints each tokenization by pickling the
     tokenizer, seconds per split for a 30k-word one.
     """
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = directory / "vocab.txt"
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab.write_text("\n".join(specials + FILLER + WORDS["pos"] + WORDS["neg"]) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
-    make_tiny_bert(num_labels=2).bert.save_pretrained(directory)  # backbone only: the head is new
-    return directory
+    return write_small_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def reviews_csv(tmp_path_factory) -> Path:
     """80 short labelled snippets (8 land in the test split)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["review", "sentiment"])
-        for _ in range(80):
-            label = rng.choice(["pos", "neg"])
-            words = [*rng.sample(FILLER, 4), rng.choice(WORDS[label])]
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), label])
-    return path
+    return write_small_reviews(tmp_path_factory.mktemp("data") / "reviews.csv", 80)
 
 
 @pytest.fixture(scope="session")

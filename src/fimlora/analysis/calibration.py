@@ -302,7 +302,7 @@ def calibration_stability(
         )
     info = {
         "model": config.model,
-        "dataset": config.dataset,
+        "dataset": config.dataset_label,
         "seed": seed,
         "sizes": sizes,
         "repeats": repeats,

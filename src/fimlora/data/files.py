@@ -14,16 +14,35 @@ Splits: ``train`` must exist (a source with a single split uses it as train); ``
 called ``valid``, ``val`` or ``dev``. Missing validation/test splits are carved out of train with a seeded
 split, 10% of train each (so 80/10/10 when both are missing). A provided split with no labels at all (e.g. a
 GLUE-style test set with label -1) counts as missing.
+
+Bringing your own splits: ``dataset`` may be a directory holding ``train.csv`` (or ``.json``/``.jsonl``)
+and optionally ``validation.csv`` (``valid``/``val``/``dev``) and ``test.csv``, or a mapping
+``{train: a.csv, validation: b.csv, test: c.csv}`` (one format for all files). A split that is given is
+used as is; only the missing ones are carved from train. Loading may be restricted to some splits
+(``allowed``): the files of the others are never opened, and a split that is provided but not allowed is
+not carved either, so train is the same rows whether or not test is loaded. Label ids are assigned over
+the splits actually loaded.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import datasets
 
-from fimlora.data.registry import SPLITS, Task, TaskData, carve_splits, check_task, check_task_data
+from fimlora.data.registry import (
+    SPLITS,
+    SealedSplits,
+    Task,
+    TaskData,
+    carve_splits,
+    check_task,
+    check_task_data,
+    seal,
+)
 from fimlora.errors import FimloraError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +67,56 @@ def looks_like_file(name: str) -> bool:
     return path.suffix.lower() in FILE_BUILDERS or path.exists()
 
 
+def check_split_mapping(mapping: Mapping[str, Any]) -> dict[str, str]:
+    """A mapping split → file, with canonical split names; raises unless it names train and known splits."""
+    canonical: dict[str, str] = {}
+    for key, path in mapping.items():
+        split = SPLIT_ALIASES.get(str(key).lower())
+        if split is None:
+            raise FimloraError(
+                f"dataset mapping key {key!r} is not a split; use train, validation (or valid, val, dev) "
+                "and test."
+            )
+        if split in canonical:
+            raise FimloraError(f"dataset mapping names the {split} split twice; keep one file per split.")
+        if not isinstance(path, str) or not path.strip():
+            raise FimloraError(f"dataset mapping: the {split} split needs a file path, got {path!r}.")
+        canonical[split] = path
+    if "train" not in canonical:
+        raise FimloraError(f"dataset mapping needs a train file, got only {sorted(canonical)}.")
+    return canonical
+
+
+def dataset_label(dataset: str | Mapping[str, Any]) -> str:
+    """A dataset as one string: itself, or a split mapping as ``train=a.csv,validation=b.csv``."""
+    if isinstance(dataset, str):
+        return dataset
+    files = check_split_mapping(dataset)
+    return ",".join(f"{split}={files[split]}" for split in SPLITS if split in files)
+
+
+def split_files_in(directory: Path) -> dict[str, Path]:
+    """The split files of a dataset directory: ``train.csv``, ``validation.jsonl``, … (other files are
+    ignored; the files are only listed here, never opened)."""
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        split = SPLIT_ALIASES.get(path.stem.lower())
+        if split is None or path.suffix.lower() not in FILE_BUILDERS:
+            continue
+        if split in found:
+            raise FimloraError(
+                f"Dataset directory {str(directory)!r} has two {split} files ({found[split].name}, "
+                f"{path.name}); keep one."
+            )
+        found[split] = path
+    if "train" not in found:
+        raise FimloraError(
+            f"Dataset directory {str(directory)!r} has no train file; add train.csv, train.json or "
+            "train.jsonl (and optionally validation.* and test.*)."
+        )
+    return found
+
+
 def load_file_dataset(
     name: str,
     *,
@@ -55,20 +124,83 @@ def load_file_dataset(
     task: str | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    allowed: Collection[str] | None = None,
 ) -> TaskData:
-    """Load a local ``.csv``, ``.json`` (array or lines) or ``.jsonl`` file as :class:`TaskData`."""
+    """Load a local ``.csv``, ``.json`` (array or lines) or ``.jsonl`` file, or a directory of split
+    files, as :class:`TaskData`; ``allowed``: the splits that may be loaded (None: all)."""
     path = Path(name).expanduser()
+    if path.is_dir():
+        return load_split_files(
+            split_files_in(path),
+            name=name,
+            seed=seed,
+            task=task,
+            text_column=text_column,
+            label_column=label_column,
+            allowed=allowed,
+        )
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise FimloraError(
             f"{name!r} exists but is not a .csv, .json or .jsonl file; convert it to one of those formats."
         )
+    _check_file(path, name)
+    raw = _load_raw(builder, {"train": path}, name)
+    data = normalize_splits(
+        raw, name=name, seed=seed, task=task, text_column=text_column, label_column=label_column
+    )
+    return seal(data, allowed)
+
+
+def load_split_files(
+    files: Mapping[str, str | Path],
+    *,
+    name: str,
+    seed: int,
+    task: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    allowed: Collection[str] | None = None,
+) -> TaskData:
+    """Load one file per split (canonical split names → paths); only the ``allowed`` splits' files are
+    opened, the splits that are missing and allowed are carved from train."""
+    builders = {split: FILE_BUILDERS.get(Path(p).suffix.lower()) for split, p in files.items()}
+    odd = [str(files[split]) for split, builder in builders.items() if builder is None]
+    if odd:
+        raise FimloraError(f"Dataset {name!r}: {odd[0]!r} is not a .csv, .json or .jsonl file.")
+    if len(set(builders.values())) > 1:
+        raise FimloraError(
+            f"Dataset {name!r} mixes file formats ({', '.join(str(p) for p in files.values())}); use one "
+            "format for every split."
+        )
+    allowed_set = set(SPLITS) if allowed is None else set(allowed)
+    chosen = {split: Path(p).expanduser() for split, p in files.items() if split in allowed_set}
+    for split, path in chosen.items():
+        _check_file(path, str(files[split]))
+    raw = _load_raw(next(iter(builders.values())) or "csv", chosen, name)
+    sealed = [split for split in files if split not in allowed_set]
+    data = normalize_splits(
+        raw,
+        name=name,
+        seed=seed,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        sealed=sealed,
+    )
+    return seal(data, allowed)
+
+
+def _check_file(path: Path, name: str) -> None:
     if not path.is_file():
         raise FimloraError(f"Data file {name!r} does not exist; check the path.")
     if path.stat().st_size == 0:
         raise FimloraError(f"Data file {name!r} is empty; it needs a header (CSV) or records (JSON).")
+
+
+def _load_raw(builder: str, files: Mapping[str, Path], name: str) -> datasets.DatasetDict:
     try:
-        raw = datasets.load_dataset(builder, data_files={"train": str(path.resolve())})
+        return datasets.load_dataset(builder, data_files={s: str(p.resolve()) for s, p in files.items()})
     except Exception as exc:
         reason = _first_line(exc)
         if "corresponds to no data" in reason:
@@ -77,9 +209,6 @@ def load_file_dataset(
         raise FimloraError(
             f"Could not read {name!r} as {builder.upper()}: {reason}; fix the file's format."
         ) from exc
-    return normalize_splits(
-        raw, name=name, seed=seed, task=task, text_column=text_column, label_column=label_column
-    )
 
 
 def normalize_splits(
@@ -90,8 +219,13 @@ def normalize_splits(
     task: str | None,
     text_column: str | None,
     label_column: str | None,
+    sealed: Collection[str] = (),
 ) -> TaskData:
-    """Turn a source's splits with arbitrary columns into :class:`TaskData` (see module docstring)."""
+    """Turn a source's splits with arbitrary columns into :class:`TaskData` (see module docstring).
+
+    ``sealed``: splits the source provides but that were deliberately not loaded; they are neither
+    carved nor present in the result (a :class:`~fimlora.data.registry.SealedSplits`).
+    """
     splits = _canonical_splits(raw, name)
     columns = splits["train"].column_names
     text_col = _pick_column(columns, text_column, DEFAULT_TEXT_COLUMNS, "text", name)
@@ -153,12 +287,13 @@ def normalize_splits(
             "text or label); provide a non-empty dataset."
         )
     shares = {split: CARVE_SHARE for split in ("validation", "test") if split not in splits}
+    shares = {split: share for split, share in shares.items() if split not in sealed}
     if shares:
         carved = carve_splits(splits["train"], shares, seed=seed, source=f"Dataset {name!r}")
         splits.update(carved)
-    return check_task_data(
-        TaskData(name, resolved, datasets.DatasetDict({s: splits[s] for s in SPLITS}), label_names)
-    )
+    kept = {s: splits[s] for s in SPLITS if s in splits}
+    result = SealedSplits(kept, sealed) if sealed else datasets.DatasetDict(kept)
+    return check_task_data(TaskData(name, resolved, result, label_names))
 
 
 def _canonical_splits(raw: datasets.DatasetDict, name: str) -> dict[str, datasets.Dataset]:

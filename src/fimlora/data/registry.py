@@ -6,6 +6,8 @@ Conventions every loader (built-in, local file, hub) must meet, checked by :func
 - every split has a ``text`` column of strings; classification splits also have ``label`` (int ids
   ``0..K-1`` indexing ``label_names``); other columns (``domain``, ``genre``, ...) may remain;
 - splits are a pure function of the source and ``seed``: the same seed gives identical splits.
+- a loader may be told which splits it may materialise (``fimlora tune`` allows train and validation):
+  the others are *sealed*: absent from ``splits``, and touching one raises (:class:`SealedSplits`).
 
 Built-in loaders are registered lm-evaluation-harness style::
 
@@ -17,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import datasets
 import numpy as np
@@ -46,6 +48,45 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+class SealedSplits(datasets.DatasetDict):
+    """A ``DatasetDict`` holding only the splits a run may see; asking for a sealed one raises.
+
+    The sealed splits were never materialised (a split file is not even opened), so code that reaches
+    for one is a bug that would have read held-out data: it fails with a clear error instead.
+    """
+
+    def __init__(self, splits: Mapping[str, datasets.Dataset], sealed: Collection[str]) -> None:
+        super().__init__(splits)
+        self.sealed = frozenset(sealed)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key in self.sealed:
+            raise FimloraError(
+                f"The {key} split is sealed here: only {', '.join(s for s in SPLITS if s in self)} may be "
+                f"read (the {key} split is for final numbers, never for choosing settings)."
+            )
+        return super().__getitem__(key)
+
+
+def sealed_splits(splits: Mapping[str, datasets.Dataset], allowed: Collection[str]) -> datasets.DatasetDict:
+    """``splits`` restricted to ``allowed`` (a :class:`SealedSplits` when that leaves any out)."""
+    unknown = sorted(set(allowed) - set(SPLITS))
+    if unknown or "train" not in allowed:
+        raise FimloraError(
+            f"Splits to load must include train and be among {list(SPLITS)}, got {sorted(allowed)}."
+        )
+    kept = {name: splits[name] for name in SPLITS if name in allowed and name in splits}
+    sealed = [name for name in SPLITS if name not in allowed]
+    return SealedSplits(kept, sealed) if sealed else datasets.DatasetDict(kept)
+
+
+def seal(data: TaskData, allowed: Collection[str] | None) -> TaskData:
+    """``data`` with every split outside ``allowed`` sealed (``None``: all three kept)."""
+    if allowed is None or set(SPLITS) <= set(allowed):
+        return data
+    return TaskData(data.name, data.task, sealed_splits(data.splits, allowed), data.label_names)
+
+
 @dataclass
 class TaskData:
     """A dataset normalised for fimlora: three named splits and, for classification, the label names."""
@@ -54,6 +95,11 @@ class TaskData:
     task: Task
     splits: datasets.DatasetDict
     label_names: list[str] | None = None
+
+    @property
+    def sealed(self) -> frozenset[str]:
+        """Splits that were deliberately not loaded (see :class:`SealedSplits`)."""
+        return getattr(self.splits, "sealed", frozenset())
 
     @property
     def num_labels(self) -> int:
@@ -186,11 +232,13 @@ def _keep_duplicates_together(texts: Sequence[str], order: np.ndarray, assigned:
 def check_task_data(data: TaskData) -> TaskData:
     """Validate ``data`` against the module conventions; return it unchanged or raise FimloraError."""
     check_task(data.task)
-    if sorted(data.splits) != sorted(SPLITS):
+    present = [split for split in SPLITS if split in data.splits]
+    if sorted(data.splits) != sorted(set(SPLITS) - data.sealed):
         raise FimloraError(
-            f"Dataset {data.name!r} has splits {sorted(data.splits)}; expected exactly {list(SPLITS)}."
+            f"Dataset {data.name!r} has splits {sorted(data.splits)}; expected exactly {list(SPLITS)}"
+            + (f" less the sealed {sorted(data.sealed)}." if data.sealed else ".")
         )
-    for split in SPLITS:
+    for split in present:
         ds = data.splits[split]
         if len(ds) == 0:
             raise FimloraError(
@@ -205,7 +253,7 @@ def check_task_data(data: TaskData) -> TaskData:
                 "distinct label(s); at least 2 are needed."
             )
         k = len(data.label_names)
-        for split in SPLITS:
+        for split in present:
             labels = np.asarray(data.splits[split]["label"][:])
             if labels.size and (labels.min() < 0 or labels.max() >= k):
                 raise FimloraError(

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fimlora.data.registry import SPLITS, TaskData, check_task
+from fimlora.data.registry import SPLITS, SealedSplits, TaskData, check_task
 from fimlora.errors import FimloraError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def _is_large(ds: datasets.Dataset) -> bool:
 
 
 def tokenize_task_data(data: TaskData, tokenizer: Any, *, max_length: int) -> datasets.DatasetDict:
-    """Tokenize every split of ``data`` for its task (see module docstring); returns a new DatasetDict."""
+    """Tokenize every split of ``data`` for its task (see module docstring); returns a new DatasetDict
+    (sealed splits stay sealed in it)."""
     if max_length < 1:
         raise FimloraError(f"max_length must be a positive number of tokens, got {max_length}.")
     model_max = getattr(tokenizer, "model_max_length", None)
@@ -66,14 +67,14 @@ def tokenize_task_data(data: TaskData, tokenizer: Any, *, max_length: int) -> da
         logger.warning("max_length=%d exceeds the tokenizer's model_max_length=%d", max_length, model_max)
     check_task(data.task)
     out = {}
-    for split in SPLITS:
+    for split in (s for s in SPLITS if s in data.splits):  # sealed splits stay sealed
         ds = data.splits[split]
         with _progress_only_if_large(ds):
             if data.task == "classification":
                 out[split] = _tokenize_classification(ds, tokenizer, max_length, split)
             else:
                 out[split] = _tokenize_causal_lm(ds, tokenizer, max_length, split, data.name)
-    return datasets.DatasetDict(out)
+    return SealedSplits(out, data.sealed) if data.sealed else datasets.DatasetDict(out)
 
 
 def _tokenize_classification(

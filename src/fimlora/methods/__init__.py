@@ -142,6 +142,20 @@ def check_combination(spec: MethodSpec) -> None:
         )
 
 
+def check_scaling(spec: MethodSpec, scaling: str) -> None:
+    """Refuse a ``lora.scaling`` convention that the method's adapter or allocation rule would ignore."""
+    adapter, rule = get_adapter(spec.adapter), get_allocation(spec.allocation)
+    for what, name, supported in (
+        ("adapter", spec.adapter, adapter.scalings),
+        ("allocation", spec.allocation, rule.scalings),
+    ):
+        if supported is not None and scaling not in supported:
+            raise FimloraError(
+                f"Method {spec.name!r}: {what} {name!r} does not implement lora.scaling {scaling!r} "
+                f"(supported: {', '.join(sorted(supported))})."
+            )
+
+
 __all__ = [
     "ADAPTERS",
     "ALLOCATIONS",
@@ -153,6 +167,7 @@ __all__ = [
     "MethodSpec",
     "OptimizerKind",
     "check_combination",
+    "check_scaling",
     "get_adapter",
     "get_allocation",
     "get_optimizer",

@@ -152,6 +152,8 @@ class AllocationRule(Component):
     #: True when the built adapter must match the allocation's ranks exactly (they may still move during
     #: training, as fisher-online's do); False when the adapter sets its own initial ranks (AdaLoRA, EVA).
     static_ranks: bool = True
+    #: The ``lora.scaling`` conventions this rule honours; None = whatever the adapter supports.
+    scalings: frozenset[str] | None = None
 
     def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
         """Ranks per module such that ``Σ r_i (d_in_i + d_out_i) <= budget`` over ``shapes``."""
@@ -176,8 +178,9 @@ class AdapterKind(Component):
     budget_matched: bool = True
     #: Optimizers that can train this adapter.
     optimizers: frozenset[str] = frozenset({"adamw"})
-    #: The scaling conventions this adapter supports (``lora.scaling`` in the config).
-    scalings: frozenset[str] = frozenset({"alpha_over_r", "constant"})
+    #: The scaling conventions this adapter supports (``lora.scaling`` in the config); None: the adapter
+    #: has no LoRA scaling at all (full fine-tuning, VeRA), so the setting does not apply to it.
+    scalings: frozenset[str] | None = frozenset({"alpha_over_r", "constant"})
 
     def cost(self, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
         return CostModel(per_rank_shape=shape)

@@ -396,3 +396,82 @@ def rank_trajectories(
             bar.update_ticks()
         figure.suptitle(title, fontsize=10)
         return _png(figure)
+
+
+@dataclass
+class TrialPoint:
+    """One tuning trial: its learning rate, its validation score (a pruned trial: the last one it
+    reported; a failed trial: none) and how it ended (complete, pruned, failed)."""
+
+    x: float
+    y: float | None
+    state: str
+    best: bool = False  # the trial the tuning chose
+
+
+def sensitivity_plot(
+    series: Mapping[str, Sequence[TrialPoint]],
+    *,
+    metric: str,
+    higher_is_better: bool,
+    title: str,
+    xlabel: str = "learning rate",
+) -> bytes:
+    """Validation score vs learning rate (log x), one curve per method through its completed trials;
+    pruned trials hollow at their last reported score, failed trials as × on the bottom edge, each
+    method's chosen (``best``) trial as a star."""
+    with matplotlib.rc_context(STYLE):
+        figure = _new_figure(6.4, 3.9)
+        ax = figure.add_subplot()
+        colours = method_colours(list(series))
+        scores = [p.y for points in series.values() for p in points if p.y is not None and math.isfinite(p.y)]
+        low = min(scores) if scores else 0.0
+        high = max(scores) if scores else 1.0
+        pad = 0.08 * (high - low or abs(high) or 1.0)
+        floor = low - pad
+        for method, points in series.items():
+            colour = colours[method]
+            complete = sorted(
+                (p for p in points if p.state == "complete" and p.y is not None), key=lambda p: p.x
+            )
+            pruned = [p for p in points if p.state == "pruned" and p.y is not None]
+            failed = [p for p in points if p.state == "failed" or p.y is None]
+            n = len(points)
+            ax.plot(
+                [p.x for p in complete],
+                [float(p.y or 0.0) for p in complete],
+                marker="o",
+                markersize=4,
+                linewidth=1.2,
+                color=colour,
+                label=f"{method} ({n} trial{'s' if n != 1 else ''})",
+            )
+            if pruned:
+                ax.scatter(
+                    [p.x for p in pruned],
+                    [float(p.y or 0.0) for p in pruned],
+                    s=22,
+                    facecolors="none",
+                    edgecolors=colour,
+                )
+            if failed:
+                ax.scatter([p.x for p in failed], [floor] * len(failed), marker="x", s=24, color=colour)
+            best = [p for p in complete if p.best]
+            if best:
+                ax.scatter(
+                    [p.x for p in best],
+                    [float(p.y or 0.0) for p in best],
+                    marker="*",
+                    s=110,
+                    color=colour,
+                    edgecolors="black",
+                    zorder=3,
+                )
+        ax.set_xscale("log")
+        ax.set_ylim(floor - pad / 2, high + pad)
+        ax.set_xlabel(f"{xlabel} (log scale)")
+        ax.set_ylabel(f"validation {metric} ({'higher' if higher_is_better else 'lower'} is better)")
+        ax.set_title(title)
+        ax.legend(loc="best")
+        ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+        return _png(figure)

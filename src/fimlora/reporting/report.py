@@ -26,7 +26,7 @@ import pandas as pd
 from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
-from fimlora.reporting import plots
+from fimlora.reporting import plots, tuning
 from fimlora.reporting.document import (
     Block,
     Bullets,
@@ -122,6 +122,8 @@ def _settings_label(row: Mapping[str, Any], columns: Sequence[str]) -> str:
         value = row.get(column)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
+        if isinstance(value, float) and len(repr(value)) > 7:  # a tuned rate: 0.0031 not 0.003123456
+            value = f"{value:.3g}"
         parts.append(f"{column.split('.')[-1]}={value}")
     return ", ".join(parts)
 
@@ -195,6 +197,7 @@ class _Builder:
         shared, method_settings = setting_columns(frame)
         self.shared_settings = shared
         self.method_settings = method_settings
+        self.trials = tuning.trial_tables(root, frame)
 
     def image(self, name: str, png: bytes, caption: str, alt: str = "") -> None:
         if name in self.images:
@@ -272,6 +275,7 @@ class _Builder:
         for metric in metrics:
             self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
         self.per_class(frame)
+        self.tuning(frame, dataset, model)
         self.cost_table(frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
         self.rank_heatmaps(frame, dataset, model)
@@ -414,6 +418,16 @@ class _Builder:
                     open=len(confusions) <= 12,
                 )
             )
+
+    def tuning(self, frame: pd.DataFrame, dataset: str, model: str) -> None:
+        """The tuning budget next to results on tuned settings; learning-rate sensitivity of the trials."""
+        self.blocks += tuning.budget_blocks(tuning.tuning_of_runs(self.root, frame), self.baseline)
+        images = tuning.sensitivity_images(self.trials, dataset, model)
+        if images:
+            self.blocks.append(Heading("Learning-rate sensitivity (validation split)", 3))
+        for budget, png, caption in images:
+            name = f"sensitivity-{_slug(dataset)}-{_slug(model)}-{_slug(budget)}.png"
+            self.image(name, png, caption, alt=f"validation score vs learning rate, budget {budget}")
 
     def cost_table(self, frame: pd.DataFrame) -> None:
         columns = [

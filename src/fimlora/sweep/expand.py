@@ -22,7 +22,8 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,8 @@ class PlannedRun:
     method: str
     axes: dict[str, Any]
     config: ExperimentConfig
+    #: Entries added to the run's result.json (``fimlora sweep --tuned``: where each setting came from).
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -106,7 +109,7 @@ class PlannedRun:
         a = self.axes
         return (
             f"method={self.method} budget={budget_label(a['budget'])} seed={a['seed']} "
-            f"lr={a['learning_rate']:g} model={a['model']} dataset={a['dataset']}"
+            f"lr={a['learning_rate']:g} model={a['model']} dataset={self.config.dataset_label}"
         )
 
     def record(self, sweep_name: str) -> dict[str, Any]:
@@ -133,9 +136,15 @@ def _point_overrides(point: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def expand(spec: SweepSpec) -> list[PlannedRun]:
+#: ``adjust(settings, config) -> (settings, extras)``: rewrites a grid point's settings (the spec's
+#: mapping, before defaults) once its config resolved, and names what its result.json should add.
+Adjust = Callable[[dict[str, Any], ExperimentConfig], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def expand(spec: SweepSpec, *, adjust: Adjust | None = None) -> list[PlannedRun]:
     """Every run of the sweep, each validated as an ExperimentConfig (bad specs fail here, before any run).
 
+    ``adjust`` rewrites each grid point's settings (``fimlora sweep --tuned`` applies tuned values).
     Raises :class:`FimloraError` naming the offending grid point, or when two grid points resolve to the
     same run.
     """
@@ -151,6 +160,10 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
         )
         source = f"sweep {spec.name!r}, run method={name}" + (f" {label}" if label else "")
         config = parse_config(data, source=source)
+        extras: dict[str, Any] = {}
+        if adjust is not None:
+            data, extras = adjust(data, config)
+            config = parse_config(data, source=source)
         key = f"{_slug(name)}-{budget_label(config.budget.model_dump())}-s{config.seed}-{config_hash(config)}"
         if key in runs:
             raise FimloraError(
@@ -166,5 +179,5 @@ def expand(spec: SweepSpec) -> list[PlannedRun]:
             "seed": config.seed,
             "learning_rate": config.train.learning_rate,
         }
-        runs[key] = PlannedRun(key=key, method=name, axes=axes, config=config)
+        runs[key] = PlannedRun(key=key, method=name, axes=axes, config=config, extras=extras)
     return list(runs.values())

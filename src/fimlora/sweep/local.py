@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class RunTask:
     directory: str
     config: dict[str, Any]
     record: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)  # added to result.json
 
     @classmethod
     def from_planned(cls, run: PlannedRun, sweep_name: str) -> RunTask:
@@ -42,6 +43,7 @@ class RunTask:
             directory=str(run.directory),
             config=run.config.model_dump(mode="json"),
             record=run.record(sweep_name),
+            extras=run.extras,
         )
 
 
@@ -99,7 +101,7 @@ def execute_run(task: RunTask, threads: int | None = None) -> RunOutcome:
             contextlib.redirect_stdout(log),
             contextlib.redirect_stderr(log),
         ):
-            run_experiment(config, progress=False, log=print)
+            run_experiment(config, progress=False, log=print, result_extras=task.extras)
         run = RunDirectory(directory / task.method)
         result = run.read_result()
         atomic_write_json(run.file(SWEEP_FILE), task.record)
@@ -120,7 +122,8 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def _init_worker(threads: int, parent: int) -> None:
+def init_worker(threads: int, parent: int) -> None:
+    """Worker set-up: ``threads`` torch threads, and exit when the ``parent`` process dies."""
     import torch
 
     torch.set_num_threads(threads)
@@ -153,7 +156,7 @@ def run_local(
 
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
+        max_workers=workers, mp_context=context, initializer=init_worker, initargs=(threads, os.getpid())
     )
     try:
         futures: dict[Future[RunOutcome], RunTask] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -96,8 +97,12 @@ def run_sweep(
     log: Callable[[str], None] = print,
     log_failure: Callable[[str], None] | None = None,
     preflight: bool = True,
+    tuned: str | Path | None = None,
 ) -> SweepReport:
     """Expand ``spec`` (validating every run first), skip finished runs, execute the rest.
+
+    ``tuned``: a ``tuned.yaml`` written by ``fimlora tune``: every run takes its cell's tuned settings
+    and is scored on the test split (see :mod:`fimlora.tune.apply`).
 
     Before anything runs, every run still to do is checked for what would make it refuse to start
     (:mod:`fimlora.preflight`: dataset, model, target modules, max_length, budget), unless
@@ -144,7 +149,12 @@ def run_sweep(
     store = spec.output_path
     if store.exists() and not store.is_dir():
         raise FimloraError(f"The sweep's output_dir {store} is a file, not a directory; give a directory.")
-    runs = expand(spec)
+    if tuned is None:
+        runs = expand(spec)
+    else:
+        from fimlora.tune.apply import expand_tuned
+
+        runs = expand_tuned(spec, Path(tuned))
     if preflight:
         from fimlora.preflight import check_runs
 

@@ -16,6 +16,8 @@ A spec is one YAML file::
       seed: [0, 1, 2, 3, 4]
       learning_rate: [2.0e-3]                   # → train.learning_rate
 
+A ``tune:`` section (see :mod:`fimlora.tune.spec`) is read by ``fimlora tune`` only.
+
 Every axis except ``method`` may be left out of the grid; its value then comes from ``defaults`` (or the
 experiment default). An axis may not be set in both places. ``defaults`` may not set ``methods`` (the
 ``method`` axis does) nor ``output_dir`` (each run gets its own directory under the sweep's).
@@ -43,7 +45,9 @@ class SweepGrid(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: list[str] | None = Field(None, min_length=1)
-    dataset: list[str] | None = Field(None, min_length=1)
+    dataset: list[str | dict[str, str]] | None = Field(
+        None, min_length=1, description="Dataset names, paths, or split → file mappings."
+    )
     method: list[str | dict[str, Any]] = Field(min_length=1, description="Method names or mappings.")
     budget: list[dict[str, Any]] | None = Field(None, min_length=1, description="BudgetSettings mappings.")
     seed: list[int] | None = Field(None, min_length=1)
@@ -71,6 +75,9 @@ class SweepSpec(BaseModel):
     output_dir: str = Field("runs", description="Relative paths are relative to the spec file's directory.")
     defaults: dict[str, Any] = Field(default_factory=dict)
     grid: SweepGrid
+    tune: dict[str, Any] | None = Field(
+        None, description="The hyperparameter search of `fimlora tune` (fimlora.tune.spec); sweeps ignore it."
+    )
     # Where relative paths of the spec are resolved from; set by load_spec, not part of the file.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -24,6 +24,7 @@ class FullFineTuning(AdapterKind):
     description = "Full fine-tuning: all weights trained (reference upper line)."
     rank_based = False
     budget_matched = False
+    scalings = None  # no LoRA scaling: lora.scaling does not apply
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext

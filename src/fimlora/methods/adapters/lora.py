@@ -31,7 +31,7 @@ class PeftLora(AdapterKind):
     name = "lora"
     description = "LoRA (Hu et al., 2021): W + s·BA, B = 0 at init."
     optimizers = _LORA_STYLE_OPTIMIZERS
-    scalings = frozenset({"alpha_over_r", "constant"})
+    scalings = frozenset({"alpha_over_r", "constant", "alpha_over_sqrt_r"})
     #: LoraConfig options of the variant.
     lora_options: dict[str, Any] = {}  # noqa: RUF012 - class-level constant, never mutated
     #: Whether the init rewrites the base weights (needs conversion on save).

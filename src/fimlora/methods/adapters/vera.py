@@ -22,6 +22,7 @@ class Vera(AdapterKind):
     name = "vera"
     description = "VeRA: shared frozen random A, B; trains per-layer scaling vectors d (r) and b (d_out)."
     budget_matched = False
+    scalings = None  # no LoRA scaling: lora.scaling does not apply
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext

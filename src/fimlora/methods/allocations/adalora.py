@@ -157,6 +157,8 @@ class AdaLora(AllocationRule):
     static_ranks = False
     adapters = frozenset({"lora"})
     optimizers = frozenset({"adamw"})
+    # PEFT's AdaLoRA layer scales by lora_alpha / (number of kept triplets) whatever LoraConfig says.
+    scalings = frozenset({"alpha_over_r"})
 
     def initial_rank(self, ctx: MethodContext) -> int:
         return max(1, math.ceil(ctx.options.adalora.init_rank_factor * ctx.config.budget.reference_rank))

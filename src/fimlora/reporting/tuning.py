@@ -1,0 +1,210 @@
+"""The report's tuning parts: the tuning budget behind tuned results, and learning-rate sensitivity.
+
+For runs of ``fimlora sweep --tuned`` (their ``result.json`` carries ``tuning``), a table next to the
+results gives per budget and method the trials its study ran (complete / pruned / failed of the trials
+every study was given), its best validation score and the settings it chose; a comparison whose
+methods ran unequal numbers of trials, or completed unequal numbers, is flagged. From the trial tables
+of ``fimlora tune`` (``tuning-trials.csv`` next to ``tuned.yaml``), one plot per budget: validation
+score against learning rate, one curve per method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fimlora.reporting import plots
+from fimlora.reporting.document import Heading, Notice, Table
+from fimlora.results import METRICS, RESULT_FILE
+
+TRIALS_FILE = "tuning-trials.csv"  # fimlora.tune.output.TRIALS_FILE (not imported: no optuna needed here)
+LEARNING_RATE_COLUMN = "param.train.learning_rate"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (budget, method) of ``frame`` whose runs were tuned: the ``tuning`` record of its
+    first run (by seed), as columns."""
+    rows = []
+    tuned = frame[frame["tuned_params"].notna()] if "tuned_params" in frame.columns else frame.iloc[0:0]
+    for (budget, method), sub in tuned.sort_values(["seed", "run_dir"]).groupby(
+        ["budget", "method"], sort=True
+    ):
+        result = _read_json(root / sub["run_dir"].iloc[0] / RESULT_FILE)
+        record = result.get("tuning") if isinstance(result, Mapping) else None
+        if not isinstance(record, Mapping):
+            continue
+        trials = record.get("trials") or {}
+        rows.append(
+            {
+                "budget": budget,
+                "budget_label": sub["budget_label"].iloc[0],
+                "method": method,
+                "metric": record.get("metric"),
+                "validation_score": record.get("validation_score"),
+                "complete": trials.get("complete"),
+                "pruned": trials.get("pruned"),
+                "failed": trials.get("failed"),
+                "trials_per_study": record.get("trials_per_study"),
+                "params": record.get("params") or {},
+                "file": record.get("file"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
+    """The tuning-budget table and its flags (empty when no run was tuned)."""
+    if tuning.empty:
+        return []
+    header = ["budget", "method", "trials given", "complete", "pruned", "failed", "best validation", "tuned"]
+    rows: list[list[Any]] = []
+    warn: set[int] = set()
+    notices = []
+    ordered = tuning.assign(_later=tuning["method"] != baseline).sort_values(["budget", "_later", "method"])
+    for _, sub in ordered.groupby("budget", sort=True):
+        label = sub["budget_label"].iloc[0]
+        totals = {r["method"]: int(r["complete"] + r["pruned"] + r["failed"]) for _, r in sub.iterrows()}
+        completes = {r["method"]: int(r["complete"]) for _, r in sub.iterrows()}
+        unequal = len(set(totals.values())) > 1
+        if unequal:
+            listed = ", ".join(f"{m} {n}" for m, n in totals.items())
+            notices.append(
+                Notice(
+                    f"Unequal tuning effort at budget {label}: the methods' studies ran different numbers of "
+                    f"trials ({listed}). The comparison below does not give every method the same search."
+                )
+            )
+        elif len(set(completes.values())) > 1:
+            listed = ", ".join(f"{m} {n}" for m, n in completes.items())
+            notices.append(
+                Notice(
+                    f"At budget {label} the methods completed unequal numbers of their trials ({listed} of "
+                    f"{next(iter(totals.values()))}; the rest were pruned or failed): the best settings "
+                    "of some rest on fewer full runs."
+                )
+            )
+        for _, r in sub.iterrows():
+            if unequal:
+                warn.add(len(rows))
+            score = r["validation_score"]
+            rows.append(
+                [
+                    label,
+                    r["method"],
+                    r["trials_per_study"] if r["trials_per_study"] is not None else "—",
+                    int(r["complete"]),
+                    int(r["pruned"]),
+                    int(r["failed"]),
+                    f"{r['metric']} {score:.4f}"
+                    if isinstance(score, int | float) and math.isfinite(score)
+                    else "—",
+                    ", ".join(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in r["params"].items()),
+                ]
+            )
+    table = Table(
+        header,
+        rows,
+        caption="the tuning behind these settings: one Optuna study per method and budget on the validation "
+        "split (test never loaded), the same trials, seeded sampler and search space for every method",
+        warn_rows=warn,
+        numeric={2, 3, 4, 5},
+    )
+    return [Heading("Tuning budget", 3), table, *notices]
+
+
+def trial_tables(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Every ``tuning-trials.csv`` below ``root`` (outside hidden directories) or named by a run's
+    tuning record, concatenated (duplicates dropped)."""
+    paths = {
+        p.resolve()
+        for p in root.rglob(TRIALS_FILE)
+        if not any(s.startswith(".") for s in p.relative_to(root).parts)
+    }
+    if "tuned_params" in frame.columns:
+        for run_dir in frame.loc[frame["tuned_params"].notna(), "run_dir"]:
+            result = _read_json(root / run_dir / RESULT_FILE)
+            record = result.get("tuning") if isinstance(result, Mapping) else None
+            if isinstance(record, Mapping) and isinstance(record.get("file"), str):
+                candidate = Path(record["file"]).parent / TRIALS_FILE
+                if candidate.is_file():
+                    paths.add(candidate.resolve())
+    frames = []
+    for path in sorted(paths):
+        try:
+            frames.append(pd.read_csv(path))
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            continue
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["study", "number"])
+
+
+def sensitivity_images(trials: pd.DataFrame, dataset: str, model: str) -> list[tuple[str, bytes, str]]:
+    """``(budget label, png, caption)`` per budget: validation score vs learning rate, a curve per method."""
+    if trials.empty or LEARNING_RATE_COLUMN not in trials.columns:
+        return []
+    subset = trials[(trials["dataset"].astype(str) == dataset) & (trials["model"].astype(str) == model)]
+    out = []
+    for budget, by_budget in subset.groupby("budget", sort=True):
+        metric = str(by_budget["metric"].iloc[0])
+        series: dict[str, list[plots.TrialPoint]] = {}
+        higher = METRICS.get(metric, True)
+        for method, sub in by_budget.groupby("method", sort=True):
+            complete = sub[(sub["state"] == "complete") & sub["value"].notna()]
+            # The chosen trial, by the rule of tuned.yaml: the best score, ties to the lowest number.
+            chosen = None
+            if not complete.empty:
+                order = complete.assign(_key=-complete["value"] if higher else complete["value"])
+                chosen = int(order.sort_values(["_key", "number"]).iloc[0]["number"])
+            series[str(method)] = [
+                plots.TrialPoint(
+                    float(r[LEARNING_RATE_COLUMN]),
+                    float(r["value"]) if pd.notna(r["value"]) else None,
+                    str(r["state"]),
+                    best=chosen is not None and int(r["number"]) == chosen,
+                )
+                for _, r in sub.iterrows()
+                if pd.notna(r[LEARNING_RATE_COLUMN])
+            ]
+        if not any(series.values()):
+            continue
+        others = sorted(
+            c.removeprefix("param.")
+            for c in by_budget.columns
+            if c.startswith("param.") and c != LEARNING_RATE_COLUMN and by_budget[c].notna().any()
+        )
+        png = plots.sensitivity_plot(
+            series,
+            metric=metric,
+            higher_is_better=higher,
+            title=f"{dataset} / {model}, budget {budget}: validation {metric} vs learning rate",
+        )
+        counts = ", ".join(f"{m} {len(p)}" for m, p in series.items())
+        caption = (
+            f"Every trial of the tuning (trials: {counts}), scored on the validation split. Line and filled "
+            "dots: completed trials, in order of learning rate; hollow: pruned trials at their last "
+            "validation score; ×: failed trials (e.g. a diverging loss); star: each method's best trial."
+            + (
+                f" Trials also varied {', '.join(others)}, so neighbouring points may differ in those too."
+                if others
+                else ""
+            )
+        )
+        out.append((str(budget), png, caption))
+    return out

@@ -1,0 +1,116 @@
+"""``fimlora sweep SPEC --tuned tuned.yaml``: the final runs, each cell with its tuned settings, on test.
+
+Every grid point takes the ``params`` of its cell (model × dataset × method × budget) from ``tuned.yaml``
+and ``train.eval_split: test``; its ``result.json`` gains
+
+- ``hyperparameter_sources``: for every setting of ``train``, ``lora``, ``allocation``, ``fisher``,
+  ``budget`` and ``method_options``, its value and where it came from: ``tuned`` (chosen on validation
+  by ``fimlora tune``), ``spec`` (written in the sweep spec), ``default`` (fimlora's default) or
+  ``--tuned`` (the evaluation split, set to test by this command);
+- ``tuning``: the tuning behind it: the file, the metric, the best validation score, the trials the
+  study ran (complete / pruned / failed) and the trials every study was given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fimlora.config import ExperimentConfig, parse_config
+from fimlora.errors import FimloraError
+from fimlora.sweep.expand import PlannedRun, budget_label, deep_merge, expand
+from fimlora.sweep.spec import SweepSpec
+from fimlora.tune.cells import with_values
+from fimlora.tune.output import TunedCell, TunedFile, cell_key, load_tuned
+from fimlora.tune.spec import parse_tune
+
+#: Config sections whose settings a result records the source of.
+SOURCE_SECTIONS = ("train", "lora", "allocation", "fisher", "budget", "method_options")
+
+
+def _leaves(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _leaves(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+def _has(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def hyperparameter_sources(
+    spec_settings: dict[str, Any], config: ExperimentConfig, tuned: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{key: {"value": …, "source": "tuned" | "spec" | "default" | "--tuned"}}`` for every setting of
+    :data:`SOURCE_SECTIONS` in the final ``config``; ``spec_settings`` is what the spec wrote."""
+    values: dict[str, Any] = {}
+    dump = config.model_dump(mode="json")
+    for section in SOURCE_SECTIONS:
+        _leaves(section, dump[section], values)
+    sources = {}
+    for key, value in values.items():
+        if key in tuned:
+            source = "tuned"
+        elif key == "train.eval_split":
+            source = "--tuned"
+        elif _has(spec_settings, key):
+            source = "spec"
+        else:
+            source = "default"
+        sources[key] = {"value": value, "source": source}
+    return sources
+
+
+def tuning_record(path: Path, tuned: TunedFile, entry: TunedCell) -> dict[str, Any]:
+    return {
+        "file": str(path.resolve()),
+        "metric": entry.metric,
+        "validation_score": entry.validation_score,
+        "params": entry.params,
+        "trials": entry.trials.model_dump(),
+        "trials_per_study": tuned.trials_per_study,
+        "seed": tuned.seed,
+    }
+
+
+def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
+    """The spec's runs with each cell's tuned settings applied and ``eval_split: test``.
+
+    Raises :class:`FimloraError` when a cell of the grid has no entry in ``tuned.yaml``, or one without
+    a completed trial.
+    """
+    tuned = load_tuned(path)
+    if spec.tune is not None:
+        parse_tune(spec)  # the same checks as fimlora tune (e.g. no learning-rate axis when it is tuned)
+    index = {cell.key(): cell for cell in tuned.cells}
+
+    def adjust(settings: dict[str, Any], config: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        method = config.method_names[0]
+        budget = config.budget.model_dump(mode="json")
+        entry = index.get(cell_key(config.model, config.dataset, method, budget))
+        where = f"{method} {budget_label(budget)} ({config.model}, {config.dataset_label})"
+        if entry is None:
+            raise FimloraError(
+                f"{path} has no tuned settings for {where}; run `fimlora tune` on this spec first."
+            )
+        if entry.params is None:
+            raise FimloraError(
+                f"{path}: no trial of {where} completed (trials: {entry.trials.model_dump()}); "
+                "there are no tuned settings to run it with."
+            )
+        final = deep_merge(with_values(settings, entry.params), {"train": {"eval_split": "test"}})
+        resolved = parse_config(final, source=f"tuned run of {where}")
+        extras = {
+            "hyperparameter_sources": hyperparameter_sources(settings, resolved, entry.params),
+            "tuning": tuning_record(path, tuned, entry),
+        }
+        return final, extras
+
+    return expand(spec, adjust=adjust)

@@ -1,0 +1,183 @@
+"""One trial: the cell's run with the trial's values, trained on train and scored on validation.
+
+The trial is the same computation as ``fimlora run`` of its config (``eval_split: validation``): the same
+``prepare`` → calibrate → :func:`~fimlora.experiment.run_method` path, with the test split sealed (never
+loaded). Two things are shared between the trials of one process: the prepared data and base model
+(reloading them per trial would only cost time: trials differ in hyperparameters, not in data) and, on
+disk, the cell's Fisher (reused while its fingerprint matches).
+
+Periodic validation (``train.eval_every``) reports to the study's median pruner; a pruned trial stops
+there. A run that raises a FimloraError (a diverging loss, an invalid combination of values) or a
+RuntimeError (numerical trouble, out of memory) is recorded as failed with its reason, and the study
+goes on. Errors of the set-up (data, model, Fisher) are the same for every trial and stop the tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fimlora.config import ExperimentConfig
+from fimlora.errors import FimloraError
+from fimlora.experiment import Prepared, calibrate, prepare, run_method
+from fimlora.methods import get_allocation, resolve_method
+from fimlora.runs import RunDirectory
+from fimlora.tune.cells import TUNING_SPLITS, Cell
+from fimlora.tune.storage import FAILURE_ATTR, SURPLUS_ATTR, taken
+
+RUN_DIR_ATTR = "run_dir"
+
+
+class SurplusTrial(Exception):
+    """Raised for a trial started after the study's budget was taken (it trains nothing)."""
+
+
+class SetupError(Exception):
+    """The cell cannot run at all (data, model, calibration): every trial would fail the same way."""
+
+
+class PreparedCache:
+    """The last prepared data and model of this process, reused by trials that would prepare the same."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._prepared: Prepared | None = None
+
+    def get(self, config: ExperimentConfig) -> Prepared:
+        key = json.dumps(_prepare_inputs(config), sort_keys=True)
+        if key != self._key or self._prepared is None:
+            self._prepared = None  # free the previous model first
+            self._prepared = prepare(config, splits=TUNING_SPLITS)
+            self._key = key
+        return self._prepared
+
+
+def _prepare_inputs(config: ExperimentConfig) -> dict[str, Any]:
+    """Everything :func:`fimlora.experiment.prepare` reads from a config."""
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "task": config.task,
+        "dataset_options": config.dataset_options.model_dump(mode="json"),
+        "seed": config.seed,
+        "target_modules": config.target_modules,
+        "trust_remote_code": config.trust_remote_code,
+        "budget": config.budget.model_dump(mode="json"),
+        "r_min": config.allocation.r_min,
+        "r_max": config.allocation.r_max,
+        "max_length": config.train.max_length,
+    }
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``lr=0.00312 tau=1.2``: the last part of each key, floats to 3 significant digits."""
+    parts = []
+    for key, value in params.items():
+        name = "lr" if key == "train.learning_rate" else key.rsplit(".", 1)[-1]
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(parts)
+
+
+class Objective:
+    """``objective(trial) -> validation score`` for one cell, with a budget of ``trials`` per study."""
+
+    def __init__(self, cell: Cell, trials: int, cache: PreparedCache, log: Callable[[str], None]) -> None:
+        self.cell = cell
+        self.trials = trials
+        self.cache = cache
+        self.log = log
+        self.number: int | None = None  # the trial this objective runs (or ran last)
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        study = trial.study
+        self.number = trial.number
+        # Trial numbers are handed out by the storage, in order: the first `trials` places go to the
+        # lowest numbers, whichever worker holds them.
+        if taken(study.get_trials(deepcopy=False), before=trial.number) >= self.trials:
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            study.stop()
+            raise SurplusTrial(f"trial {trial.number}: the study's {self.trials} trials are taken")
+        params = {param.key: param.suggest(trial) for param in self.cell.space}
+        what = f"{self.cell.describe()} trial {trial.number} [{format_params(params)}]"
+        started = time.perf_counter()
+        try:
+            config = self.cell.trial_config(params, trial.number)
+            trial.set_user_attr(RUN_DIR_ATTR, str(Path(config.output_dir) / self.cell.method))
+            value = self._run(trial, config, params)
+        except optuna.TrialPruned as exc:
+            self.log(f"{what}: pruned, {exc} ({time.perf_counter() - started:.0f} s)")
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker took this trial for lost (no heartbeat within the grace period) and
+            # re-enqueued it; the retry counts, this run does not.
+            self.log(f"{what}: taken for lost by the heartbeat check while running; its retry counts")
+            raise
+        except (FimloraError, RuntimeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            trial.set_user_attr(FAILURE_ATTR, f"{type(exc).__name__}: {reason}")
+            self.log(f"{what}: failed: {reason} ({time.perf_counter() - started:.0f} s)")
+            raise
+        self.log(f"{what}: {self.cell.metric} {value:.4f} ({time.perf_counter() - started:.0f} s)")
+        return value
+
+    def setup(self) -> None:
+        """Prepare the cell (data, model, Fisher) before any trial: a cell that cannot run at all fails
+        here with a FimloraError, not as a trial."""
+        self._prepared(self.cell.config)
+
+    def _prepared(self, config: ExperimentConfig) -> Prepared:
+        """The trial's prepared experiment: cached data and model, the cell's Fisher."""
+        base = self.cache.get(config)
+        prepared = dataclasses.replace(base, config=config)
+        # The cell's Fisher lives in the cell's directory, shared by its trials.
+        needs = get_allocation(resolve_method(config.methods[0]).allocation).needs
+        calibration = dataclasses.replace(
+            prepared, config=config.model_copy(update={"output_dir": str(self.cell.directory)})
+        )
+        calibrate(calibration, set(needs), progress=False, log=_silent)
+        prepared.fisher, prepared.fisher_dir, prepared.kfac = (
+            calibration.fisher,
+            calibration.fisher_dir,
+            calibration.kfac,
+        )
+        return prepared
+
+    def _run(self, trial: Any, config: ExperimentConfig, params: dict[str, Any]) -> float:
+        import optuna
+
+        cell, metric = self.cell, self.cell.metric
+        try:
+            prepared = self._prepared(config)
+        except (FimloraError, RuntimeError, OSError) as exc:
+            raise SetupError(f"{cell.describe()}: {exc}") from exc
+
+        def on_validation(step: int, metrics: dict[str, float]) -> None:
+            value = float(metrics[metric])
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"step {step}: validation {metric} {value:.4f}")
+
+        outcome = run_method(
+            prepared,
+            cell.method,
+            RunDirectory(Path(config.output_dir) / cell.method),
+            progress=False,
+            on_validation=on_validation,
+            result_extras={
+                "tuning_trial": {"study": cell.study_name, "number": trial.number, "params": params}
+            },
+        )
+        value = outcome.result.get("metrics", {}).get(metric)
+        if not isinstance(value, int | float):
+            raise FimloraError(f"The run records no validation {metric}; choose another tune.metric.")
+        return float(value)
+
+
+def _silent(_: str) -> None:
+    pass

@@ -1,0 +1,184 @@
+"""What a tuning leaves in the sweep's store: ``tuned.yaml`` (the best settings per cell) and
+``tuning-trials.csv`` (every counted trial, for the report's sensitivity plots).
+
+``tuned.yaml``::
+
+    name: minilm-movie-reviews-tune      # the spec
+    split: validation                    # what the scores are measured on; test was never loaded
+    seed: 0                              # experiment seed of the trials
+    trials_per_study: 8
+    storage: sqlite:////…/tuning.db      # without a password
+    cells:
+    - model: minilm
+      dataset: movie-reviews
+      method: fim-lora
+      budget: {uniform_rank: 4}
+      params: {train.learning_rate: 0.0031, allocation.tau: 1.3}   # the best complete trial; null if none
+      metric: accuracy
+      validation_score: 0.84
+      trials: {complete: 6, pruned: 2, failed: 0}
+
+``tuning-trials.csv``: one row per counted trial: ``model, dataset, method, budget, study, number, state``
+(complete / pruned / failed), ``metric``, ``value`` (the validation score; for a pruned trial its last
+reported one, at ``step``), ``failure``, ``duration_s`` and one ``param.<key>`` column per dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fimlora.config import format_validation_error, read_yaml_file
+from fimlora.errors import FimloraError
+from fimlora.io import atomic_write, atomic_write_text
+from fimlora.sweep.expand import budget_label
+from fimlora.tune.cells import Cell
+from fimlora.tune.storage import COUNTED, FAILURE_ATTR, kind_counts, public_url, trial_kind
+
+TUNED_FILE = "tuned.yaml"
+TRIALS_FILE = "tuning-trials.csv"
+
+
+class TrialCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    complete: int = Field(ge=0)
+    pruned: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+    @property
+    def total(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+
+class TunedCell(BaseModel):
+    """One entry of ``tuned.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    dataset: str | dict[str, str]
+    method: str
+    budget: dict[str, Any]
+    params: dict[str, Any] | None
+    metric: str
+    validation_score: float | None
+    trials: TrialCounts
+
+    def key(self) -> str:
+        return cell_key(self.model, self.dataset, self.method, self.budget)
+
+
+class TunedFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    split: str
+    seed: int
+    trials_per_study: int
+    storage: str
+    cells: list[TunedCell]
+
+
+def cell_key(model: str, dataset: Any, method: str, budget: dict[str, Any]) -> str:
+    """A canonical string for a cell's coordinates (``None`` budget entries dropped)."""
+    budget = {k: v for k, v in budget.items() if v is not None}
+    return json.dumps([model, dataset, method, budget], sort_keys=True)
+
+
+@dataclass
+class TuningSummary:
+    """A study's outcome: its cell, its best trial and its counts."""
+
+    cell: Cell
+    entry: TunedCell
+    rows: list[dict[str, Any]]
+
+
+def summarize_study(cell: Cell, study: Any) -> TuningSummary:
+    """Best complete trial, counts and the per-trial rows of ``cell``'s study."""
+    trials = study.get_trials(deepcopy=False)
+    counts = kind_counts(trials)
+    complete = [t for t in trials if trial_kind(t) == "complete"]
+    maximize = study.direction.name == "MAXIMIZE"
+    best = None
+    if complete:
+        # Ties go to the earlier trial, as in Optuna's own best_trial.
+        best = sorted(complete, key=lambda t: (-t.value if maximize else t.value, t.number))[0]
+    record = cell.record()
+    entry = TunedCell(
+        **record,
+        params=dict(best.params) if best is not None else None,
+        metric=cell.metric,
+        validation_score=float(best.value) if best is not None else None,
+        trials=TrialCounts(complete=counts["complete"], pruned=counts["pruned"], failed=counts["failed"]),
+    )
+    rows = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        kind = trial_kind(trial)
+        if kind not in COUNTED:
+            continue
+        step = trial.last_step
+        if kind == "complete":
+            value = trial.value
+        else:  # pruned: its last reported validation score; failed: none
+            value = trial.intermediate_values.get(step) if kind == "pruned" and step is not None else None
+        duration = trial.duration.total_seconds() if trial.duration is not None else None
+        row = {
+            "model": cell.config.model,
+            "dataset": cell.dataset,
+            "method": cell.method,
+            "budget": budget_label(cell.budget),
+            "study": cell.study_name,
+            "number": trial.number,
+            "state": kind,
+            "metric": cell.metric,
+            "value": value,
+            "step": step if kind == "pruned" else None,
+            "failure": trial.user_attrs.get(FAILURE_ATTR),
+            "duration_s": duration,
+        }
+        row.update({f"param.{key}": value for key, value in trial.params.items()})
+        rows.append(row)
+    return TuningSummary(cell, entry, rows)
+
+
+def write_outputs(
+    store: Path, *, name: str, seed: int, trials: int, url: str, summaries: Sequence[TuningSummary]
+) -> tuple[Path, Path]:
+    """Write ``tuned.yaml`` and ``tuning-trials.csv`` into ``store``, atomically."""
+    document = TunedFile(
+        name=name,
+        split="validation",
+        seed=seed,
+        trials_per_study=trials,
+        storage=public_url(url),
+        cells=[s.entry for s in summaries],
+    )
+    header = (
+        "# Written by `fimlora tune`: per cell the best settings on the validation split (the test\n"
+        "# split was never loaded). `fimlora sweep SPEC --tuned THIS_FILE` runs the final seeds on test.\n"
+    )
+    body = yaml.safe_dump(document.model_dump(mode="json"), sort_keys=False, width=110)
+    tuned = atomic_write_text(store / TUNED_FILE, header + body)
+    frame = pd.DataFrame([row for s in summaries for row in s.rows])
+    trials_csv = atomic_write(store / TRIALS_FILE, lambda tmp: frame.to_csv(tmp, index=False))
+    return tuned, trials_csv
+
+
+def load_tuned(path: Path) -> TunedFile:
+    """Read and validate a ``tuned.yaml``."""
+    data = read_yaml_file(path, "tuned settings")
+    if not isinstance(data, dict):
+        raise FimloraError(f"{path} must be a YAML mapping written by fimlora tune.")
+    try:
+        return TunedFile.model_validate(data)
+    except ValidationError as exc:
+        raise FimloraError(f"Invalid tuned settings {path}: {format_validation_error(exc)}.") from None

@@ -1,0 +1,239 @@
+"""The ``tune:`` section of a sweep spec: the search every cell of the grid gets, equally.
+
+::
+
+    tune:
+      trials: 8                      # per cell (model × dataset × method × budget); --trials overrides
+      seed: 0                        # experiment seed of every trial (default: the grid's first seed)
+      metric: accuracy               # scored on validation; default accuracy (classification) or perplexity
+      eval_every: 10                 # validation every N steps for the pruner (default: train.steps // 4)
+      eval_examples: 256             # validation examples (default: train.eval_examples)
+      learning_rate: {low: 1.0e-4, high: 3.0e-2}   # log-uniform; null: not searched
+      methods:                       # extra dimensions, per method (the learning rate is everyone's)
+        fim-lora:
+          allocation.tau: {low: 0.5, high: 2.0}
+          lora.scaling: {choices: [alpha_over_r, alpha_over_sqrt_r]}
+        adalora:
+          method_options.adalora.tinit_ratio: {low: 0.0, high: 0.3}
+      sampler: {seed: 0, startup_trials: 4}        # TPE; random trials before it models (default trials // 2)
+      pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
+      heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
+
+A parameter is a dotted path into the experiment config with ``{low, high}`` (uniform; ``log: true`` for
+log-uniform, ``integer: true`` for integers) or ``{choices: [...]}``. Every method gets the same number
+of trials: a method entry may repeat ``trials`` only with the same value, anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fimlora.config import format_validation_error
+from fimlora.errors import FimloraError
+from fimlora.sweep.spec import SweepSpec, method_name
+
+LEARNING_RATE = "train.learning_rate"
+#: Metrics a study can optimise, and whether larger is better.
+METRIC_DIRECTIONS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
+# Settings that define a cell or the tuning protocol itself: never a search dimension.
+_FIXED_KEYS = ("model", "dataset", "task", "methods", "seed", "output_dir", "target_modules")
+_FIXED_PREFIXES = ("budget.", "dataset_options.", "train.eval_", "train.report_to")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RangeSpec(_Strict):
+    """A numeric dimension: uniform on [low, high], or log-uniform; integers with ``integer: true``."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _valid(self) -> RangeSpec:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+            raise ValueError(f"needs finite low < high, got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-uniform range needs low > 0, got {self.low}")
+        if self.integer and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError(f"an integer range needs integer bounds, got [{self.low}, {self.high}]")
+        return self
+
+
+class ChoiceSpec(_Strict):
+    """A categorical dimension."""
+
+    choices: list[str | int | float | bool] = Field(min_length=1)
+
+
+class SamplerSettings(_Strict):
+    seed: int = Field(0, description="Seed of every study's TPE sampler (worker k uses seed + k).")
+    startup_trials: int | None = Field(
+        None, ge=1, description="Random trials before TPE models the results (default: trials // 2, ≥ 1)."
+    )
+
+
+class PrunerSettings(_Strict):
+    startup_trials: int = Field(
+        3, ge=0, description="Completed trials before the median pruner may prune (optuna n_startup_trials)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Training steps before a trial may be pruned.")
+
+
+class TuneSettings(_Strict):
+    """The validated ``tune:`` section (see the module docstring)."""
+
+    trials: int = Field(ge=1, description="Trials per study; the same for every cell.")
+    seed: int | None = None
+    metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] | None = None
+    eval_every: int | None = Field(None, ge=1)
+    eval_examples: int | None = Field(None, ge=1)
+    learning_rate: RangeSpec | None = RangeSpec(low=1e-4, high=3e-2, log=True)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sampler: SamplerSettings = SamplerSettings()
+    pruner: PrunerSettings = PrunerSettings()
+    heartbeat_s: int = Field(30, ge=1)
+
+    @property
+    def sampler_startup(self) -> int:
+        """Random trials before TPE (the same in every study)."""
+        return self.sampler.startup_trials or max(1, self.trials // 2)
+
+    def space(self, method: str) -> list[Param]:
+        """The search space of ``method``: the learning rate, then its own extras in key order."""
+        params = [] if self.learning_rate is None else [Param.of(LEARNING_RATE, self.learning_rate)]
+        extras = self.methods.get(method, {})
+        params += [Param.of(key, _dimension(method, key, value)) for key, value in sorted(extras.items())]
+        return params
+
+    def protocol(self) -> dict[str, Any]:
+        """Everything a study's trials depend on besides the cell (hashed into study names); not the
+        number of trials (more trials extend a study) nor the heartbeat."""
+        return self.model_dump(mode="json", exclude={"trials", "heartbeat_s", "methods"})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search dimension: a dotted config key and its range or choices."""
+
+    key: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    @classmethod
+    def of(cls, key: str, spec: RangeSpec | ChoiceSpec) -> Param:
+        if isinstance(spec, ChoiceSpec):
+            return cls(key, choices=tuple(spec.choices))
+        return cls(key, spec.low, spec.high, spec.log, spec.integer)
+
+    def suggest(self, trial: Any) -> Any:
+        """The value Optuna's ``trial`` proposes for this dimension."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """Values that must all make a valid config: the bounds, or every choice."""
+        if self.choices is not None:
+            return list(self.choices)
+        assert self.low is not None and self.high is not None
+        return [int(self.low), int(self.high)] if self.integer else [self.low, self.high]
+
+    def describe(self) -> dict[str, Any]:
+        if self.choices is not None:
+            return {"key": self.key, "choices": list(self.choices)}
+        kind = "int" if self.integer else "float"
+        return {"key": self.key, "low": self.low, "high": self.high, "log": self.log, "type": kind}
+
+
+def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
+    where = f"tune.methods.{method}.{key}"
+    if key in _FIXED_KEYS or key.startswith(_FIXED_PREFIXES):
+        raise FimloraError(f"{where}: {key} defines the cell or the tuning protocol and cannot be searched.")
+    if key == LEARNING_RATE:
+        raise FimloraError(
+            f"{where}: the learning rate is searched for every method alike; set its range in "
+            "tune.learning_rate."
+        )
+    if not isinstance(value, dict):
+        raise FimloraError(f"{where} must be {{low, high}} or {{choices: [...]}}, got {value!r}.")
+    model: type[RangeSpec] | type[ChoiceSpec] = ChoiceSpec if "choices" in value else RangeSpec
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise FimloraError(f"{where}: {format_validation_error(exc, root='range')}.") from None
+
+
+def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
+    """The spec's ``tune:`` section, validated against its grid; ``trials`` overrides every count.
+
+    Refused: no section; per-method trial counts that differ from ``tune.trials`` (every method gets
+    the same tuning effort); a method the grid does not have; a learning-rate grid axis while the
+    learning rate is searched; a dimension that is fixed by the cell or the protocol.
+    """
+    source = f"tune section of sweep {spec.name!r}"
+    if spec.tune is None:
+        raise FimloraError(f"Sweep spec {spec.name!r} has no tune: section; add one (see README, 'Tuning').")
+    try:
+        settings = TuneSettings.model_validate(spec.tune)
+    except ValidationError as exc:
+        problems = format_validation_error(exc, root="tune").split("; ")
+        listed = "; ".join(p if p.startswith("tune") else f"tune.{p}" for p in problems)
+        raise FimloraError(f"Invalid {source}: {listed}.") from None
+    grid_methods = [method_name(m) for m in spec.grid.method]
+    unknown = sorted(set(settings.methods) - set(grid_methods))
+    if unknown:
+        raise FimloraError(
+            f"Invalid {source}: tune.methods names {', '.join(unknown)}, not in the grid "
+            f"({', '.join(grid_methods)})."
+        )
+    counts = {m: entry.get("trials") for m, entry in settings.methods.items() if isinstance(entry, dict)}
+    unequal = {m: n for m, n in counts.items() if n is not None and n != settings.trials}
+    if unequal:
+        listed = ", ".join(f"{m}: {n}" for m, n in sorted(unequal.items()))
+        raise FimloraError(
+            f"Invalid {source}: every method gets the same tuning effort, tune.trials = {settings.trials}, "
+            f"but {listed}; remove the per-method counts."
+        )
+    methods = {}
+    for method, entry in settings.methods.items():
+        if not isinstance(entry, dict):
+            raise FimloraError(f"Invalid {source}: tune.methods.{method} must be a mapping of dimensions.")
+        methods[method] = {k: v for k, v in entry.items() if k != "trials"}
+    rates = spec.grid.learning_rate
+    if settings.learning_rate is not None and rates is not None:
+        raise FimloraError(
+            f"Invalid {source}: the learning rate is searched (tune.learning_rate), so the grid must not "
+            "have a learning_rate axis; remove one of them."
+        )
+    if rates is not None and len(rates) > 1:
+        raise FimloraError(
+            f"Invalid {source}: a study is one model × dataset × method × budget; the grid's "
+            f"{len(rates)} learning rates would need one each. Keep one, or search the rate."
+        )
+    updated: dict[str, Any] = {"methods": methods}
+    if trials is not None:
+        if trials < 1:
+            raise FimloraError(f"--trials must be at least 1, got {trials}.")
+        updated["trials"] = trials
+    settings = settings.model_copy(update=updated)
+    for method in grid_methods:
+        if not settings.space(method):
+            raise FimloraError(
+                f"Invalid {source}: nothing to search for {method} (tune.learning_rate is null and "
+                "tune.methods gives it no dimension)."
+            )
+    return settings

@@ -1,0 +1,285 @@
+"""Running the studies: Optuna's own ``study.optimize`` in each worker process, coordinated by the storage.
+
+Every study gets a TPE sampler with the same seed (worker k of ``--workers N`` uses seed + k, so that
+parallel workers do not propose the same first values), the same number of random start-up trials, the
+same median pruner and the same budget of ``trials`` trials (see :mod:`fimlora.tune.storage` for what
+counts). Each worker walks the cells in order and, for each, optimises until the budget is taken; when
+the last places are held by running trials (another worker's, or a dead worker's that the heartbeat will
+fail and retry), it waits for them. Running ``fimlora tune`` again resumes every study where it stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fimlora.errors import FimloraError
+from fimlora.processes import launched_world_size
+from fimlora.sweep.local import init_worker, threads_per_worker
+from fimlora.sweep.spec import SweepSpec
+from fimlora.tune.cells import Cell, plan_cells, tuning_seed
+from fimlora.tune.objective import Objective, PreparedCache, SetupError, SurplusTrial
+from fimlora.tune.output import TuningSummary, summarize_study, write_outputs
+from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
+from fimlora.tune.storage import (
+    COUNTED,
+    default_storage,
+    kind_counts,
+    open_storage,
+    public_url,
+    taken,
+    trial_kind,
+)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    # fimlora logs one line per trial itself; heartbeats and the retry callback are "experimental".
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def sampler(settings: TuneSettings, worker: int = 0) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=settings.sampler.seed + worker, n_startup_trials=settings.sampler_startup
+    )
+
+
+def pruner(settings: TuneSettings) -> Any:
+    import optuna
+
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=settings.pruner.startup_trials, n_warmup_steps=settings.pruner.warmup_steps
+    )
+
+
+def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> None:
+    """Create every study (or find it again) before any worker starts, with its cell as attributes."""
+    import optuna
+
+    _quiet_optuna()
+    storage = open_storage(url, heartbeat_s=settings.heartbeat_s)
+    for cell in cells:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=cell.study_name,
+            direction="maximize" if METRIC_DIRECTIONS[cell.metric] else "minimize",
+            load_if_exists=True,
+        )
+        if "cell" not in study.user_attrs:
+            study.set_user_attr("cell", cell.record())
+            study.set_user_attr("metric", cell.metric)
+            study.set_user_attr("space", [p.describe() for p in cell.space])
+
+
+def tune_cell(
+    cell: Cell,
+    settings: TuneSettings,
+    storage: Any,
+    cache: PreparedCache,
+    *,
+    worker: int = 0,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Optimise ``cell``'s study until ``settings.trials`` trials ran to a verdict."""
+    import optuna
+
+    study = optuna.load_study(
+        study_name=cell.study_name,
+        storage=storage,
+        sampler=sampler(settings, worker),
+        pruner=pruner(settings),
+    )
+    budget = settings.trials
+    objective = Objective(cell, budget, cache, log)
+
+    def stop_when_taken(study: Any, _trial: Any) -> None:
+        trials = study.get_trials(deepcopy=False)
+        if taken(trials) >= budget and not kind_counts(trials)["waiting"]:
+            study.stop()
+
+    ready = False
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        counts = kind_counts(trials)
+        if sum(counts[k] for k in COUNTED) >= budget:
+            return
+        if not ready:  # only a study with trials to run loads the model
+            objective.setup()
+            ready = True
+        if taken(trials) >= budget and not counts["waiting"]:
+            # The last places are held by running trials: another worker's, or a dead one's that the
+            # heartbeat fails (and re-enqueues) once it has been silent for the grace period.
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(min(5.0, settings.heartbeat_s / 2))
+            continue
+        try:
+            study.optimize(
+                objective,
+                callbacks=[stop_when_taken],
+                catch=(FimloraError, RuntimeError, SurplusTrial),
+                gc_after_trial=True,
+            )
+        except ValueError:
+            # Optuna cannot record a trial that another worker's heartbeat check failed while it ran
+            # (this process was silent past the grace period): its retry runs it again; go on.
+            if not _lost(study, objective.number):
+                raise
+
+
+def _lost(study: Any, number: int | None) -> bool:
+    """Whether trial ``number`` of ``study`` was failed by a heartbeat check (see storage)."""
+    if number is None:
+        return False
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return trial is not None and trial_kind(trial) == "lost"
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """What a worker process needs (plain, picklable data)."""
+
+    cells: tuple[Cell, ...]
+    settings: TuneSettings
+    url: str
+    worker: int
+
+
+def tune_worker(task: WorkerTask, log: Callable[[str], None] = print) -> None:
+    """Tune every cell in order (a worker process's whole job)."""
+    _quiet_optuna()
+    storage = open_storage(task.url, heartbeat_s=task.settings.heartbeat_s)
+    cache = PreparedCache()
+    for cell in task.cells:
+        try:
+            tune_cell(cell, task.settings, storage, cache, worker=task.worker, log=log)
+        except SetupError as exc:
+            raise FimloraError(f"Tuning stopped: {exc}") from None
+
+
+def _prefixed_print(prefix: str) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        print(f"{prefix}{line}", flush=True)
+
+    return log
+
+
+def _run_worker(task: WorkerTask) -> None:
+    tune_worker(task, log=_prefixed_print(f"[worker {task.worker}] "))
+
+
+def run_workers(
+    cells: Sequence[Cell],
+    settings: TuneSettings,
+    url: str,
+    *,
+    workers: int,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Tune all ``cells`` in ``workers`` processes sharing the storage at ``url`` (1: this process)."""
+    if workers < 1:
+        raise FimloraError(f"--workers must be at least 1, got {workers}.")
+    create_studies(cells, settings, url)
+    tasks = [WorkerTask(tuple(cells), settings, url, worker) for worker in range(workers)]
+    if workers == 1:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads_per_worker(1))
+        try:
+            tune_worker(tasks[0], log=log)
+        finally:
+            torch.set_num_threads(previous)
+        return
+    executor = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(threads_per_worker(workers), os.getpid()),
+    )
+    try:
+        for future in as_completed([executor.submit(_run_worker, task) for task in tasks]):
+            try:
+                future.result()
+            except BrokenProcessPool as exc:
+                raise FimloraError(
+                    f"A tuning worker process died ({exc}); run fimlora tune again to resume."
+                ) from None
+    except BaseException:
+        # The other workers stop with this process (init_worker watches it); their trials are lost.
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+
+
+@dataclass
+class TuningReport:
+    """What ``fimlora tune`` did: one summary per study and the files it wrote."""
+
+    summaries: list[TuningSummary]
+    tuned_file: Path
+    trials_file: Path
+    storage: str
+
+
+def run_tuning(
+    spec: SweepSpec,
+    *,
+    trials: int | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    log: Callable[[str], None] = print,
+) -> TuningReport:
+    """Tune every cell of ``spec`` (resuming studies already in the storage), then write ``tuned.yaml``
+    and ``tuning-trials.csv`` into its store. ``trials`` overrides the spec's count for every study;
+    ``storage`` is an Optuna RDB URL (default: ``sqlite:///<store>/tuning.db``)."""
+    import optuna
+
+    if launched_world_size() > 1:
+        raise FimloraError(
+            "fimlora tune was started by a multi-process launcher (WORLD_SIZE > 1): every process would "
+            "run the whole tuning. Use --workers, or start fimlora tune on each machine with --storage."
+        )
+    settings = parse_tune(spec, trials=trials)
+    cells = plan_cells(spec, settings)
+    store = spec.output_path
+    store.mkdir(parents=True, exist_ok=True)
+    url = storage or default_storage(store)
+    log(
+        f"tune {spec.name}: {len(cells)} studies × {settings.trials} trials on the validation split "
+        f"(storage {public_url(url)}, {workers} worker{'s' if workers != 1 else ''})"
+    )
+    for cell in cells:
+        dims = ", ".join(
+            f"{p.key} ∈ {list(p.choices)}"
+            if p.choices is not None
+            else f"{p.key} ∈ [{p.low:g}, {p.high:g}]" + (" log" if p.log else "")
+            for p in cell.space
+        )
+        log(f"  {cell.describe()}: {dims}; study {cell.study_name}")
+    run_workers(cells, settings, url, workers=workers, log=log)
+    _quiet_optuna()
+    opened = open_storage(url, heartbeat_s=settings.heartbeat_s)
+    summaries = [
+        summarize_study(cell, optuna.load_study(study_name=cell.study_name, storage=opened)) for cell in cells
+    ]
+    tuned_file, trials_file = write_outputs(
+        store,
+        name=spec.name,
+        seed=tuning_seed(spec, settings),
+        trials=settings.trials,
+        url=url,
+        summaries=summaries,
+    )
+    return TuningReport(summaries, tuned_file, trials_file, url)

@@ -1,0 +1,1 @@
+from tune_runs import readable_split_dir, small_bert_dir, split_dir  # noqa: F401  (fixtures)
