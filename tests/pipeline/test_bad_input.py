@@ -177,8 +177,8 @@ CASES: dict[str, tuple[Callable[[World], list], tuple[str, ...]]] = {
         ("--output", "is a file"),
     ),
     "allocate --scaling the config rejects": (
-        lambda w: ["allocate", w.fisher, "--output", w.tmp / "a", "--scaling", "alpha_over_sqrt_r"],
-        ("--scaling", "alpha_over_r, constant"),
+        lambda w: ["allocate", w.fisher, "--output", w.tmp / "a", "--scaling", "alpha_over_r2"],
+        ("--scaling", "alpha_over_r, constant, alpha_over_sqrt_r"),
     ),
     "allocate a Fisher with 16 flipped bytes": (
         lambda w: ["allocate", _flip_bytes(w), "--output", w.tmp / "a"],
@@ -248,6 +248,8 @@ def _paths(w: World) -> list[tuple[list, tuple[str, ...]]]:
         (["sweep", w.tmp], ("Cannot read sweep spec",)),
         (["sweep", spec, "--output-dir", w.file()], ("output_dir", "is a file")),
         (["sweep", spec, "--dry-run", "--output-dir", w.file()], ("output_dir", "is a file")),
+        (["tune", missing / "s.yaml"], ("Cannot read sweep spec",)),
+        (["tune", w.tmp], ("Cannot read sweep spec",)),
     ]
 
 

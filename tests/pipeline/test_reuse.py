@@ -164,9 +164,9 @@ def test_a_classification_run_records_labels_majority_and_per_class_results(fini
     lora = results[0]
     metrics, classes = lora["metrics"], lora["classes"]
     assert lora["id2label"] == {"0": "neg", "1": "pos"} and lora["label2id"] == {"neg": 0, "pos": 1}
-    # The evaluation split's true labels, independently: the test split of the same seeded data.
+    # The evaluation split's true labels, independently: that split of the same seeded data.
     prepared = prepare(config)
-    truth = np.asarray(prepared.data.splits["test"]["label"][:])
+    truth = np.asarray(prepared.data.splits[config.train.eval_split]["label"][:])
     counts = np.bincount(truth, minlength=2)
     assert classes["support"] == counts.tolist()
     assert metrics["majority_rate"] == pytest.approx(counts.max() / counts.sum())

@@ -36,10 +36,10 @@ def tuned_file(path, cells):
     return path
 
 
-def cell(method, params, trials=(3, 1, 0)):
+def cell(method, params, trials=(3, 1, 0), model="some/model", dataset="movie-reviews"):
     return {
-        "model": "some/model",
-        "dataset": "movie-reviews",
+        "model": model,
+        "dataset": dataset,
         "method": method,
         "budget": {"uniform_rank": 2},
         "params": params,
@@ -111,13 +111,15 @@ def test_a_cell_without_tuned_settings_is_refused(capsys, tmp_path):
     assert code == 2 and "Invalid tuned settings" in err
 
 
-def test_dry_run_lists_the_tuned_runs(capsys, tmp_path):
-    path = write_spec(tmp_path, GRID, TUNE)
+def test_dry_run_lists_the_tuned_runs(capsys, tmp_path, tiny_bert_dir, sentiment_csv):
+    # A real (tiny) model and dataset: a dry run checks that every run could start (preflight).
+    where = {"model": str(tiny_bert_dir), "dataset": str(sentiment_csv)}
+    path = write_spec(tmp_path, {**GRID, **{k: [v] for k, v in where.items()}}, TUNE)
     tuned = tuned_file(
         tmp_path / "tuned.yaml",
         [
-            cell("lora", {"train.learning_rate": 0.0123}),
-            cell("fim-lora", {"train.learning_rate": 0.0456, "allocation.tau": 1.5}),
+            cell("lora", {"train.learning_rate": 0.0123}, **where),
+            cell("fim-lora", {"train.learning_rate": 0.0456, "allocation.tau": 1.5}, **where),
         ],
     )
     code, out, err = run_cli(capsys, "sweep", path, "--tuned", tuned, "--dry-run")
