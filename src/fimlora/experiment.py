@@ -1,8 +1,9 @@
 """The pipeline as one readable recipe: data → model → Fisher → allocation → adapter → train → evaluate.
 
 Every method of an experiment gets a deep copy of the same freshly loaded base model (so the same
-randomly initialised task head), the same target modules, the same parameter budget, the same seed and
-the same training settings; only the rank allocation differs.
+task head: its seeded random init, or with ``fisher.head: probe`` that head fitted on frozen features),
+the same target modules, the same parameter budget, the same seed and the same training settings; only
+the rank allocation differs.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
-from fimlora.config import ExperimentConfig
+from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
 from fimlora.fisher.distributed import rank_and_world_size
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
+from fimlora.head_probe import ProbeRecord, fit_head_probe
 from fimlora.io import ordinary_permissions
 from fimlora.methods import (
     MethodContext,
@@ -48,7 +50,13 @@ from fimlora.methods.base import (
     Component,
     OptimizerKind,
 )
-from fimlora.models import LoadedModel, load_model, resolve_target_modules, weight_shapes
+from fimlora.models import (
+    LoadedModel,
+    classification_head,
+    load_model,
+    resolve_target_modules,
+    weight_shapes,
+)
 from fimlora.processes import (
     is_main_process,
     join_launched_processes,
@@ -79,6 +87,7 @@ class Prepared:
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
+    head_probe: ProbeRecord | None = None  # set when fisher.head is probe
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -86,7 +95,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
     options = config.dataset_options
     data = load_task_data(
         config.dataset,
-        seed=config.seed,
+        seed=config.data_seed,  # the split: fixed across training seeds, so every seed sees one test set
         task=config.task,
         text_column=options.text_column,
         label_column=options.label_column,
@@ -115,7 +124,38 @@ def prepare(config: ExperimentConfig) -> Prepared:
     )
     tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
     collator = make_collator(loaded.tokenizer, data.task)
-    return Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    prepared = Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    if config.fisher.head == "probe":
+        prepared.head_probe = probe_head(prepared)
+    return prepared
+
+
+def probe_head(prepared: Prepared) -> ProbeRecord:
+    """Fit the classification head of ``prepared``'s base model in place (``fisher.head: probe``).
+
+    The base model is what every method deep-copies, so the fitted head is every method's start.
+    """
+    config, loaded = prepared.config, prepared.loaded
+    if prepared.data.task != "classification":
+        raise FimloraError(f"{PROBE_NEEDS_CLASSIFICATION}.")
+    head = classification_head(loaded.model)
+    if head is None:
+        raise FimloraError(
+            f"fisher.head: probe: {config.model} has no classification head module "
+            "(classifier or score); use fisher.head: random."
+        )
+    probe = config.fisher.probe
+    return fit_head_probe(
+        loaded.model,
+        head,
+        prepared.tokenized["train"],
+        prepared.collator,
+        num_examples=probe.num_examples,
+        max_iter=probe.max_iter,
+        l2=probe.l2,
+        seed=config.seed,
+        batch_size=config.fisher.batch_size,
+    )
 
 
 def _fisher_fingerprint(
@@ -127,6 +167,8 @@ def _fisher_fingerprint(
         "dataset": config.dataset,
         "dataset_options": config.dataset_options.model_dump(),
         "seed": config.seed,
+        "data_seed": config.data_seed,
+        # head and probe settings included: the Fisher is taken through the head
         "fisher": config.fisher.model_dump(exclude={"aggregation"}),
         "max_length": config.train.max_length,
         "targets": targets,
@@ -380,15 +422,9 @@ def run_method(
     if not main:
         wait_for_everyone()  # the main process evaluates and writes the run
         return MethodOutcome(result=run.read_result(), model=model)
-    eval_data = prepared.tokenized[config.train.eval_split]
-    if config.train.eval_examples is not None:
-        # A seeded random subset: the split keeps its source order, whose head need not be typical.
-        eval_data = eval_data.shuffle(seed=config.seed).select(
-            range(min(config.train.eval_examples, len(eval_data)))
-        )
     metrics = evaluate(
         model,
-        eval_data,
+        evaluation_data(prepared),
         prepared.collator,
         prepared.data.task,
         batch_size=config.train.eval_batch_size,
@@ -403,6 +439,7 @@ def run_method(
         "dataset": config.dataset,
         "task": prepared.data.task,
         "seed": config.seed,
+        "data_seed": config.data_seed,
         "eval_split": config.train.eval_split,
         "metrics": metrics,
         "budget": prepared.budget,
@@ -421,15 +458,40 @@ def run_method(
                 "estimator": prepared.fisher.estimator,
                 "num_examples": prepared.fisher.num_examples,
                 "aggregation": config.fisher.aggregation,
+                "head": config.fisher.head,
             }
             if rule.needs and prepared.fisher is not None
             else None
         ),
+        "task_head": _task_head_record(prepared),
         "records": records,
     }
     run.finish(result)
     wait_for_everyone()
     return MethodOutcome(result=result, model=model)
+
+
+def evaluation_data(prepared: Prepared) -> Any:
+    """The tokenized rows every method is scored on: ``train.eval_split``, or its ``eval_examples``-row
+    subset. Both depend on ``data_seed`` only, so every training seed is scored on the same rows."""
+    config = prepared.config
+    eval_data = prepared.tokenized[config.train.eval_split]
+    if config.train.eval_examples is not None:
+        # A seeded random subset: the split keeps its source order, whose head need not be typical.
+        eval_data = eval_data.shuffle(seed=config.data_seed).select(
+            range(min(config.train.eval_examples, len(eval_data)))
+        )
+    return eval_data
+
+
+def _task_head_record(prepared: Prepared) -> dict[str, Any] | None:
+    """How the task head every method started from was initialised (None: a causal LM's own head)."""
+    if prepared.data.task != "classification":
+        return None
+    record: dict[str, Any] = {"init": prepared.config.fisher.head}
+    if prepared.head_probe is not None:
+        record["probe"] = prepared.head_probe.to_dict()
+    return record
 
 
 def save_adapter(model: Any, directory: Path) -> None:
