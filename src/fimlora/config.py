@@ -23,6 +23,11 @@ from pydantic import (
 
 from fimlora.errors import FimloraError
 
+PROBE_NEEDS_CLASSIFICATION = (
+    "fisher.head: probe fits a classification head on frozen features; a causal LM's output head is "
+    "pretrained, so use fisher.head: random"
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,11 +39,27 @@ class DatasetSettings(_Strict):
     hub_config: str | None = Field(None, description="Configuration name of a Hugging Face dataset.")
 
 
+class ProbeSettings(_Strict):
+    """How ``fisher.head: probe`` fits the classification head on frozen features (training split only)."""
+
+    num_examples: int = Field(1024, ge=2, description="Training examples the head is fitted on (seeded).")
+    max_iter: int = Field(100, ge=1, description="L-BFGS iterations (full batch over the cached features).")
+    l2: float = Field(
+        1e-3, ge=0, description="L2 penalty (l2/2)·‖W‖² on the head's weight matrices, added to the mean CE."
+    )
+
+
 class FisherSettings(_Strict):
     estimator: Literal["empirical", "mc"] = "empirical"
     num_examples: int = Field(256, ge=1, description="Calibration examples, drawn from the training split.")
     batch_size: int = Field(16, ge=1)
     aggregation: Literal["mean", "trace"] = "mean"
+    head: Literal["random", "probe"] = Field(
+        "random",
+        description="The classification head every method starts from (and the Fisher is taken through): "
+        "random = its seeded initialisation; probe = fitted first on frozen features of the training split.",
+    )
+    probe: ProbeSettings = ProbeSettings()
 
 
 class AllocationSettings(_Strict):
@@ -85,7 +106,11 @@ class AdaLoraSettings(_Strict):
     delta_t: int = Field(1, ge=1, description="Steps between two re-allocations.")
     beta1: float = Field(0.85, gt=0, lt=1)
     beta2: float = Field(0.85, gt=0, lt=1)
-    orth_reg_weight: float = Field(0.5, ge=0)
+    orth_reg_weight: float = Field(
+        0.1,
+        ge=0,
+        description="γ of the orthogonality penalty; 0.1 as in the paper's code (PEFT's default: 0.5).",
+    )
     budget_unit: Literal["params", "ranks"] = Field(
         "params", description="params: prune to the parameter budget; ranks: PEFT's rank budget unchanged."
     )
@@ -140,7 +165,12 @@ class VeraSettings(_Strict):
 
 class DeltaLoraSettings(_Strict):
     lambda_: float = Field(2.0, ge=0, alias="lambda", description="W moves by λ·Δ(sBA) after warm-up.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Steps before W moves, as a fraction.")
+    warmup_ratio: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="K = int(ratio × train.steps) start steps; W moves at 0-based steps t > K (Algorithm 1).",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -223,7 +253,11 @@ class ExperimentConfig(_Strict):
         description="Preset names or {name, allocation, adapter, optimizer} mappings.",
     )
     target_modules: list[str] | str | None = None
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="Training randomness: head init, adapter init, data order, dropout, calibration subset.",
+    )
+    data_seed: int = Field(0, description="The train/validation/test split (and the eval_examples subset).")
     output_dir: str = "runs/experiment"
     # A security switch: only a real YAML boolean turns it on, never a string such as 'yes' or 'false'.
     trust_remote_code: StrictBool = False
@@ -278,6 +312,12 @@ class ExperimentConfig(_Strict):
         from fimlora.data.files import dataset_label
 
         return dataset_label(self.dataset)
+
+    @model_validator(mode="after")
+    def _probe_needs_a_classifier(self) -> ExperimentConfig:
+        if self.task == "causal-lm" and self.fisher.head == "probe":
+            raise ValueError(PROBE_NEEDS_CLASSIFICATION)
+        return self
 
     @property
     def method_names(self) -> list[str]:

@@ -1,8 +1,9 @@
 """The pipeline as one readable recipe: data → model → Fisher → allocation → adapter → train → evaluate.
 
 Every method of an experiment gets a deep copy of the same freshly loaded base model (so the same
-randomly initialised task head), the same target modules, the same parameter budget, the same seed and
-the same training settings; only the rank allocation differs.
+task head: its seeded random init, or with ``fisher.head: probe`` that head fitted on frozen features),
+the same target modules, the same parameter budget, the same seed and the same training settings; only
+the rank allocation differs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
-from fimlora.config import ExperimentConfig
+from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
 from fimlora.fisher.distributed import rank_and_world_size
 from fimlora.fisher.result import META_FILE, TENSORS_FILE
+from fimlora.head_probe import ProbeRecord, fit_head_probe
 from fimlora.io import atomic_write_text, ensure_directory, ordinary_permissions
 from fimlora.methods import (
     MethodContext,
@@ -52,6 +54,7 @@ from fimlora.methods.base import (
 )
 from fimlora.models import (
     LoadedModel,
+    classification_head,
     load_model,
     max_sequence_length,
     resolve_target_modules,
@@ -91,6 +94,7 @@ class Prepared:
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
+    head_probe: ProbeRecord | None = None  # set when fisher.head is probe
 
 
 def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) -> Prepared:
@@ -102,7 +106,7 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
     options = config.dataset_options
     data = load_task_data(
         config.dataset,
-        seed=config.seed,
+        seed=config.data_seed,  # the split: fixed across training seeds, so every seed sees one test set
         task=config.task,
         text_column=options.text_column,
         label_column=options.label_column,
@@ -124,7 +128,10 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
     budget = check_budget(config, shapes)
     tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
     collator = make_collator(loaded.tokenizer, data.task)
-    return Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    prepared = Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    if config.fisher.head == "probe":
+        prepared.head_probe = probe_head(prepared)
+    return prepared
 
 
 def check_max_length(config: ExperimentConfig, limit: int | None) -> None:
@@ -151,6 +158,34 @@ def check_budget(config: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -
     return budget
 
 
+def probe_head(prepared: Prepared) -> ProbeRecord:
+    """Fit the classification head of ``prepared``'s base model in place (``fisher.head: probe``).
+
+    The base model is what every method deep-copies, so the fitted head is every method's start.
+    """
+    config, loaded = prepared.config, prepared.loaded
+    if prepared.data.task != "classification":
+        raise FimloraError(f"{PROBE_NEEDS_CLASSIFICATION}.")
+    head = classification_head(loaded.model)
+    if head is None:
+        raise FimloraError(
+            f"fisher.head: probe: {config.model} has no classification head module "
+            "(classifier or score); use fisher.head: random."
+        )
+    probe = config.fisher.probe
+    return fit_head_probe(
+        loaded.model,
+        head,
+        prepared.tokenized["train"],
+        prepared.collator,
+        num_examples=probe.num_examples,
+        max_iter=probe.max_iter,
+        l2=probe.l2,
+        seed=config.seed,
+        batch_size=config.fisher.batch_size,
+    )
+
+
 def _fisher_settings(
     config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
 ) -> dict[str, Any]:
@@ -160,6 +195,8 @@ def _fisher_settings(
         "dataset": config.dataset,
         "dataset_options": config.dataset_options.model_dump(),
         "seed": config.seed,
+        "data_seed": config.data_seed,
+        # head and probe settings included: the Fisher is taken through the head
         "fisher": config.fisher.model_dump(exclude={"aggregation"}),
         "max_length": config.train.max_length,
         "targets": targets,
@@ -413,12 +450,15 @@ def _summed(losses: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tens
 
 
 def evaluation_data(prepared: Prepared, split: str) -> Any:
-    """The tokenized ``split``, cut to ``train.eval_examples`` by a seeded random subset when that is set."""
+    """The tokenized ``split``, cut to ``train.eval_examples`` by a seeded random subset when that is set.
+
+    Both depend on ``data_seed`` only, so every training seed is scored on the same rows.
+    """
     config = prepared.config
     data = prepared.tokenized[split]
     if config.train.eval_examples is not None:
         # A seeded random subset: the split keeps its source order, whose head need not be typical.
-        data = data.shuffle(seed=config.seed).select(range(min(config.train.eval_examples, len(data))))
+        data = data.shuffle(seed=config.data_seed).select(range(min(config.train.eval_examples, len(data))))
     return data
 
 
@@ -528,6 +568,7 @@ def run_method(
         "dataset": config.dataset_label,
         "task": prepared.data.task,
         "seed": config.seed,
+        "data_seed": config.data_seed,
         "eval_split": config.train.eval_split,
         "metrics": metrics,
         **({"classes": classes} if classes is not None else {}),
@@ -550,10 +591,12 @@ def run_method(
                 "estimator": prepared.fisher.estimator,
                 "num_examples": prepared.fisher.num_examples,
                 "aggregation": config.fisher.aggregation,
+                "head": config.fisher.head,
             }
             if rule.needs and prepared.fisher is not None
             else None
         ),
+        "task_head": _task_head_record(prepared),
         "records": records,
         **(result_extras or {}),
     }
@@ -570,6 +613,16 @@ def label_record(label_names: list[str] | None) -> dict[str, Any]:
         "id2label": {str(i): name for i, name in enumerate(label_names)},
         "label2id": {name: i for i, name in enumerate(label_names)},
     }
+
+
+def _task_head_record(prepared: Prepared) -> dict[str, Any] | None:
+    """How the task head every method started from was initialised (None: a causal LM's own head)."""
+    if prepared.data.task != "classification":
+        return None
+    record: dict[str, Any] = {"init": prepared.config.fisher.head}
+    if prepared.head_probe is not None:
+        record["probe"] = prepared.head_probe.to_dict()
+    return record
 
 
 def save_adapter(model: Any, directory: Path) -> None:

@@ -215,6 +215,11 @@ def head_modules(model: nn.Module, task: Task, *, missing_keys: Sequence[str] = 
     return sorted(names)
 
 
+def classification_head(model: nn.Module) -> str | None:
+    """The module mapping features to class logits (``classifier``, ``score``), or None if there is none."""
+    return next((n for n in _CLASSIFICATION_HEADS if isinstance(getattr(model, n, None), nn.Module)), None)
+
+
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer blocks: the largest ModuleList whose children share one class."""
     best: tuple[str, nn.ModuleList] | None = None

@@ -1,4 +1,8 @@
-"""Delta-LoRA: W moves by λ·s·Δ(BA) after the warm-up, and the moved W survives save/reload and merge."""
+"""Delta-LoRA: W moves by λ·s·Δ(BA) after the K start steps, and the moved W survives save/reload and merge.
+
+The paper's Algorithm 1 runs ``for t = 0, …, T−1`` and moves W ``if t > K``: the 1-based step n moves W
+only when n − 1 > K, so steps 1, …, K + 1 leave it alone.
+"""
 
 from __future__ import annotations
 
@@ -124,15 +128,17 @@ def test_each_step_moves_w_by_lambda_s_delta_ba(kind: str) -> None:
         largest = 0.0
         for name, (w0, a0, b0, s) in before.items():
             w1, a1, b1, _ = after[name]
-            if step <= warmup:
-                assert torch.equal(w1, w0), f"W of {name} moved during warm-up step {step}"
+            if step - 1 <= warmup:  # t = step − 1 is Algorithm 1's 0-based index
+                assert torch.equal(w1, w0), (
+                    f"W of {name} moved at step {step} (t = {step - 1} ≤ K = {warmup})"
+                )
             else:
                 expected = LAMBDA * s * (b1 @ a1 - b0 @ a0)
                 torch.testing.assert_close(w1 - w0, expected, atol=1e-6, rtol=0)
                 largest = max(largest, float(expected.abs().max()))
-        if step > warmup:
+        if step - 1 > warmup:
             assert largest > 1e-3  # the update is real, not a vacuous zero
-    # drift = W_T − W_0 = λ·s·(B_T A_T − B_K A_K), exactly reproducible from W_0
+    # drift = W_T − W_0 = λ·s·(B_T A_T − B_{K+1} A_{K+1}), exactly reproducible from W_0
     drift = updater.drift
     for name, (w_first, *_) in start.items():
         w_last = after[name][0]
@@ -158,7 +164,7 @@ def test_trainer_callback_fires_around_the_optimizer_step(tmp_path) -> None:
             assert not torch.equal(probe, self.b_before)  # optimizer.step() ran in between
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
+            if state.global_step == warmup + 1:  # the last step that leaves W alone (t = K)
                 at_warmup_end.update({n: b @ a for n, (_, a, b, _) in _lora_state(model).items()})
 
     data = [{k: v[i] for k, v in _batch("bert", 16).items()} for i in range(16)]
@@ -219,6 +225,7 @@ def test_saved_adapter_plus_drift_reloads_bit_identical(kind: str, tmp_path) -> 
 
     meta = json.loads((tmp_path / "drift" / DRIFT_CONFIG_NAME).read_text())
     assert (meta["lambda"], meta["warmup_steps"], meta["steps"]) == (LAMBDA, 1, 4)
+    assert meta["updated_steps"] == 2  # t = 2, 3 > K = 1
     assert meta["modules"] == updater.module_names
     assert meta["scaling"] == updater.scaling()
 
@@ -269,8 +276,8 @@ def test_lambda_zero_leaves_w_unchanged() -> None:
 
 
 def test_after_step_without_before_step_is_an_error() -> None:
-    updater = DeltaLoraUpdater(_bert_lora(), warmup_steps=1)
-    updater.after_step()  # warm-up: no snapshot needed
+    updater = DeltaLoraUpdater(_bert_lora(), warmup_steps=0)
+    updater.after_step()  # t = 0 is never past K: no snapshot needed
     with pytest.raises(RuntimeError, match="before_step"):
         updater.after_step()
 

@@ -166,6 +166,9 @@ def test_saved_method_reloads_into_a_fresh_base_model_with_the_trained_logits(pr
     if name in ("pissa", "olora", "lora-ga"):
         # PEFT converts these to a plain LoRA of rank 2r on the unmodified base: equal up to round-off.
         torch.testing.assert_close(again, trained, rtol=1e-5, atol=1e-5)
+    elif name == "adalora":
+        # PEFT reloads AdaLoRA with the pruned triplets removed, not masked: a shorter sum, same function.
+        torch.testing.assert_close(again, trained, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(again, trained), name
 
@@ -176,7 +179,11 @@ def test_plain_peft_loads_every_peft_native_adapter(prepared, outcomes):
         adapter_dir = Path(prepared.config.output_dir) / name / "adapter"
         with torch.no_grad():
             model = PeftModel.from_pretrained(_fresh_base(prepared), str(adapter_dir)).eval()
-            assert torch.equal(model(**inputs).logits, outcomes[name].model(**inputs).logits), name
+            again, trained = model(**inputs).logits, outcomes[name].model(**inputs).logits
+        if name == "adalora":  # pruned triplets removed on reload (see above): equal up to round-off
+            torch.testing.assert_close(again, trained, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(again, trained), name
 
 
 def test_adalora_prunes_every_step_down_to_the_parameter_budget(prepared, outcomes):

@@ -1,20 +1,21 @@
 """Delta-LoRA (Zi et al. 2023, arXiv 2309.02411) on top of a PEFT LoRA model, written by hand.
 
 Plain LoRA trains ``h = W x + s·B A x`` with ``W`` frozen. Delta-LoRA also moves ``W``, but not by
-autograd: after a warm-up of ``K`` optimiser steps, every optimiser step that changes the low-rank
-product also adds that change to the pretrained weight,
+autograd: past ``K`` start steps, every optimiser step that changes the low-rank product also adds
+that change to the pretrained weight (the paper's Algorithm 1: ``for t = 0, …, T−1: … if t > K``),
 
-    W_{t+1} = W_t + λ · s · (B_{t+1} A_{t+1} − B_t A_t),        for steps t + 1 > K,
+    W_{t+1} = W_t + λ · s · (B_{t+1} A_{t+1} − B_t A_t),        for t > K  (t: the 0-based step index),
 
 with ``s`` the PEFT layer's scaling for the adapter (``layer.scaling[adapter_name]``: α/r, α/√r under
 rsLoRA, per module under ``rank_pattern``/``alpha_pattern``). The sum telescopes: after ``T`` steps
-``W_T − W_0 = λ · s · (B_T A_T − B_K A_K)``. ``W`` keeps ``requires_grad=False`` (no gradient, no
+``W_T − W_0 = λ · s · (B_T A_T − B_{K+1} A_{K+1})``. ``W`` keeps ``requires_grad=False`` (no gradient, no
 optimiser state); the update is applied in place under ``torch.no_grad()``.
 
 Conventions:
 
-- Steps are **optimiser steps** (with gradient accumulation, one per accumulated batch). Step ``n``
-  (1-based) updates ``W`` when ``n > warmup_steps``; ``warmup_steps=0`` updates from the first step.
+- Steps are **optimiser steps** (with gradient accumulation, one per accumulated batch). The step with
+  0-based index ``t`` (``t`` steps already done) updates ``W`` when ``t > warmup_steps``, as in
+  Algorithm 1: the first ``K + 1`` steps leave ``W`` alone (``warmup_steps=0``: all but the first).
 - Module names are relative to the base model (``bert.encoder.layer.0.attention.self.query``), never
   ``base_model.model.…`` — the names ``rank_pattern`` and ``PeftModel.from_pretrained`` use.
 - Dropout on the LoRA path is refused: the paper drops it, because the update rule rests on
@@ -111,7 +112,8 @@ class DeltaLoraUpdater:
             dropout, base weights frozen.
         lambda_: λ ≥ 0, the multiplier of the low-rank change added to ``W`` (the paper uses 2);
             0 makes this plain LoRA.
-        warmup_steps: K ≥ 0 optimiser steps during which ``W`` is left alone.
+        warmup_steps: K ≥ 0, the paper's start steps: the step with 0-based index t moves ``W`` only
+            when t > K (steps 0, …, K leave it alone).
         adapter_name: which LoRA adapter's product drives the update.
 
     ``W_0`` is the base weights at construction (a host copy of each targeted weight).
@@ -158,7 +160,8 @@ class DeltaLoraUpdater:
         return {t.name: float(t.layer.scaling[self.adapter_name]) for t in self._targets}
 
     def _updates_next_step(self) -> bool:
-        return self.lambda_ != 0.0 and self.step_count >= self.warmup_steps
+        # Algorithm 1's "if t > K", t the 0-based index of the coming step = the steps done so far.
+        return self.lambda_ != 0.0 and self.step_count > self.warmup_steps
 
     def _check_open(self) -> None:
         if self.closed:
@@ -368,7 +371,7 @@ def save_weight_drift(
             "lambda": updater.lambda_,
             "warmup_steps": updater.warmup_steps,
             "steps": updater.step_count,
-            "updated_steps": max(0, updater.step_count - updater.warmup_steps) if updater.lambda_ else 0,
+            "updated_steps": max(0, updater.step_count - updater.warmup_steps - 1) if updater.lambda_ else 0,
             "adapter_name": updater.adapter_name,
             "modules": updater.module_names,
             "scaling": updater.scaling(),

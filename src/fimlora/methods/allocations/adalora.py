@@ -10,6 +10,10 @@ at ``target_r``. With ``budget_unit="params"`` (default) the same importance sco
 schedule are used, but the schedule runs in trainable parameters, from the initial adapter's count down to
 the experiment's budget, and the mask keeps the most important triplets while their parameters fit
 (a triplet of module i costs d_in + d_out + 1). ``budget_unit="ranks"`` is PEFT's allocator unchanged.
+
+Orthogonality penalty. PEFT adds γ × the mean over factors of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F to the loss,
+with γ = ``orth_reg_weight``: by default the paper's 0.1 (its released GLUE scripts pass
+``--reg_orth_coef 0.1``), not PEFT's default 0.5; the run records the value it trained with.
 """
 
 from __future__ import annotations
@@ -227,6 +231,8 @@ class AdaLora(AllocationRule):
         return {
             "adalora": {
                 "budget_unit": ctx.options.adalora.budget_unit,
+                # γ of the orthogonality penalty: the paper's 0.1 by default (PEFT's own default is 0.5)
+                "orth_reg_weight": model.peft_config[model.active_adapter].orth_reg_weight,
                 "init_r": self.initial_rank(ctx),
                 "peak_params": ctx.record.pop("adalora_peak_params", None),
                 "final_params": final_params,

@@ -2,6 +2,10 @@
 
 A stays frozen at its random init; only B trains, with its gradient projected so the update is the one
 full fine-tuning would make within A's row space. PEFT's optimizer freezes A itself.
+
+Two of PEFT's settings are brought in line with the Trainer's AdamW, so that LoRA-FA differs from LoRA
+only in what it is meant to: PEFT decays every parameter (biases and normalisation weights too) and
+uses eps = 1e-6; here the Trainer's weight-decay grouping and its eps (1e-8) apply.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 from peft.optimizers import create_lorafa_optimizer
 
 from fimlora.methods.base import MethodContext, OptimizerKind
+from fimlora.methods.optimizers._groups import TRAINER_ADAM_BETAS, TRAINER_ADAM_EPS, split_weight_decay
 
 
 class LoraFa(OptimizerKind):
@@ -21,12 +26,21 @@ class LoraFa(OptimizerKind):
     def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
         train = ctx.config.train
         # r and lora_alpha give PEFT's default scaling; per-module scalings are read from the layers.
-        return create_lorafa_optimizer(
+        optimizer = create_lorafa_optimizer(
             model,
             r=ctx.config.budget.reference_rank,
             lora_alpha=ctx.config.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses float
             lr=train.learning_rate,
             weight_decay=train.weight_decay,
+        )
+        # A and B of a module stay adjacent in one group (LoRA-FA pairs them by order): both are decayed.
+        return split_weight_decay(
+            optimizer,
+            model,
+            train.weight_decay,
+            aligned=("names", "scaling_factors"),
+            eps=TRAINER_ADAM_EPS,
+            betas=TRAINER_ADAM_BETAS,
         )
 
 

@@ -3,7 +3,8 @@
 B learns ``lr_ratio`` times faster than A. Two PEFT behaviours are corrected here so that LoRA+ differs
 from LoRA in that one respect only: PEFT ignores a plain ``weight_decay`` argument (the decay must be
 passed as ``loraplus_weight_decay``), and it puts every 1-D trainable tensor, including the task head's
-bias, in B's fast group. Parameters that are not LoRA factors go back to the base learning rate.
+bias, in B's fast group. Parameters that are not LoRA factors go back to the base learning rate, and
+weight decay follows the Trainer's rule (none on biases and normalisation weights).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 from fimlora.methods.base import MethodContext, OptimizerKind
+from fimlora.methods.optimizers._groups import split_weight_decay
 
 
 class LoraPlus(OptimizerKind):
@@ -43,7 +45,9 @@ class LoraPlus(OptimizerKind):
         if others:
             groups.append({"params": others, "lr": train.learning_rate, "weight_decay": train.weight_decay})
         ctx.record["loraplus"] = {"lr_ratio": ratio}
-        return torch.optim.AdamW(groups, lr=train.learning_rate)
+        return split_weight_decay(
+            torch.optim.AdamW(groups, lr=train.learning_rate), model, train.weight_decay
+        )
 
     def finalize(self, model: nn.Module, ctx: MethodContext) -> dict:
         return {"loraplus": ctx.record.pop("loraplus", None)}
