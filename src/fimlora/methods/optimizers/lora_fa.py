@@ -2,21 +2,30 @@
 
 A stays frozen at its random init; only B trains, with its gradient projected so the update is the one
 full fine-tuning would make within A's row space. PEFT's optimizer freezes A itself.
+
+Budget: a rank trains only B's column, ``d_out`` parameters (not ``d_in + d_out``), so at an equal
+parameter budget LoRA-FA gets the ranks that budget affords (uniform: about twice LoRA's on square
+modules); the count is taken after the optimizer froze A.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from peft.optimizers import create_lorafa_optimizer
 
-from fimlora.methods.base import MethodContext, OptimizerKind
+from fimlora.methods.base import CostModel, MethodContext, OptimizerKind
 
 
 class LoraFa(OptimizerKind):
     name = "lora-fa"
     description = "LoRA-FA: A frozen, B trained with a projected gradient (PEFT's LoRA-FA optimizer)."
+
+    def cost(self, adapter_cost: CostModel, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
+        # A (r × d_in) is frozen: a rank trains what it costs less A's row.
+        return replace(adapter_cost, per_rank=adapter_cost.per_rank - shape[1])
 
     def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
         train = ctx.config.train
