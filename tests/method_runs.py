@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ def tiny_config(
     return parse_config(data)
 
 
-def prepared_experiment(config: ExperimentConfig, needs: set[str] = frozenset()) -> Prepared:  # type: ignore[assignment]
+def prepared_experiment(config: ExperimentConfig, needs: Collection[str] = ()) -> Prepared:
+    """``prepare(config)`` plus the calibration passes ``needs`` (``NEEDS_*``)."""
     prepared = prepare(config)
     if needs:
         calibrate(prepared, set(needs), progress=False, log=lambda _: None)
