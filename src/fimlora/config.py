@@ -147,6 +147,23 @@ class EvaSettings(_Strict):
     tau: float = Field(0.99, gt=0, le=1, description="Cosine-similarity threshold for SVD convergence.")
 
 
+class LoraGaSettings(_Strict):
+    variant: Literal["official", "peft"] = Field(
+        "official",
+        description="official: A, B = singular vectors of Ḡ × d_out^¼/√γ (Outsider565/LoRA-GA); "
+        "peft: PEFT 0.21's B = U·diag(S)·d_out^¼/√γ.",
+    )
+    stable_gamma: float = Field(16.0, gt=0, description="γ of the stable scale d_out^¼/√γ.")
+
+
+class GoraSettings(_Strict):
+    init_lr: float = Field(
+        0.05, gt=0, description="γ: the initial adapter is a gradient-descent step of this size (--gora-lr)."
+    )
+    min_rank_factor: float = Field(0.5, ge=0, description="Smallest rank: floor(factor × reference rank).")
+    max_rank_factor: float = Field(4.0, gt=0, description="Largest rank: floor(factor × reference rank).")
+
+
 class LoraPlusSettings(_Strict):
     lr_ratio: float = Field(16.0, ge=1, description="Learning rate of B over that of A.")
 
@@ -197,6 +214,8 @@ class MethodOptions(_Strict):
     adalora: AdaLoraSettings = AdaLoraSettings()
     fisher_online: FisherOnlineSettings = FisherOnlineSettings()
     eva: EvaSettings = EvaSettings()
+    lora_ga: LoraGaSettings = LoraGaSettings()
+    gora: GoraSettings = GoraSettings()
     loraplus: LoraPlusSettings = LoraPlusSettings()
     riemannian: RiemannianSettings = RiemannianSettings()
     vera: VeraSettings = VeraSettings()

@@ -366,29 +366,37 @@ def _domain_batches(
 
 
 def allocate_for(
-    rule: AllocationRule, adapter: AdapterKind, ctx: MethodContext
+    rule: AllocationRule, adapter: AdapterKind, ctx: MethodContext, optimizer: OptimizerKind | None = None
 ) -> tuple[Allocation | None, int]:
     """The method's rank allocation and the parameters its adapter trains besides the ranks.
 
     A budget-matched adapter spends ``budget`` in true trainable parameters: fixed per-module extras
-    (DoRA's magnitude vector, HydraLoRA's router) are paid first, and a rank costs what it costs in that
-    adapter (HydraLoRA: d_in + k·d_out).
+    (DoRA's magnitude vector, HydraLoRA's router) are paid first, and a rank costs what it trains under
+    that adapter and optimizer (HydraLoRA: d_in + k·d_out; LoRA-FA, whose A is frozen: d_out).
     """
     if not adapter.rank_based:
         return None, 0
-    shapes, budget, fixed = rank_budget(adapter, ctx)
+    rank_costs, budget, fixed = rank_budget(adapter, ctx, optimizer)
     try:
-        return rule.allocate(ctx, shapes, budget), fixed
+        return rule.allocate(ctx, ctx.shapes, budget, rank_costs), fixed
     except FimloraError as exc:
         extra = f" after its {fixed:,} fixed parameters" if fixed else ""
         raise FimloraError(f"Method {ctx.spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
 
 
-def rank_budget(adapter: AdapterKind, ctx: MethodContext) -> tuple[dict[str, tuple[int, int]], int, int]:
-    """What the ranks of a rank-based adapter may spend: ``(per-rank shapes, budget, fixed)``, where
-    ``fixed`` (DoRA's magnitudes, HydraLoRA's routers) is paid first out of a budget-matched budget and
-    a rank of module i costs ``d_out + d_in`` of its per-rank shape."""
-    costs = {name: adapter.cost(shape, ctx) for name, shape in ctx.shapes.items()}
+def rank_budget(
+    adapter: AdapterKind, ctx: MethodContext, optimizer: OptimizerKind | None = None
+) -> tuple[dict[str, int] | None, int, int]:
+    """What the ranks of a rank-based adapter may spend: ``(rank_costs, budget, fixed)``.
+
+    ``fixed`` (DoRA's magnitudes, HydraLoRA's routers) is paid first out of a budget-matched budget;
+    ``rank_costs`` is what one rank of each module trains under that adapter and optimizer, or None when
+    every rank costs the plain LoRA ``d_out + d_in`` of its module.
+    """
+    costs = {}
+    for name, shape in ctx.shapes.items():
+        cost = adapter.cost(shape, ctx)
+        costs[name] = cost if optimizer is None else optimizer.cost(cost, shape, ctx)
     fixed = sum(c.fixed for c in costs.values())
     budget = ctx.budget - fixed if adapter.budget_matched else ctx.budget
     if budget <= 0:
@@ -396,12 +404,19 @@ def rank_budget(adapter: AdapterKind, ctx: MethodContext) -> tuple[dict[str, tup
             f"Method {ctx.spec.name!r}: the adapter's fixed parameters ({fixed:,}) exceed the budget "
             f"({ctx.budget:,}); raise the budget."
         )
-    return {name: c.per_rank_shape for name, c in costs.items()}, budget, fixed
+    per_rank = {name: c.per_rank for name, c in costs.items()}
+    plain = all(per_rank[n] == d_out + d_in for n, (d_out, d_in) in ctx.shapes.items())
+    return (None if plain else per_rank), budget, fixed
 
 
 @dataclass
 class BuiltMethod:
-    """A method ready to train: its components, context, allocation and wrapped model."""
+    """A method ready to train: its components, context, allocation, wrapped model and optimizer.
+
+    ``counts`` are taken after the optimizer was built (LoRA-FA's freezes A): the tensors that require a
+    gradient, every one of them in the optimizer (``optimizer`` None: the Trainer's AdamW over exactly
+    those tensors).
+    """
 
     spec: MethodSpec
     rule: AllocationRule
@@ -411,20 +426,42 @@ class BuiltMethod:
     allocation: Allocation | None
     model: Any
     counts: dict[str, int]
+    optimizer: torch.optim.Optimizer | None = None
 
     @property
     def components(self) -> list[Component]:
         return [self.rule, self.adapter, self.optimizer_kind]
 
 
+def check_optimizer_covers_trainable(model: Any, optimizer: torch.optim.Optimizer | None, name: str) -> None:
+    """Every tensor that requires a gradient is in ``optimizer`` (None: the Trainer's, which takes them all).
+
+    Trainable counts are taken over tensors that require a gradient; one the optimizer leaves out would be
+    counted but never trained.
+    """
+    if optimizer is None:
+        return
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in optimized]
+    if idle:
+        raise RuntimeError(
+            f"{name}: {len(idle)} tensor(s) require a gradient but are not in the optimizer (e.g. "
+            f"{idle[0]}); they would be counted as trained but never move."
+        )
+
+
 def build_method(prepared: Prepared, method: str) -> BuiltMethod:
-    """Resolve ``method`` (a name in the config), allocate its ranks and wrap a copy of the base model."""
+    """Resolve ``method`` (a name in the config), allocate its ranks, wrap a copy of the base model and
+    build its optimizer; count what trains once the optimizer exists."""
     config = prepared.config
     spec = resolve_method(config.methods[config.method_names.index(method)])
     rule, adapter = get_allocation(spec.allocation), get_adapter(spec.adapter)
+    optimizer_kind = get_optimizer(spec.optimizer)
     ctx = method_context(prepared, spec)
-    allocation, fixed_params = allocate_for(rule, adapter, ctx)
+    allocation, fixed_params = allocate_for(rule, adapter, ctx, optimizer_kind)
     model = adapter.build(copy.deepcopy(prepared.loaded.model), allocation, rule, ctx)
+    optimizer = optimizer_kind.build(model, ctx)
+    check_optimizer_covers_trainable(model, optimizer, spec.name)
     counts = adapter.trainable_counts(model, ctx)
     if allocation is not None and rule.static_ranks and adapter.budget_matched:
         expected = allocation.num_params + fixed_params
@@ -433,7 +470,7 @@ def build_method(prepared: Prepared, method: str) -> BuiltMethod:
                 f"{spec.name}: the adapter trains {counts['adapter_params']} parameters but the allocation "
                 f"accounts for {expected}: the rank pattern did not apply as intended."
             )
-    return BuiltMethod(spec, rule, adapter, get_optimizer(spec.optimizer), ctx, allocation, model, counts)
+    return BuiltMethod(spec, rule, adapter, optimizer_kind, ctx, allocation, model, counts, optimizer)
 
 
 def _summed(losses: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor] | None:
@@ -490,7 +527,7 @@ def run_method(
     if main and rule.needs and prepared.fisher_dir is not None:
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
-    optimizer = built.optimizer_kind.build(model, ctx)
+    optimizer = built.optimizer
     callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
     if config.train.eval_every is not None:
         validation = evaluation_data(prepared, "validation")

@@ -20,7 +20,7 @@ from fimlora.config import ExperimentConfig
 from fimlora.data import TaskData, load_task_data, quiet_datasets
 from fimlora.errors import FimloraError
 from fimlora.experiment import check_budget, check_max_length, rank_budget
-from fimlora.methods import MethodContext, get_adapter, resolve_method
+from fimlora.methods import MethodContext, get_adapter, get_optimizer, resolve_method
 from fimlora.models import load_model_shell, max_sequence_length, resolve_target_modules, weight_shapes
 
 
@@ -91,17 +91,18 @@ def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
             train_texts=_needs_training_data,
         )
         try:
-            per_rank, left, fixed = rank_budget(adapter, ctx)
+            rank_costs, left, fixed = rank_budget(adapter, ctx, get_optimizer(spec.optimizer))
         except _NeedsTrainingData:
             continue
         try:
             allocate_ranks(
-                dict.fromkeys(per_rank, 1.0),
-                per_rank,
+                dict.fromkeys(shapes, 1.0),
+                shapes,
                 budget=left,
                 strategy="uniform",
                 r_min=config.allocation.r_min,
                 r_max=config.allocation.r_max,
+                rank_costs=rank_costs,
             )
         except FimloraError as exc:
             extra = f" after its {fixed:,} fixed parameters" if fixed else ""

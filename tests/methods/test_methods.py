@@ -175,7 +175,7 @@ def test_saved_method_reloads_into_a_fresh_base_model_with_the_trained_logits(pr
 
 def test_plain_peft_loads_every_peft_native_adapter(prepared, outcomes):
     inputs = _inputs(prepared)
-    for name in ("lora", "fim-lora", "gradnorm", "dora", "rslora", "loraplus", "eva", "adalora"):
+    for name in ("lora", "fim-lora", "gora-score", "dora", "rslora", "loraplus", "eva", "adalora"):
         adapter_dir = Path(prepared.config.output_dir) / name / "adapter"
         with torch.no_grad():
             model = PeftModel.from_pretrained(_fresh_base(prepared), str(adapter_dir)).eval()
@@ -357,8 +357,8 @@ def test_full_fine_tuning_trains_every_weight_at_a_scaled_rate(prepared, outcome
     assert result["learning_rate"] == pytest.approx(prepared.config.train.learning_rate * 0.1)
 
 
-def test_gradnorm_scores_are_mean_abs_weight_times_gradient(prepared):
-    built = build_method(prepared, "gradnorm")
+def test_gora_score_scores_are_mean_abs_weight_times_gradient(prepared):
+    built = build_method(prepared, "gora-score")
     assert NEEDS_GRADIENTS in built.rule.needs
     modules = dict(prepared.loaded.model.named_modules())
     for name, score in built.allocation.scores.items():

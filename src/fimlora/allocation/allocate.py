@@ -4,7 +4,8 @@ Conventions used throughout this module:
 
 * ``shapes[name] = (d_out, d_in)``, the shape of a ``torch.nn.Linear`` weight.
 * A LoRA adapter of rank ``r`` on a module trains ``r * (d_in + d_out)`` parameters (A is ``r x d_in``,
-  B is ``d_out x r``); that number is the module's *cost per rank*.
+  B is ``d_out x r``); that number is the module's *cost per rank*, unless ``rank_costs`` says what a
+  rank trains instead (LoRA-FA freezes A: ``d_out``; HydraLoRA's k heads: ``d_in + k * d_out``).
 * ``budget`` counts trainable LoRA parameters, never ranks.
 * A module's effective rank cap is ``min(r_max, d_in, d_out)`` (``min(d_in, d_out)`` when ``r_max`` is
   None): a rank above ``min(d_in, d_out)`` adds parameters but no expressiveness.
@@ -56,6 +57,7 @@ def allocate_ranks(
     r_max: int | None = None,
     tau: float = 1.0,
     seed: int = 0,
+    rank_costs: Mapping[str, int] | None = None,
 ) -> Allocation:
     """Allocate LoRA ranks to modules so the adapter trains at most ``budget`` parameters.
 
@@ -63,7 +65,7 @@ def allocate_ranks(
         scores: non-negative importance per module (e.g. a Fisher trace). May be None only for
             ``strategy="uniform"``, which ignores the values.
         shapes: ``(d_out, d_in)`` per module, the same keys as ``scores``.
-        budget: number of trainable LoRA parameters allowed, ``sum_i r_i * (d_in_i + d_out_i)``.
+        budget: number of trainable LoRA parameters allowed, ``sum_i r_i * cost_i``.
         strategy: ``"proportional"`` (rank proportional to ``score ** tau``), ``"uniform"`` (equal ranks)
             or ``"random"`` (proportional's ranks shuffled among modules of identical shape: the control
             that tells whether the scores carry information).
@@ -71,6 +73,8 @@ def allocate_ranks(
         r_max: largest rank any module gets; each module's cap is ``min(r_max, d_in, d_out)``.
         tau: temperature on the scores; ``tau < 1`` flattens, ``tau > 1`` sharpens the allocation.
         seed: seed of the permutation used by ``strategy="random"``.
+        rank_costs: trainable parameters one rank adds per module (same keys as ``shapes``); None means
+            ``d_in + d_out``. Caps stay ``min(r_max, d_in, d_out)`` whatever a rank costs.
 
     Raises:
         FimloraError: for any invalid input, including a budget below ``r_min * sum_i cost_i``.
@@ -87,8 +91,9 @@ def allocate_ranks(
     else:
         _check_scores(scores, shapes, needs_signal=strategy != "uniform")
 
+    _check_rank_costs(rank_costs, shapes)
     names = sorted(shapes)
-    costs = np.array([_cost_per_rank(shapes[n]) for n in names], dtype=np.int64)
+    costs = np.array([rank_cost(shapes, rank_costs, n) for n in names], dtype=np.int64)
     caps = np.array([_rank_cap(shapes[n], r_max) for n in names], dtype=np.int64)
     _check_caps(names, caps, r_min)
     min_budget = int(r_min * costs.sum())
@@ -105,7 +110,9 @@ def allocate_ranks(
         score_vec = np.array([float(scores[n]) for n in names], dtype=np.float64)
     ranks = _proportional_ranks(names, score_vec, costs, caps, budget=budget, r_min=r_min, tau=tau)
     if strategy == "random":
-        ranks = _permute_within_shape_groups(ranks, shapes, seed)
+        ranks = _permute_within_shape_groups(
+            ranks, shapes, seed, dict(zip(names, costs.tolist(), strict=True))
+        )
 
     return Allocation(
         ranks={n: int(ranks[n]) for n in names},
@@ -117,6 +124,7 @@ def allocate_ranks(
         r_max=None if r_max is None else int(r_max),
         tau=float(tau),
         seed=int(seed),
+        rank_costs=None if rank_costs is None else {n: int(rank_costs[n]) for n in names},
     )
 
 
@@ -244,16 +252,17 @@ def _priority(
 
 
 def _permute_within_shape_groups(
-    ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], seed: int
+    ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]], seed: int, costs: Mapping[str, int]
 ) -> dict[str, int]:
-    """Shuffle ranks among modules of identical shape (same cost and cap, so every invariant survives).
+    """Shuffle ranks among modules of identical shape and rank cost (same cost and cap, so every
+    invariant survives).
 
     Groups and the names within them are visited in sorted order so the result depends only on ``seed``.
     """
     rng = np.random.default_rng(seed)
-    groups: dict[tuple[int, int], list[str]] = {}
+    groups: dict[tuple[int, int, int], list[str]] = {}
     for name in sorted(ranks):
-        groups.setdefault((int(shapes[name][0]), int(shapes[name][1])), []).append(name)
+        groups.setdefault((int(shapes[name][0]), int(shapes[name][1]), int(costs[name])), []).append(name)
     shuffled = dict(ranks)
     for shape in sorted(groups):
         members = groups[shape]
@@ -267,6 +276,11 @@ def _cost_per_rank(shape: tuple[int, int]) -> int:
     """Trainable parameters added per unit of rank: ``d_in + d_out``."""
     d_out, d_in = shape
     return int(d_in) + int(d_out)
+
+
+def rank_cost(shapes: Mapping[str, tuple[int, int]], rank_costs: Mapping[str, int] | None, name: str) -> int:
+    """Trainable parameters one rank of module ``name`` adds: ``rank_costs[name]``, else ``d_in + d_out``."""
+    return _cost_per_rank(shapes[name]) if rank_costs is None else int(rank_costs[name])
 
 
 def _rank_cap(shape: tuple[int, int], r_max: int | None) -> int:
@@ -329,6 +343,23 @@ def _check_shapes(shapes: Mapping[str, tuple[int, int]]) -> None:
             raise FimloraError(
                 f"Module {name!r} has shape {shape!r}; "
                 "shapes must be (d_out, d_in) pairs of positive integers."
+            )
+
+
+def _check_rank_costs(rank_costs: Mapping[str, int] | None, shapes: Mapping[str, tuple[int, int]]) -> None:
+    if rank_costs is None:
+        return
+    if set(rank_costs) != set(shapes):
+        odd = sorted(set(rank_costs) ^ set(shapes))
+        raise FimloraError(
+            f"The keys of rank_costs and shapes differ (e.g. {_quote(odd)}); pass one cost per module."
+        )
+    for name in sorted(rank_costs):
+        value = rank_costs[name]
+        if not _is_int(value) or value < 1:
+            raise FimloraError(
+                f"Module {name!r} has rank cost {value!r}; a rank must cost a positive integer number "
+                "of trainable parameters."
             )
 
 

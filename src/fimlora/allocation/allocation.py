@@ -44,6 +44,8 @@ class Allocation:
         strategy: the strategy that produced the ranks.
         scores: the importance scores used (None for a score-free uniform allocation).
         r_min, r_max, tau, seed: the allocation's settings, kept for provenance.
+        rank_costs: trainable parameters one rank adds per module, when that is not ``d_in + d_out``
+            (LoRA-FA trains only B: ``d_out``); None for plain LoRA. ``num_params`` counts with it.
     """
 
     ranks: dict[str, int]
@@ -55,6 +57,7 @@ class Allocation:
     r_max: int | None = None
     tau: float = 1.0
     seed: int = 0
+    rank_costs: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.ranks = {str(n): int(r) for n, r in self.ranks.items()}
@@ -71,15 +74,32 @@ class Allocation:
             raise FimloraError(
                 f"Every rank must be >= 1, but module {bad[0]!r} has rank {self.ranks[bad[0]]}."
             )
+        if self.rank_costs is not None:
+            self.rank_costs = {str(n): int(c) for n, c in self.rank_costs.items()}
+            if set(self.rank_costs) != set(self.ranks):
+                odd = sorted(set(self.rank_costs) ^ set(self.ranks))[:3]
+                raise FimloraError(
+                    f"rank_costs and ranks name different modules (e.g. {odd}); they must match."
+                )
+            if any(c < 1 for c in self.rank_costs.values()):
+                raise FimloraError("Every rank cost must be a positive number of trainable parameters.")
+            if all(c == sum(self.shapes[n]) for n, c in self.rank_costs.items()):
+                self.rank_costs = None  # plain LoRA's d_in + d_out: nothing to record
 
     # ----------------------------------------------------------------------------------------------
     # Derived quantities
     # ----------------------------------------------------------------------------------------------
 
+    def rank_cost(self, name: str) -> int:
+        """Trainable parameters one rank of module ``name`` adds (``d_in + d_out`` unless ``rank_costs``)."""
+        if self.rank_costs is not None:
+            return self.rank_costs[name]
+        return self.shapes[name][0] + self.shapes[name][1]
+
     @property
     def num_params(self) -> int:
-        """Trainable LoRA parameters: ``sum_i r_i * (d_in_i + d_out_i)`` (A and B matrices, no biases)."""
-        return sum(r * (self.shapes[n][0] + self.shapes[n][1]) for n, r in self.ranks.items())
+        """Trainable adapter parameters: ``sum_i r_i * cost_i`` (plain LoRA: A and B, ``d_in + d_out``)."""
+        return sum(r * self.rank_cost(n) for n, r in self.ranks.items())
 
     @property
     def reference_rank(self) -> int:
@@ -178,9 +198,10 @@ class Allocation:
     # ----------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (shapes as ``[d_out, d_in]`` lists; ``num_params`` for readers)."""
+        """A JSON-serialisable dict (shapes as ``[d_out, d_in]`` lists; ``num_params`` for readers;
+        ``rank_costs`` only when a rank does not cost ``d_in + d_out``)."""
         names = sorted(self.ranks)
-        return {
+        data = {
             "strategy": self.strategy,
             "budget": self.budget,
             "num_params": self.num_params,
@@ -192,6 +213,9 @@ class Allocation:
             "shapes": {n: list(self.shapes[n]) for n in names},
             "scores": None if self.scores is None else {n: self.scores[n] for n in sorted(self.scores)},
         }
+        if self.rank_costs is not None:
+            data["rank_costs"] = {n: self.rank_costs[n] for n in names}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Allocation:

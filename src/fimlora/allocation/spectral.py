@@ -68,11 +68,12 @@ import numpy as np
 from fimlora.allocation.allocate import (
     _check_caps,
     _check_hyperparameters,
+    _check_rank_costs,
     _check_shapes,
-    _cost_per_rank,
     _is_real,
     _quote,
     _rank_cap,
+    rank_cost,
 )
 from fimlora.allocation.allocation import Allocation
 from fimlora.errors import FimloraError
@@ -130,11 +131,13 @@ def allocate_spectral(
     r_max: int | None = None,
     kfac: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     damping: float = DEFAULT_DAMPING,
+    rank_costs: Mapping[str, int] | None = None,
 ) -> Allocation:
     """Allocate LoRA ranks to maximise the total captured squared singular values under ``budget``.
 
     Module ``i``'s ``k``-th rank is worth ``σ_k²`` of its gradient (whitened by K-FAC when ``kfac`` is
-    given; see the module docstring for why) and costs ``d_in + d_out`` parameters. The ranks maximise
+    given; see the module docstring for why) and costs ``d_in + d_out`` parameters (or
+    ``rank_costs[name]``, what a rank trains when that differs, e.g. LoRA-FA's ``d_out``). The ranks maximise
     ``Σ_i Σ_{k≤r_i} σ_{i,k}²`` exactly when the dynamic program is small enough, and greedily by
     ``σ² / cost`` otherwise (optimal for equal costs, within one rank's gain of optimal in general).
 
@@ -146,6 +149,7 @@ def allocate_spectral(
         r_max: largest rank any module gets; each module's cap is ``min(r_max, d_in, d_out)``.
         kfac: optional K-FAC factors ``(A, S)`` per module; switches to ``strategy="whitened-spectral"``.
         damping: relative damping of the K-FAC factors (ignored without ``kfac``).
+        rank_costs: trainable parameters one rank adds per module; None means ``d_in + d_out``.
 
     Returns:
         An :class:`Allocation` with ``strategy`` ``"spectral"`` or ``"whitened-spectral"`` and
@@ -166,8 +170,9 @@ def allocate_spectral(
     if kfac is not None:
         _check_kfac(kfac, gradients)
 
+    _check_rank_costs(rank_costs, shapes)
     names = sorted(shapes)
-    costs = [_cost_per_rank(shapes[n]) for n in names]
+    costs = [rank_cost(shapes, rank_costs, n) for n in names]
     caps = [_rank_cap(shapes[n], r_max) for n in names]
     _check_caps(names, np.array(caps), r_min)
     min_budget = r_min * sum(costs)
@@ -194,6 +199,7 @@ def allocate_spectral(
         scores={n: float(gains[n][:r].sum()) for n, r in zip(names, ranks, strict=True)},
         r_min=int(r_min),
         r_max=None if r_max is None else int(r_max),
+        rank_costs=None if rank_costs is None else {n: int(rank_costs[n]) for n in names},
     )
 
 

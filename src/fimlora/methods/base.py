@@ -112,12 +112,13 @@ def peft_modules_to_save(head_modules: list[str], task: str) -> list[str] | None
 class CostModel:
     """Trainable parameters of an adapter on one module: ``rank * per_rank + fixed``.
 
-    ``per_rank_shape`` is the ``(d_out, d_in)`` whose ``d_out + d_in`` is the cost of one rank (plain
-    LoRA: the weight's own shape; HydraLoRA with k heads: ``(k * d_out, d_in)``), so the allocators,
-    which count ``r * (d_in + d_out)``, spend the budget in true parameters.
+    ``per_rank`` is what one rank trains (plain LoRA: ``d_in + d_out``; HydraLoRA with k heads:
+    ``d_in + k·d_out``; LoRA-FA, whose A is frozen: ``d_out``), ``fixed`` what the module trains
+    whatever its rank (DoRA's magnitude vector, HydraLoRA's router). The allocators spend the budget in
+    these units; a module's rank cap stays ``min(d_in, d_out)``.
     """
 
-    per_rank_shape: tuple[int, int]
+    per_rank: int
     fixed: int = 0
 
 
@@ -155,8 +156,18 @@ class AllocationRule(Component):
     #: The ``lora.scaling`` conventions this rule honours; None = whatever the adapter supports.
     scalings: frozenset[str] | None = None
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
-        """Ranks per module such that ``Σ r_i (d_in_i + d_out_i) <= budget`` over ``shapes``."""
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
+        """Ranks per module such that ``Σ r_i cost_i <= budget`` over ``shapes`` (``(d_out, d_in)``).
+
+        ``rank_costs[name]`` is what one rank of that module trains under this method's adapter and
+        optimizer (:class:`CostModel`); None means plain LoRA's ``d_in + d_out``.
+        """
         raise NotImplementedError
 
     def peft_config(self, lora_kwargs: dict[str, Any], allocation: Allocation, ctx: MethodContext) -> Any:
@@ -183,7 +194,8 @@ class AdapterKind(Component):
     scalings: frozenset[str] | None = frozenset({"alpha_over_r", "constant"})
 
     def cost(self, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
-        return CostModel(per_rank_shape=shape)
+        """Trainable parameters per rank and fixed, on a module of weight shape ``(d_out, d_in)``."""
+        return CostModel(per_rank=shape[0] + shape[1])
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext
@@ -192,7 +204,11 @@ class AdapterKind(Component):
         raise NotImplementedError
 
     def trainable_counts(self, model: nn.Module, ctx: MethodContext) -> dict[str, int]:
-        """Trainable parameters: ``adapter_params`` (the method's own), ``head_params`` (task head)."""
+        """Trainable parameters: ``adapter_params`` (the method's own), ``head_params`` (task head).
+
+        Called once the optimizer is built (which may freeze tensors, as LoRA-FA's freezes A), on the
+        tensors that require a gradient; the caller checks that each of them is in the optimizer.
+        """
         from fimlora.train import parameter_counts
 
         return parameter_counts(model)
@@ -211,3 +227,7 @@ class OptimizerKind(Component):
 
     def build(self, model: nn.Module, ctx: MethodContext) -> torch.optim.Optimizer | None:
         raise NotImplementedError
+
+    def cost(self, adapter_cost: CostModel, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
+        """What a module costs once this optimizer decides what trains; default: the adapter's cost."""
+        return adapter_cost

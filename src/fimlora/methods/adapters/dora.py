@@ -14,7 +14,7 @@ class Dora(PeftLora):
 
     def cost(self, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
         # The magnitude vector (one entry per output feature) is trained too and counts against the budget.
-        return CostModel(per_rank_shape=shape, fixed=shape[0])
+        return CostModel(per_rank=shape[0] + shape[1], fixed=shape[0])
 
 
 ADAPTER = Dora()

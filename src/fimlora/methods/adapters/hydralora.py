@@ -748,7 +748,7 @@ class HydraLoraAdapter(AdapterKind):
     def cost(self, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
         k = self.num_heads(ctx)
         d_out, d_in = shape
-        return CostModel(per_rank_shape=(k * d_out, d_in), fixed=k * d_in)
+        return CostModel(per_rank=d_in + k * d_out, fixed=k * d_in)
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext

@@ -59,6 +59,9 @@ class PeftLora(AdapterKind):
     def before_wrap(self, model: nn.Module, peft_config: Any, ctx: MethodContext) -> None:
         """Work on the base model the init needs before wrapping (LoRA-GA's gradient estimate)."""
 
+    def initialise(self, peft_model: Any, ctx: MethodContext) -> None:
+        """Set the adapter's initial weights once PEFT has built it (inits PEFT does not implement)."""
+
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext
     ) -> nn.Module:
@@ -71,6 +74,7 @@ class PeftLora(AdapterKind):
             # wrap (AllocationRule.after_wrap), at the batch size the calibration pass already uses.
             warnings.filterwarnings("ignore", message="lora with eva initialization", category=UserWarning)
             peft_model = get_peft_model(model, peft_config)
+        self.initialise(peft_model, ctx)
         rule.after_wrap(peft_model, ctx)
         if self.rewrites_base:
             # PEFT converts the trained adapter against this snapshot of the initial one on save.
@@ -128,3 +132,14 @@ def _restore_modules_to_save(model: Any, directory: Path) -> None:
     if missing:
         saved.update({k: v.detach().contiguous().cpu() for k, v in missing.items()})
         save_file(saved, str(path), metadata={"format": "pt"})
+
+
+def lora_layers(peft_model: Any) -> dict[str, Any]:
+    """PEFT's LoRA layers by the base model's module name (no ``base_model.model.`` prefix)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+    }

@@ -16,7 +16,13 @@ class ScoredAllocation(AllocationRule):
     def scores(self, ctx: MethodContext) -> Mapping[str, float] | None:
         raise NotImplementedError
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
         settings = ctx.config.allocation
         return allocate_ranks(
             self.scores(ctx),
@@ -27,6 +33,7 @@ class ScoredAllocation(AllocationRule):
             r_max=settings.r_max,
             tau=settings.tau,
             seed=ctx.seed,
+            rank_costs=rank_costs,
         )
 
 

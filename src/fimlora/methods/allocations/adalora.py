@@ -167,7 +167,14 @@ class AdaLora(AllocationRule):
     def initial_rank(self, ctx: MethodContext) -> int:
         return max(1, math.ceil(ctx.options.adalora.init_rank_factor * ctx.config.budget.reference_rank))
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
+        # AdaLoRA trains with AdamW only (its triplets cost d_in + d_out + 1, counted by its own pruner).
         # The starting point: a uniform init_r on every module. It is above the budget by design; the
         # pruning schedule brings the adapter down to the budget during training.
         r0 = self.initial_rank(ctx)

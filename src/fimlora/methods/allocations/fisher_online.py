@@ -72,6 +72,7 @@ class _Plan:
     budget: int
     steps: list[int]
     initial: Allocation
+    rank_costs: dict[str, int] | None = None  # None: a rank costs d_in + d_out (plain LoRA)
 
 
 class ReallocationCallback(TrainerCallback):
@@ -147,6 +148,7 @@ class ReallocationCallback(TrainerCallback):
             r_max=settings.r_max,
             tau=settings.tau,
             seed=self.ctx.seed,
+            rank_costs=self.plan.rank_costs,
         )
         device = next(iter(self.layers.values())).lora_A[self.adapter].weight.device
         generator = torch.Generator(device=device).manual_seed(self.ctx.seed * 1_000_003 + step)
@@ -188,7 +190,13 @@ class FisherOnline(AllocationRule):
     adapters = frozenset({"lora"})
     optimizers = frozenset({"adamw"})
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
         if max(launched_world_size(), world_size()) > 1:
             raise FimloraError(
                 f"Method {ctx.spec.name!r} changes the adapter's shapes while it trains, which "
@@ -207,9 +215,14 @@ class FisherOnline(AllocationRule):
             r_max=settings.r_max,
             tau=settings.tau,
             seed=ctx.seed,
+            rank_costs=rank_costs,
         )
         ctx.record[_PLAN] = _Plan(
-            {n: (int(s[0]), int(s[1])) for n, s in shapes.items()}, budget, steps, initial
+            {n: (int(s[0]), int(s[1])) for n, s in shapes.items()},
+            budget,
+            steps,
+            initial,
+            dict(rank_costs) if rank_costs is not None else None,
         )
         return initial
 

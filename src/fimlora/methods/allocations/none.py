@@ -13,7 +13,13 @@ class NoAllocation(AllocationRule):
     description = "No rank allocation (full fine-tuning)."
     adapters = frozenset({"full"})
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
         raise RuntimeError("the 'none' allocation has no ranks")
 
 

@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from fimlora.allocation import Allocation, allocate_spectral
 from fimlora.methods.base import NEEDS_GRADIENTS, NEEDS_KFAC, AllocationRule, MethodContext
 
-# A rank must cost d_in + d_out of the weight whose gradient is decomposed (not HydraLoRA's k heads).
-_PLAIN_RANK_ADAPTERS = frozenset({"lora", "dora", "rslora", "pissa", "olora", "lora-ga", "delta-lora"})
+# A rank must be one rank of the weight whose gradient is decomposed (not HydraLoRA's k heads).
+_PLAIN_RANK_ADAPTERS = frozenset(
+    {"lora", "dora", "rslora", "pissa", "olora", "lora-ga", "gora", "delta-lora"}
+)
 
 
 class Spectral(AllocationRule):
@@ -29,7 +31,13 @@ class Spectral(AllocationRule):
         )
         self.needs = frozenset({NEEDS_KFAC}) if whitened else frozenset({NEEDS_GRADIENTS})
 
-    def allocate(self, ctx: MethodContext, shapes: Mapping[str, tuple[int, int]], budget: int) -> Allocation:
+    def allocate(
+        self,
+        ctx: MethodContext,
+        shapes: Mapping[str, tuple[int, int]],
+        budget: int,
+        rank_costs: Mapping[str, int] | None = None,
+    ) -> Allocation:
         source = ctx.kfac if self.whitened else ctx.fisher
         if source is None or not source.gradients:
             raise RuntimeError(f"{self.name} needs the calibration gradients, but none were computed")
@@ -47,6 +55,7 @@ class Spectral(AllocationRule):
             r_max=settings.r_max,
             kfac=kfac,
             damping=ctx.options.spectral.damping,
+            rank_costs=rank_costs,
         )
 
 

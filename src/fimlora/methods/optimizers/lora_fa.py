@@ -6,22 +6,31 @@ full fine-tuning would make within A's row space. PEFT's optimizer freezes A its
 Two of PEFT's settings are brought in line with the Trainer's AdamW, so that LoRA-FA differs from LoRA
 only in what it is meant to: PEFT decays every parameter (biases and normalisation weights too) and
 uses eps = 1e-6; here the Trainer's weight-decay grouping and its eps (1e-8) apply.
+
+Budget: a rank trains only B's column, ``d_out`` parameters (not ``d_in + d_out``), so at an equal
+parameter budget LoRA-FA gets the ranks that budget affords (uniform: about twice LoRA's on square
+modules); the count is taken after the optimizer froze A.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from peft.optimizers import create_lorafa_optimizer
 
-from fimlora.methods.base import MethodContext, OptimizerKind
+from fimlora.methods.base import CostModel, MethodContext, OptimizerKind
 from fimlora.methods.optimizers._groups import TRAINER_ADAM_BETAS, TRAINER_ADAM_EPS, split_weight_decay
 
 
 class LoraFa(OptimizerKind):
     name = "lora-fa"
     description = "LoRA-FA: A frozen, B trained with a projected gradient (PEFT's LoRA-FA optimizer)."
+
+    def cost(self, adapter_cost: CostModel, shape: tuple[int, int], ctx: MethodContext) -> CostModel:
+        # A (r × d_in) is frozen: a rank trains what it costs less A's row.
+        return replace(adapter_cost, per_rank=adapter_cost.per_rank - shape[1])
 
     def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
         train = ctx.config.train
