@@ -37,7 +37,12 @@ def tiny_config(
             "eval_batch_size": 16,
             "report_to": [],
         },
-        "method_options": {"hydralora": {"num_heads": 2}, "delta_lora": {"warmup_ratio": 0.3}},
+        "method_options": {
+            "hydralora": {"num_heads": 2},
+            "delta_lora": {"warmup_ratio": 0.3},
+            # Three steps leave room for one re-allocation only (after step 1).
+            "fisher_online": {"reallocate_at": [0.3]},
+        },
     }
     data.update(extra)
     return parse_config(data)

@@ -426,8 +426,8 @@ def test_a_count_over_the_budget_stops_training(prepared, monkeypatch):
     """The per-step check really runs: with the budget lowered below the adapter, step 0 fails."""
     original = fisher_online.FisherOnline.allocate
 
-    def allocate(self, ctx, shapes, budget):
-        allocation = original(self, ctx, shapes, budget)
+    def allocate(self, ctx, shapes, budget, rank_costs=None):
+        allocation = original(self, ctx, shapes, budget, rank_costs)
         ctx.record[fisher_online._PLAN].budget = allocation.num_params - 1
         return allocation
 

@@ -87,7 +87,14 @@ def test_every_setting_of_the_run_has_a_source(tmp_path):
     config = parse_config({"model": "m", "dataset": "movie-reviews", "methods": ["lora"]})
     sources = hyperparameter_sources({"train": {"steps": 100}}, config, {"train.learning_rate": 1e-3})
     dump = config.model_dump(mode="json")
-    assert {k for k in sources if k.startswith("fisher.")} == {f"fisher.{k}" for k in dump["fisher"]}
+    # Nested settings (fisher.probe.*) have a source per leaf.
+    leaves = {
+        f"fisher.{k}.{sub}" if isinstance(v, dict) else f"fisher.{k}"
+        for k, v in dump["fisher"].items()
+        for sub in (v if isinstance(v, dict) else [None])
+    }
+    assert {k for k in sources if k.startswith("fisher.")} == leaves
+    assert "fisher.probe.l2" in leaves
     assert (
         sources["train.steps"]["source"] == "spec" and sources["fisher.num_examples"]["source"] == "default"
     )
