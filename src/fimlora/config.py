@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fimlora.errors import FimloraError
 
@@ -156,6 +164,9 @@ class TrainSettings(_Strict):
     eval_split: Literal["validation", "test"] = "test"
     eval_examples: int | None = Field(None, ge=1, description="Cap on evaluated examples; None = all.")
     eval_batch_size: int = Field(64, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (transformers' own, non-reentrant)."
+    )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Trainer loggers (tensorboard, mlflow, wandb, …); logs go to the run's logs/ directory.",
@@ -178,6 +189,9 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     output_dir: str = "runs/experiment"
     trust_remote_code: bool = False
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Base model's transformer blocks in int8 or NF4 (bitsandbytes; QLoRA)."
+    )
     budget: BudgetSettings = BudgetSettings()
     fisher: FisherSettings = FisherSettings()
     allocation: AllocationSettings = AllocationSettings()
@@ -199,6 +213,19 @@ class ExperimentConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("method names must not repeat")
         return methods
+
+    @field_validator("quantization")
+    @classmethod
+    def _methods_run_on_the_base(cls, quantization: str, info: ValidationInfo) -> str:
+        from fimlora.methods import check_quantized_base, resolve_method
+
+        if quantization != "none":
+            for entry in info.data.get("methods", ()):  # absent when the methods were invalid already
+                try:
+                    check_quantized_base(resolve_method(entry), quantization)
+                except FimloraError as exc:
+                    raise ValueError(str(exc)) from None
+        return quantization
 
     @property
     def method_names(self) -> list[str]:

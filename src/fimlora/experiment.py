@@ -100,6 +100,7 @@ def prepare(config: ExperimentConfig) -> Prepared:
         data.task,  # type: ignore[arg-type]
         num_labels=data.num_labels if data.task == "classification" else None,
         trust_remote_code=config.trust_remote_code,
+        quantization=config.quantization,
     )
     targets = resolve_target_modules(loaded.model, config.target_modules)
     shapes = weight_shapes(loaded.model, targets)
@@ -135,6 +136,8 @@ def _fisher_fingerprint(
     }
     if world_size() > 1:  # MC labels are drawn per process: another split of the examples, another draw
         relevant["world_size"] = world_size()
+    if config.quantization != "none":  # the Fisher of the dequantised weights (float32 caches stay valid)
+        relevant["quantization"] = config.quantization
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -404,6 +407,8 @@ def run_method(
         "task": prepared.data.task,
         "seed": config.seed,
         "eval_split": config.train.eval_split,
+        "quantization": config.quantization,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
         "metrics": metrics,
         "budget": prepared.budget,
         "budget_matched": adapter.budget_matched,

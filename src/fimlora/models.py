@@ -11,11 +11,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -52,6 +53,7 @@ class LoadedModel:
     source: str
     task: Task
     head_modules: list[str] = field(default_factory=list)
+    quantization: str = "none"  # none | int8 | nf4 (see fimlora.quantization)
 
 
 def resolve_model_source(name: str) -> str:
@@ -74,33 +76,37 @@ def load_model(
     num_labels: int | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load ``name`` (built-in name, local directory or hub id) for ``task``.
 
     For classification the head is freshly initialised by transformers when the checkpoint has none;
     every module whose weights were missing from the checkpoint is reported in ``head_modules`` so it is
     trained and saved with the adapter (a frozen random module would not survive a reload).
+
+    ``quantization`` (``none``, ``int8``, ``nf4``): quantise the linear layers inside the transformer
+    blocks with bitsandbytes and prepare the model for QLoRA (:mod:`fimlora.quantization`); everything
+    else stays in ``dtype``.
     """
+    from fimlora.quantization import bnb_config, prepare_quantized_model, require_bitsandbytes
+
     if task not in TASKS:
         raise FimloraError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if task == "classification" and (num_labels is None or num_labels < 2):
         raise FimloraError("A classification model needs num_labels >= 2 (taken from the dataset).")
+    require_bitsandbytes(quantization)
     source = resolve_model_source(name)
+    auto: Any = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    extra: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            if task == "classification":
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    source,
-                    num_labels=num_labels,
-                    dtype=dtype,
-                    trust_remote_code=trust_remote_code,
-                    output_loading_info=True,
-                )
-            else:
-                model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
-                    source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
-                )
+            if quantization != "none":
+                skip = _unquantised_linears(auto, source, trust_remote_code, extra)
+                extra["quantization_config"] = bnb_config(quantization, skip)
+            model, info = auto.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
+            )
     except FimloraError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -115,7 +121,22 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     head = head_modules(model, task, missing_keys=info.get("missing_keys", ()))
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, head_modules=head)
+    if quantization != "none":
+        model = prepare_quantized_model(model)
+    return LoadedModel(model, tokenizer, source, task, head_modules=head, quantization=quantization)
+
+
+def _unquantised_linears(auto: Any, source: str, trust_remote_code: bool, extra: dict[str, Any]) -> list[str]:
+    """Full names (anchored regexes) of the linear layers outside the transformer blocks.
+
+    Read from a weightless skeleton of the model (meta device): transformers' default would quantise a
+    freshly initialised classification head, which then could not train.
+    """
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    prefix, _ = transformer_blocks(skeleton)
+    return [re.escape(n) for n in linear_modules(skeleton) if not n.startswith(prefix + ".")]
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ class FullFineTuning(AdapterKind):
     description = "Full fine-tuning: all weights trained (reference upper line)."
     rank_based = False
     budget_matched = False
+    refuses_quantized_base = "trains W itself, and a quantised weight (4-bit or int8 codes) has no gradient"
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext
