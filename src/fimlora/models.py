@@ -104,6 +104,9 @@ def load_model(
             if quantization != "none":
                 skip = _unquantised_linears(auto, source, trust_remote_code, extra)
                 extra["quantization_config"] = bnb_config(quantization, skip)
+                if torch.cuda.is_available():
+                    # The Trainer does not move a quantised model: quantise straight onto this process's GPU.
+                    extra["device_map"] = {"": f"cuda:{torch.cuda.current_device()}"}
             model, info = auto.from_pretrained(
                 source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
             )
