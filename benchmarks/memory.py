@@ -7,12 +7,14 @@ memory need not leave it: only a new process per cell measures that cell alone):
     fisher  <base>                          the Fisher pass (``estimate_fisher``, the experiment's
                                             calibration batches) on that base; writes its per-module
                                             scores, from which fim-lora's ranks on that base come
-    step    <base> <checkpointing> <method>  training steps of a PEFT LoRA model on that base: forward
-                                            (train mode) + backward + AdamW + zero_grad on real
-                                            brown-fiction blocks; lora = uniform rank r, fim-lora = the
-                                            Fisher allocation at the same budget; checkpointing = the
-                                            model's own non-reentrant activation checkpointing, as
-                                            ``train.gradient_checkpointing: true`` switches it on
+    step    <shape> <base> <checkpointing>   training steps of a PEFT LoRA model on that base: forward
+            <method>                        (train mode) + backward + AdamW + zero_grad on real
+                                            brown-fiction blocks of ``shape`` = batch × tokens (the
+                                            config's 4 × 128, and 2 × 1024); lora = uniform rank r,
+                                            fim-lora = the Fisher allocation at the same budget;
+                                            checkpointing = the model's own non-reentrant activation
+                                            checkpointing, as ``train.gradient_checkpointing: true``
+                                            switches it on
     ppl     <base>                          ``fimlora``'s experiment of configs/smollm2-brown-fiction.yaml
                                             on that base (``quantization:``), the same short training for
                                             every base; held-out perplexity before and after, training
@@ -23,10 +25,15 @@ float32 compute); only the 210 linear layers of the transformer blocks are quant
 
 Memory (see ``_common``): on CUDA the allocator's peak; on CPU the process RSS sampled every 1 ms, with
 glibc returning every freed tensor to the OS while the cell runs (``rss_tracks_tensors``), so RSS
-follows the live tensors. "peak" is the peak above what the fresh process held before it loaded
-anything (interpreter and libraries): the model, the data and the step (or the pass) itself. A step
-cell measures memory over its first ``--memory-steps`` steps (the first one allocates AdamW's state),
-then times ``--steps`` more steps with glibc's default allocator settings; its time is their median.
+follows the live tensors. transformers memory-maps the checkpoint: float weights would stay file-backed
+pages, and the pages a quantised load read would stay mapped and resident for as long as any tensor
+(the float32 embeddings) views the file. So every cell copies the model's floating-point tensors into
+process memory right after loading, which unmaps the file: RSS then holds each base's weights once, as
+what they are (float32, int8 codes, NF4 codes). "peak" is the peak above what the fresh process held
+before it loaded anything (interpreter and libraries): the model, the data and the step (or the pass)
+itself. A step cell measures memory over its first ``--memory-steps`` steps (the first one allocates
+AdamW's state), then times ``--steps`` more steps with glibc's default allocator settings; its time is
+their median.
 
 Targets (issue 12): NF4 training-step peak ≤ 0.5× float32's; checkpointing lowers the step's peak at
 long sequences (on/off < 1); NF4 perplexity within 5 % of float32's after the same steps.
@@ -69,8 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--batch-size", type=int, default=2, help="training-step cells: sequences per step")
-    p.add_argument("--seq-len", type=int, default=1024, help="training-step cells: tokens per sequence")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["4x128", "2x1024"],
+        help="training-step cells: batch x tokens (default: the config's 4x128, and a long 2x1024)",
+    )
     p.add_argument("--memory-steps", type=int, default=2, help="steps whose peak memory is measured")
     p.add_argument("--steps", type=int, default=2, help="timed steps per step cell (median reported)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -80,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (OMP_NUM_THREADS)")
+    p.add_argument("--seed", type=int, default=0, help="the experiment's seed (data split, adapter init)")
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes: proves the script runs, measures nothing"
     )
@@ -88,10 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # internal: run one cell (JSON spec)
     args = p.parse_args(argv)
     if args.quick:
-        args.batch_size, args.seq_len, args.memory_steps, args.steps = 1, 64, 2, 1
+        args.shapes, args.memory_steps, args.steps = ["1x64"], 2, 1
         args.ppl_steps, args.ppl_methods = 2, ["lora"]
-    if min(args.batch_size, args.seq_len, args.memory_steps, args.steps) < 1:
-        p.error("--batch-size, --seq-len, --memory-steps and --steps must be >= 1")
+    try:
+        args.shapes = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shapes]
+    except ValueError:
+        p.error("--shapes takes BATCHxTOKENS values, e.g. 4x128")
+    if any(len(shape) != 2 or min(shape) < 1 for shape in args.shapes):
+        p.error("--shapes takes BATCHxTOKENS values of positive integers, e.g. 4x128")
+    if min(args.memory_steps, args.steps) < 1:
+        p.error("--memory-steps and --steps must be >= 1")
     return args
 
 
@@ -106,7 +124,12 @@ def experiment_config(spec: dict[str, Any], output_dir: Path, methods: list[str]
 
     config = load_config(
         CONFIG,
-        {"quantization": BASES[spec["base"]], "output_dir": str(output_dir), "methods": methods},
+        {
+            "quantization": BASES[spec["base"]],
+            "output_dir": str(output_dir),
+            "methods": methods,
+            "seed": spec["seed"],
+        },
     )
     fisher: dict[str, Any] = {}
     train_updates: dict[str, Any] = {"report_to": [], **train}
@@ -128,6 +151,24 @@ def _start_bytes(device: Any) -> int:
     return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else common.rss_bytes()
 
 
+def _in_process_memory(model: Any) -> None:
+    """Copy every floating-point parameter and buffer out of the memory-mapped checkpoint (see above).
+
+    Quantised codes were created at load time and are process memory already. A tied weight is one
+    Parameter, so it is copied once.
+    """
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.clone()
+
+
 def _on_device(model: Any, device: Any) -> Any:
     # fimlora loads a float32 model on the CPU (the Trainer moves it); a quantised one sits on the GPU.
     return model.to(device) if device.type == "cuda" and next(model.parameters()).device != device else model
@@ -141,6 +182,7 @@ def fisher_cell(spec: dict[str, Any], device: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, common.rss_tracks_tensors():
         config = experiment_config(spec, Path(tmp), ["fim-lora"])
         prepared = prepare(config)
+        _in_process_memory(prepared.loaded.model)
         model = _on_device(prepared.loaded.model, device)
         loaded = _start_bytes(device)
         with common.PeakMemoryDelta(device) as memory:
@@ -177,6 +219,7 @@ def step_cell(spec: dict[str, Any], device: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, common.rss_tracks_tensors():
         config = experiment_config(spec, Path(tmp), [spec["method"]], max_length=spec["seq_len"])
         prepared = prepare(config)
+        _in_process_memory(prepared.loaded.model)
         settings = config.allocation
         scores = json.loads(Path(spec["scores_path"]).read_text()) if spec["method"] == "fim-lora" else None
         allocation = allocate_ranks(
@@ -345,13 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     shared = {
         "device": args.device,
         "threads": args.threads,
+        "seed": args.seed,
         "quick": args.quick,
         "learning_rate": args.learning_rate,
         "ppl_steps": args.ppl_steps,
         "ppl_methods": args.ppl_methods,
     }
     fisher: dict[str, Any] = {}
-    steps: dict[str, dict[str, dict[str, Any]]] = {}
+    steps: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # shape → base → checkpointing → method
     perplexity: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fimlora-memory-bench-") as tmp:
         work = Path(tmp)
@@ -360,30 +404,34 @@ def main(argv: list[str] | None = None) -> int:
             fisher[base] = launch(
                 {**shared, "kind": "fisher", "base": base, "scores_path": str(scores)}, work, f"fisher {base}"
             )
-            for checkpointing in (False, True):
-                key = "on" if checkpointing else "off"
-                for method in args.methods:
-                    label = f"step {base} checkpointing {key} {method}"
-                    if method == "fim-lora" and "error" in fisher[base]:
-                        steps.setdefault(base, {}).setdefault(key, {})[method] = {"error": "no Fisher"}
-                        continue
-                    spec = {
-                        **shared,
-                        "kind": "step",
-                        "base": base,
-                        "checkpointing": checkpointing,
-                        "method": method,
-                        "scores_path": str(scores),
-                        "batch_size": args.batch_size,
-                        "seq_len": args.seq_len,
-                        "memory_steps": args.memory_steps,
-                        "steps": args.steps,
-                    }
-                    steps.setdefault(base, {}).setdefault(key, {})[method] = launch(spec, work, label)
+            for batch_size, seq_len in args.shapes:
+                shape = f"{batch_size}x{seq_len}"
+                for checkpointing in (False, True):
+                    key = "on" if checkpointing else "off"
+                    cells = steps.setdefault(shape, {}).setdefault(base, {}).setdefault(key, {})
+                    for method in args.methods:
+                        if method == "fim-lora" and "error" in fisher[base]:
+                            cells[method] = {"error": "no Fisher"}
+                            continue
+                        spec = {
+                            **shared,
+                            "kind": "step",
+                            "base": base,
+                            "checkpointing": checkpointing,
+                            "method": method,
+                            "scores_path": str(scores),
+                            "batch_size": batch_size,
+                            "seq_len": seq_len,
+                            "memory_steps": args.memory_steps,
+                            "steps": args.steps,
+                        }
+                        label = f"step {shape} {base} checkpointing {key} {method}"
+                        cells[method] = launch(spec, work, label)
             perplexity[base] = launch({**shared, "kind": "ppl", "base": base}, work, f"ppl {base}")
     report = {
         "environment": env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "cell"},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "cell"}
+        | {"shapes": [f"{b}x{t}" for b, t in args.shapes]},
         "targets": {
             "nf4_step_peak_over_float32": TARGET_NF4_PEAK,
             "checkpointing_on_over_off": f"< {TARGET_CHECKPOINTING}",
@@ -404,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output_dir / (stem + '-memory.md')} and .json ({report['wall_s']:.0f} s in all)")
     failed = [c for c in [*fisher.values(), *perplexity.values()] if "error" in c] + [
         c
-        for by_key in steps.values()
+        for by_base in steps.values()
+        for by_key in by_base.values()
         for by_method in by_key.values()
         for c in by_method.values()
         if "error" in c
@@ -419,24 +468,25 @@ def ratios(fisher: dict, steps: dict, perplexity: dict) -> dict[str, Any]:
         "step_time_vs_float32": {},
         "checkpointing_on_vs_off": {},
     }
-    reference = steps.get("float32", {})
-    for base, by_key in steps.items():
-        for key, by_method in by_key.items():
-            for method, cell in by_method.items():
-                ref = reference.get(key, {}).get(method, {})
-                name = f"{base}/checkpointing {key}/{method}"
-                out["step_peak_vs_float32"][name] = _ratio(
-                    cell.get("peak_above_start_bytes"), ref.get("peak_above_start_bytes")
-                )
-                out["step_time_vs_float32"][name] = _ratio(
-                    cell.get("median_step_s"), ref.get("median_step_s")
-                )
-        for method in by_key.get("on", {}):
-            on, off = by_key["on"][method], by_key.get("off", {}).get(method, {})
-            out["checkpointing_on_vs_off"][f"{base}/{method}"] = {
-                "peak": _ratio(on.get("peak_above_start_bytes"), off.get("peak_above_start_bytes")),
-                "time": _ratio(on.get("median_step_s"), off.get("median_step_s")),
-            }
+    for shape, by_base in steps.items():
+        reference = by_base.get("float32", {})
+        for base, by_key in by_base.items():
+            for key, by_method in by_key.items():
+                for method, cell in by_method.items():
+                    ref = reference.get(key, {}).get(method, {})
+                    name = f"{shape}/{base}/checkpointing {key}/{method}"
+                    out["step_peak_vs_float32"][name] = _ratio(
+                        cell.get("peak_above_start_bytes"), ref.get("peak_above_start_bytes")
+                    )
+                    out["step_time_vs_float32"][name] = _ratio(
+                        cell.get("median_step_s"), ref.get("median_step_s")
+                    )
+            for method in by_key.get("on", {}):
+                on, off = by_key["on"][method], by_key.get("off", {}).get(method, {})
+                out["checkpointing_on_vs_off"][f"{shape}/{base}/{method}"] = {
+                    "peak": _ratio(on.get("peak_above_start_bytes"), off.get("peak_above_start_bytes")),
+                    "time": _ratio(on.get("median_step_s"), off.get("median_step_s")),
+                }
     out["fisher_peak_vs_float32"] = {
         base: _ratio(
             cell.get("peak_above_start_bytes"), fisher.get("float32", {}).get("peak_above_start_bytes")
@@ -471,7 +521,7 @@ def render(report: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}."
         + (" **--quick: tiny sizes, the numbers mean nothing.**" if s["quick"] else ""),
         "",
-        f"## Training step: SmolLM2, batch {s['batch_size']} × {s['seq_len']} tokens",
+        "## Training step: SmolLM2",
         "",
         "Loaded = memory above the fresh process's own before loading, once model, adapter and batches "
         "are ready; peak = the same during the "
@@ -480,6 +530,7 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     header = [
+        "batch × tokens",
         "base",
         "checkpointing",
         "method",
@@ -491,30 +542,32 @@ def render(report: dict[str, Any]) -> str:
         "step vs float32",
     ]
     rows = []
-    for base, by_key in report["steps"].items():
-        for key, by_method in by_key.items():
-            for method, cell in by_method.items():
-                name = f"{base}/checkpointing {key}/{method}"
-                peak_ratio = r["step_peak_vs_float32"].get(name)
-                ratio_text = common.ratio_text(peak_ratio)
-                if base == "nf4" and peak_ratio is not None:
-                    ratio_text = common.verdict(peak_ratio, TARGET_NF4_PEAK)
-                if "error" in cell:
-                    rows.append([base, key, method, "failed", "—", "—", "—", "—", "—"])
-                    continue
-                rows.append(
-                    [
-                        base,
-                        key,
-                        method,
-                        f"{cell['adapter_params']:,}",
-                        _mib(cell["loaded_bytes"] - cell["start_bytes"]),
-                        _mib(cell["peak_above_start_bytes"]),
-                        ratio_text,
-                        f"{cell['median_step_s']:.2f}",
-                        common.ratio_text(r["step_time_vs_float32"].get(name)),
-                    ]
-                )
+    for shape, by_base in report["steps"].items():
+        for base, by_key in by_base.items():
+            for key, by_method in by_key.items():
+                for method, cell in by_method.items():
+                    if "error" in cell:
+                        rows.append([shape, base, key, method, "failed", "—", "—", "—", "—", "—"])
+                        continue
+                    name = f"{shape}/{base}/checkpointing {key}/{method}"
+                    peak_ratio = r["step_peak_vs_float32"].get(name)
+                    ratio_text = common.ratio_text(peak_ratio)
+                    if base == "nf4" and peak_ratio is not None:
+                        ratio_text = common.verdict(peak_ratio, TARGET_NF4_PEAK)
+                    rows.append(
+                        [
+                            shape.replace("x", " × "),
+                            base,
+                            key,
+                            method,
+                            f"{cell['adapter_params']:,}",
+                            _mib(cell["loaded_bytes"] - cell["start_bytes"]),
+                            _mib(cell["peak_above_start_bytes"]),
+                            ratio_text,
+                            f"{cell['median_step_s']:.2f}",
+                            common.ratio_text(r["step_time_vs_float32"].get(name)),
+                        ]
+                    )
     lines += [common.markdown_table(header, rows), ""]
     rows = []
     for name, pair in r["checkpointing_on_vs_off"].items():
@@ -524,7 +577,7 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "Checkpointing on vs off (same base, method and sizes):",
         "",
-        common.markdown_table(["base/method", "peak on/off (< 1×)", "step time on/off"], rows),
+        common.markdown_table(["shape/base/method", "peak on/off (< 1×)", "step time on/off"], rows),
         "",
         "## Fisher pass",
         "",

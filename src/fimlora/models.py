@@ -53,7 +53,6 @@ class LoadedModel:
     source: str
     task: Task
     head_modules: list[str] = field(default_factory=list)
-    quantization: str = "none"  # none | int8 | nf4 (see fimlora.quantization)
 
 
 def resolve_model_source(name: str) -> str:
@@ -126,7 +125,7 @@ def load_model(
     head = head_modules(model, task, missing_keys=info.get("missing_keys", ()))
     if quantization != "none":
         model = prepare_quantized_model(model)
-    return LoadedModel(model, tokenizer, source, task, head_modules=head, quantization=quantization)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, head_modules=head)
 
 
 def _unquantised_linears(auto: Any, source: str, trust_remote_code: bool, extra: dict[str, Any]) -> list[str]:

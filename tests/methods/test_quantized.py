@@ -97,6 +97,8 @@ def _reload_matches(runs, name):
     kind = prepared.config.quantization
     outcome = runs.outcome(name)
     assert outcome.result["quantization"] == kind and outcome.result["gradient_checkpointing"] is False
+    trainable = [p for p in outcome.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # adapters train in float32
     inputs = _inputs(prepared)
     fresh = load_model(prepared.config.model, "causal-lm", quantization=kind).model
     assert all(is_quantized_linear(linear_modules(fresh)[n]) for n in prepared.targets)
@@ -190,3 +192,14 @@ def test_a_quantised_classifier_trains_its_float_head_and_reloads(tiny_bert_dir,
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "lora" / "adapter")).eval()
         assert torch.equal(reloaded(**inputs).logits, outcome.model.eval()(**inputs).logits)
+
+
+def test_the_fisher_cache_is_keyed_by_the_quantisation():
+    from fimlora.experiment import _fisher_fingerprint
+
+    data = {"model": "smollm2", "dataset": "brown-fiction", "methods": ["fim-lora"]}
+    prints = {
+        kind: _fisher_fingerprint(parse_config({**data, "quantization": kind}), ["a"], "diagonal", False)
+        for kind in ("none", "int8", "nf4")
+    }
+    assert len(set(prints.values())) == 3
