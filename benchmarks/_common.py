@@ -91,6 +91,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now, in bytes."""
+    return _rss_bytes()
+
+
 class PeakMemoryDelta:
     """Peak memory of a phase above what was in use when it started, in bytes.
 
@@ -104,6 +109,7 @@ class PeakMemoryDelta:
         self.device = device
         self.interval_s = interval_s
         self.delta_bytes = 0
+        self.peak_bytes = 0  # the absolute peak (allocator peak on CUDA, RSS on CPU)
         self._start = 0
         self._peak = 0
         self._stop = threading.Event()
@@ -148,6 +154,7 @@ class PeakMemoryDelta:
             if self._thread is not None:
                 self._thread.join()
             peak = max(self._peak, _rss_bytes())
+        self.peak_bytes = peak
         self.delta_bytes = max(0, peak - self._start)
 
 

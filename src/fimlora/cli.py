@@ -53,6 +53,9 @@ def run(
         ),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    quantization: Annotated[
+        str | None, typer.Option(help="Override the config's quantization: none, int8 or nf4 (QLoRA).")
+    ] = None,
 ) -> None:
     """Run every method of an experiment config and print the comparison."""
     from fimlora.config import load_config
@@ -61,6 +64,8 @@ def run(
     from fimlora.report import results_table
 
     overrides: dict[str, Any] = {"output_dir": output_dir} if output_dir else {}
+    if quantization is not None:
+        overrides["quantization"] = quantization
     cfg = load_config(config, overrides)
     _, results = run_experiment(cfg, progress=progress, overwrite=overwrite, log=_echo)
     if is_main_process():  # under torchrun / accelerate launch, one table, not one per process
@@ -84,6 +89,12 @@ def fisher(
     label_column: str | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
+    quantization: Annotated[
+        str,
+        typer.Option(
+            help="none, int8 or nf4: the Fisher of the dequantised weights, on the quantised model."
+        ),
+    ] = "none",
     progress: bool = True,
 ) -> None:
     """Estimate the per-example diagonal Fisher of the target weights and save it (safetensors + JSON)."""
@@ -99,6 +110,7 @@ def fisher(
             "seed": seed,
             "target_modules": _target_spec(target_modules),
             "trust_remote_code": trust_remote_code,
+            "quantization": quantization,
             "dataset_options": {"text_column": text_column, "label_column": label_column},
             "fisher": {"estimator": estimator, "num_examples": num_examples, "batch_size": batch_size},
             "train": {"max_length": max_length},

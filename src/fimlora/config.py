@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -250,6 +251,9 @@ class TrainSettings(_Strict):
         None, ge=1, description="Optimiser steps between validation evaluations during training; None = none."
     )
     eval_batch_size: int = Field(64, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (transformers' own, non-reentrant)."
+    )
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Trainer loggers (tensorboard, mlflow, wandb, …); logs go to the run's logs/ directory.",
@@ -280,6 +284,9 @@ class ExperimentConfig(_Strict):
     output_dir: str = "runs/experiment"
     # A security switch: only a real YAML boolean turns it on, never a string such as 'yes' or 'false'.
     trust_remote_code: StrictBool = False
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Base model's transformer blocks in int8 or NF4 (bitsandbytes; QLoRA)."
+    )
     budget: BudgetSettings = BudgetSettings()
     fisher: FisherSettings = FisherSettings()
     allocation: AllocationSettings = AllocationSettings()
@@ -337,6 +344,19 @@ class ExperimentConfig(_Strict):
         if self.task == "causal-lm" and self.fisher.head == "probe":
             raise ValueError(PROBE_NEEDS_CLASSIFICATION)
         return self
+
+    @field_validator("quantization")
+    @classmethod
+    def _methods_run_on_the_base(cls, quantization: str, info: ValidationInfo) -> str:
+        from fimlora.methods import check_quantized_base, resolve_method
+
+        if quantization != "none":
+            for entry in info.data.get("methods", ()):  # absent when the methods were invalid already
+                try:
+                    check_quantized_base(resolve_method(entry), quantization)
+                except FimloraError as exc:
+                    raise ValueError(str(exc)) from None
+        return quantization
 
     @property
     def method_names(self) -> list[str]:

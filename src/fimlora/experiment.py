@@ -121,6 +121,7 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
         data.task,  # type: ignore[arg-type]
         label_names=data.label_names if data.task == "classification" else None,
         trust_remote_code=config.trust_remote_code,
+        quantization=config.quantization,
     )
     check_max_length(config, max_sequence_length(loaded.model, loaded.tokenizer))
     targets = resolve_target_modules(loaded.model, config.target_modules)
@@ -205,6 +206,8 @@ def _fisher_settings(
     }
     if world_size() > 1:  # MC labels are drawn per process: another split of the examples, another draw
         relevant["world_size"] = world_size()
+    if config.quantization != "none":  # the Fisher of the dequantised weights (float32 caches stay valid)
+        relevant["quantization"] = config.quantization
     return relevant
 
 
@@ -607,6 +610,8 @@ def run_method(
         "seed": config.seed,
         "data_seed": config.data_seed,
         "eval_split": config.train.eval_split,
+        "quantization": config.quantization,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
         "metrics": metrics,
         **({"classes": classes} if classes is not None else {}),
         **label_record(prepared.data.label_names),

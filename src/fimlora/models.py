@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ def load_model(
     label_names: Sequence[str] | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load ``name`` (built-in name, local directory or hub id) for ``task``.
 
@@ -83,32 +84,38 @@ def load_model(
     every module whose weights were missing from the checkpoint is reported in ``head_modules`` so it is
     trained and saved with the adapter (a frozen random module would not survive a reload).
     ``label_names`` (class ids 0..K-1 in order) become the model config's ``id2label``/``label2id``.
+
+    ``quantization`` (``none``, ``int8``, ``nf4``): quantise the linear layers inside the transformer
+    blocks with bitsandbytes and prepare the model for QLoRA (:mod:`fimlora.quantization`); everything
+    else stays in ``dtype``.
     """
+    from fimlora.quantization import bnb_config, prepare_quantized_model, require_bitsandbytes
+
     if task not in TASKS:
         raise FimloraError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if label_names is not None:
         num_labels = len(label_names)
     if task == "classification" and (num_labels is None or num_labels < 2):
         raise FimloraError("A classification model needs num_labels >= 2 (taken from the dataset).")
+    require_bitsandbytes(quantization)
     source = resolve_model_source(name)
     check_model_directory(name, source)
-    labels = label_config(label_names) if task == "classification" and label_names is not None else {}
+    auto: Any = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    extra: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
+    if task == "classification" and label_names is not None:
+        extra.update(label_config(label_names))
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            if task == "classification":
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    source,
-                    num_labels=num_labels,
-                    dtype=dtype,
-                    trust_remote_code=trust_remote_code,
-                    output_loading_info=True,
-                    **labels,
-                )
-            else:
-                model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
-                    source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
-                )
+            if quantization != "none":
+                skip = _unquantised_linears(auto, source, trust_remote_code, extra)
+                extra["quantization_config"] = bnb_config(quantization, skip)
+                if torch.cuda.is_available():
+                    # The Trainer does not move a quantised model: quantise straight onto this process's GPU.
+                    extra["device_map"] = {"": f"cuda:{torch.cuda.current_device()}"}
+            model, info = auto.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
+            )
     except FimloraError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -119,6 +126,8 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     head = head_modules(model, task, missing_keys=info.get("missing_keys", ()))
+    if quantization != "none":
+        model = prepare_quantized_model(model)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, task=task, head_modules=head)
 
 
@@ -189,6 +198,19 @@ def max_sequence_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase | N
     if isinstance(tokenizer_max, int) and 0 < tokenizer_max < 1_000_000:
         limits.append(tokenizer_max)
     return min(limits) if limits else None
+
+
+def _unquantised_linears(auto: Any, source: str, trust_remote_code: bool, extra: dict[str, Any]) -> list[str]:
+    """Full names (anchored regexes) of the linear layers outside the transformer blocks.
+
+    Read from a weightless skeleton of the model (meta device): transformers' default would quantise a
+    freshly initialised classification head, which then could not train.
+    """
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    prefix, _ = transformer_blocks(skeleton)
+    return [re.escape(n) for n in linear_modules(skeleton) if not n.startswith(prefix + ".")]
 
 
 @contextlib.contextmanager

@@ -193,6 +193,18 @@ def _loggers(report_to: list[str], logging_dir: Path | None) -> tuple[list[str],
     return others or ["none"], [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir)))]
 
 
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """transformers' own activation (gradient) checkpointing, non-reentrant.
+
+    Non-reentrant checkpointing needs no block input that requires grad, so gradients still reach the
+    adapters of the first block behind a frozen embedding. transformers 5.2x renamed the arguments.
+    """
+    kwargs = {"use_reentrant": False}
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
+
+
 @dataclass
 class TrainOutcome:
     steps: int
@@ -267,6 +279,7 @@ def train(
         # own examples and ignore that count: scaled, their gradients would be N times too large (and
         # clipped differently); DDP's average of the per-process means is already the global mean.
         average_tokens_across_devices=loss_per_token,
+        **_checkpointing_arguments(settings.gradient_checkpointing),
     )
     step_log = _StepLog(metrics_path)
     trainer = _MethodTrainer(

@@ -164,3 +164,27 @@ def test_run_prints_the_comparison_and_reuses_finished_runs(
     assert (out / "lora" / "result.json").is_file()
     code, stdout, _ = run_cli(capsys, "run", str(config), "--no-progress")
     assert code == 0 and "already finished" in stdout
+
+
+def test_quantization_option_refuses_methods_that_need_a_float_w(capsys, write_config):
+    config = write_config("model: smollm2\ndataset: brown-fiction\nmethods: [lora, pissa]\n")
+    code, _, err = run_cli(capsys, "run", str(config), "--quantization", "nf4")
+    assert_clean_error(code, err, "quantization", "'pissa'", "nf4")
+    code, _, err = run_cli(capsys, "run", str(config), "--quantization", "fp8")
+    assert_clean_error(code, err, "quantization")
+
+
+def test_quantization_option_runs_on_an_nf4_base(
+    capsys, write_config, tiny_bert_dir, sentiment_csv, tmp_path
+):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "runs"
+    text = (
+        f"model: {tiny_bert_dir}\ndataset: {sentiment_csv}\noutput_dir: {out}\nmethods: [lora]\n"
+        "dataset_options: {text_column: review, label_column: sentiment}\nbudget: {uniform_rank: 2}\n"
+        "train: {steps: 2, batch_size: 4, max_length: 16, eval_examples: 8, report_to: []}\n"
+    )
+    code, _, _ = run_cli(capsys, "run", str(write_config(text)), "--no-progress", "--quantization", "nf4")
+    assert code == 0
+    result = json.loads((out / "lora" / "result.json").read_text())
+    assert result["quantization"] == "nf4" and result["gradient_checkpointing"] is False

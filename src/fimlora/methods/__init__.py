@@ -158,6 +158,22 @@ def check_scaling(spec: MethodSpec, scaling: str) -> None:
             )
 
 
+def check_quantized_base(spec: MethodSpec, quantization: str) -> None:
+    """Refuse a method whose components cannot run on a quantised (``int8``/``nf4``) base, with the reason."""
+    components = (
+        ("allocation", spec.allocation, get_allocation(spec.allocation)),
+        ("adapter", spec.adapter, get_adapter(spec.adapter)),
+        ("optimizer", spec.optimizer, get_optimizer(spec.optimizer)),
+    )
+    for axis, value, component in components:
+        reason = component.quantized_base_refusal(quantization)
+        if reason:
+            raise FimloraError(
+                f"Method {spec.name!r} cannot run on a quantised ({quantization}) base: {axis} {value!r} "
+                f"{reason}; run it with quantization: none"
+            )
+
+
 __all__ = [
     "ADAPTERS",
     "ALLOCATIONS",
@@ -169,6 +185,7 @@ __all__ = [
     "MethodSpec",
     "OptimizerKind",
     "check_combination",
+    "check_quantized_base",
     "check_scaling",
     "get_adapter",
     "get_allocation",

@@ -127,6 +127,13 @@ class Component:
 
     name: str = ""
     description: str = ""
+    #: Why this component cannot run on a quantised (int8/NF4) base model, completing "<axis> <name> …";
+    #: None when it can. Checked when the config is read (:meth:`quantized_base_refusal`).
+    refuses_quantized_base: str | None = None
+
+    def quantized_base_refusal(self, quantization: str) -> str | None:
+        """Why this component cannot run on a ``quantization`` (``int8``/``nf4``) base; None when it can."""
+        return self.refuses_quantized_base
 
     def callbacks(self, model: nn.Module, ctx: MethodContext) -> list[TrainerCallback]:
         """Trainer callbacks that implement this component during training (e.g. AdaLoRA's pruning)."""

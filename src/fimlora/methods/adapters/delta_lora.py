@@ -442,6 +442,10 @@ class DeltaLoraAdapter(PeftLora):
     name = "delta-lora"
     description = "Delta-LoRA: LoRA, and after a warm-up W moves by λ·Δ(s·BA) every step."
     optimizers = frozenset({"adamw", "loraplus"})
+    refuses_quantized_base = (
+        "adds λ·Δ(s·BA) to W in place after every step, and a quantised W cannot hold that update without "
+        "being re-quantised (most small updates would round away)"
+    )
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext

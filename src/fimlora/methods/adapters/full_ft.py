@@ -25,6 +25,7 @@ class FullFineTuning(AdapterKind):
     rank_based = False
     budget_matched = False
     scalings = None  # no LoRA scaling: lora.scaling does not apply
+    refuses_quantized_base = "trains W itself, and a quantised weight (4-bit or int8 codes) has no gradient"
 
     def build(
         self, model: nn.Module, allocation: Allocation | None, rule: AllocationRule, ctx: MethodContext

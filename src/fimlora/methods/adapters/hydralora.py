@@ -712,6 +712,10 @@ class HydraLoraAdapter(AdapterKind):
 
     name = "hydralora"
     description = "HydraLoRA: shared A, k routed B heads per module (k from clustering the training texts)."
+    refuses_quantized_base = (
+        "is not a PEFT adapter, and transformers' Trainer trains a quantised model only through PEFT "
+        "adapters (its layers also read the float weight's shape and dtype)"
+    )
 
     def num_heads(self, ctx: MethodContext) -> int:
         if "_hydralora_heads" not in ctx.record:

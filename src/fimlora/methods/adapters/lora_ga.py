@@ -47,6 +47,10 @@ class LoraGa(PeftLora):
     name = "lora-ga"
     description = "LoRA-GA (Wang et al., 2024): A, B from the SVD of the calibration gradient of W."
     rewrites_base = True
+    refuses_quantized_base = (
+        "initialises A, B from the gradient of W, which a packed quantised weight does not have, and "
+        "replaces W by W − BA"
+    )
 
     def lora_kwargs(self, allocation: Allocation, ctx: MethodContext) -> dict[str, Any]:
         from peft import LoraGAConfig

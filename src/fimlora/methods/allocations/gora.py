@@ -108,10 +108,8 @@ class Gora(AllocationRule):
                 f"GoRA's smallest rank {r_lo} exceeds the largest rank module {low[0]!r} may take "
                 f"({caps[low[0]]}); check method_options.gora's rank factors and allocation.r_max."
             )
-        modules = dict(ctx.base_model.named_modules())
-        weights = {n: modules[n].weight.detach() for n in shapes}
         gradients = calibration_gradients(ctx)
-        importance = gora_importance(weights, {n: gradients[n] for n in shapes})
+        importance = gora_importance(ctx.base_model, {n: gradients[n] for n in shapes})
         costs = {n: rank_cost(shapes, rank_costs, n) for n in shapes}
         ranks, gora = gora_ranks(importance, costs, caps, budget=budget, r_lo=r_lo)
         ctx.record["gora_allocation"] = {

@@ -3,7 +3,8 @@
 The score is GoRA's (arXiv 2502.12171): mean |W ⊙ Ḡ|, Ḡ the gradient of the mean calibration loss with
 respect to the frozen weight W, taken in the same pass as the Fisher. The scores go through the same
 allocator, with the same budget rules, as the Fisher scores (ranks ∝ score^tau, water-filled): only the
-importance signal differs from fim-lora. GoRA itself spends *parameters* in proportion to the score and
+importance signal differs from fim-lora. On a quantised base W is the dequantised weight the layer
+multiplies by, formed one module at a time. GoRA itself spends *parameters* in proportion to the score and
 initialises B from Ḡ; that is the ``gora`` preset.
 """
 
@@ -13,12 +14,20 @@ import torch
 
 from fimlora.methods.allocations._scored import ScoredAllocation
 from fimlora.methods.base import NEEDS_GRADIENTS, MethodContext
+from fimlora.quantization import dequantized_weight
 
 
-def gora_importance(weights: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor]) -> dict[str, float]:
-    """GoRA's importance ``mean |W ⊙ Ḡ|`` per module (``union_mean`` in the official code), in float64."""
+def gora_module_importance(weight: torch.Tensor, gradient: torch.Tensor) -> float:
+    """GoRA's importance ``mean |W ⊙ Ḡ|`` of one module (``union_mean`` in the official code), in float64."""
+    return float((weight.double() * gradient.double()).abs().mean())
+
+
+def gora_importance(base_model: torch.nn.Module, gradients: dict[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`gora_module_importance` of every module in ``gradients``; one dequantised weight at a time,
+    so a quantised base never holds all of them in float32."""
+    modules = dict(base_model.named_modules())
     return {
-        name: float((weights[name].double() * gradients[name].double()).abs().mean()) for name in gradients
+        name: gora_module_importance(dequantized_weight(modules[name]), g) for name, g in gradients.items()
     }
 
 
@@ -32,9 +41,8 @@ class GoraScore(ScoredAllocation):
             raise RuntimeError("gora-score needs the calibration gradients, but none were computed")
         if ctx.base_model is None:
             raise RuntimeError("gora-score needs the base model's weights")
-        modules = dict(ctx.base_model.named_modules())
-        weights = {name: modules[name].weight.detach() for name in ctx.targets}
-        return gora_importance(weights, dict(ctx.fisher.gradients))
+        gradients = ctx.fisher.gradients
+        return gora_importance(ctx.base_model, {name: gradients[name] for name in ctx.targets})
 
 
 RULE = GoraScore()
