@@ -78,15 +78,17 @@ experiment: setup
 	$(BIN)/fimlora results $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/results
 	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/report
 
-# Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, and training-step
-# time. BENCH_ARGS go to both scripts (--quick, --device cuda, --threads N); FISHER_BENCH_ARGS only to
-# fisher_cost.py (e.g. --full). Results land in benchmarks/results/.
+# Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, training-step time,
+# and inference unmerged / merged / base per method. BENCH_ARGS go to every script (--quick, --device
+# cuda, --threads N); FISHER_BENCH_ARGS only to fisher_cost.py (e.g. --full). Results land in
+# benchmarks/results/.
 BENCH_ARGS ?=
 FISHER_BENCH_ARGS ?=
 .PHONY: bench
 bench: setup
 	$(BIN)/python benchmarks/fisher_cost.py $(BENCH_ARGS) $(FISHER_BENCH_ARGS)
 	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

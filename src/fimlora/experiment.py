@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from transformers import set_seed
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.deploy.records import deployment_records
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
@@ -79,6 +80,8 @@ class Prepared:
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
+    # What every method shares after training (the base model's general-text loss and continuations).
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 def prepare(config: ExperimentConfig) -> Prepared:
@@ -395,6 +398,9 @@ def run_method(
         progress=progress,
     )
     save_atomically(lambda tmp: adapter.save(model, tmp, ctx), run.file("adapter"))
+    deployment = deployment_records(prepared, model, adapter, run.file("adapter"))
+    if "forgetting" in deployment:
+        metrics["forgetting"] = deployment.pop("forgetting")
     effective = records.get("adalora", {}).get("final_params") if spec.allocation == "adalora" else None
     result = {
         "method": spec.name,
@@ -426,6 +432,7 @@ def run_method(
             else None
         ),
         "records": records,
+        **deployment,
     }
     run.finish(result)
     wait_for_everyone()

@@ -1,7 +1,9 @@
 """``fimlora report DIR``: every finished run below DIR → ``report.md`` + a self-contained ``report.html``.
 
 Sections, per (dataset, model): results over seeds with bootstrap CIs and the paired comparison against
-uniform LoRA (``fimlora.stats``), cost, a Pareto plot (metric vs trainable adapter parameters), rank
+uniform LoRA (``fimlora.stats``; causal LM: forgetting too), cost, inference cost (unmerged / merged /
+base, adapter size), a Pareto plot (metric vs trainable adapter parameters) and one against peak memory,
+the continuations of fixed prompts per method (causal LM; :mod:`fimlora.reporting.deployment`), rank
 heatmaps (layer × module type) of each non-uniform allocation, the Fisher importance heatmap, and the
 training (and, where logged, evaluation) loss curves; then the calibration-size stability of the Fisher
 ranking when ``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of
@@ -25,7 +27,7 @@ import pandas as pd
 from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
-from fimlora.reporting import plots
+from fimlora.reporting import deployment, plots
 from fimlora.reporting.document import (
     Block,
     Bullets,
@@ -265,7 +267,16 @@ class _Builder:
         for metric in metrics:
             self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
         self.cost_table(frame)
+        deployment.inference_table(self, frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
+        deployment.memory_pareto(
+            self,
+            frame,
+            summary[summary["metric"] == primary],
+            primary,
+            f"{dataset} / {model}: {primary} vs peak memory",
+        )
+        deployment.generations(self, frame, self.root)
         self.rank_heatmaps(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
         self.loss_curves(frame, dataset, model)

@@ -712,6 +712,10 @@ class HydraLoraAdapter(AdapterKind):
 
     name = "hydralora"
     description = "HydraLoRA: shared A, k routed B heads per module (k from clustering the training texts)."
+    unmergeable_reason = (
+        "HydraLoRA cannot be merged into the base weights: its router mixes the k B heads with weights "
+        "g(x) that depend on each token's input, so s·Σ_i g_i(x)·B_i·A is not one fixed matrix."
+    )
 
     def num_heads(self, ctx: MethodContext) -> int:
         if "_hydralora_heads" not in ctx.record:
