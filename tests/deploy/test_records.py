@@ -204,7 +204,7 @@ def test_results_table_and_report_show_forgetting_inference_and_continuations(ll
     assert frame.loc["lora", "adapter_size_mb"] * 2**20 == results["lora"]["adapter_size_bytes"]
     files = build_report(out, tmp_path / "report", n_resamples=10_000)
     text = files.markdown.read_text()
-    assert "forgetting on the held-out split (lower is better)" in text
+    assert "forgetting: mean per-token loss on general text" in text and "lower is better" in text
     assert "### Inference" in text and "merged / base" in text
     assert "perplexity against peak memory" in text and "pareto-memory-" in text
     assert "### Continuations of fixed prompts" in text and "| base model |" in text

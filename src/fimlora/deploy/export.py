@@ -145,11 +145,13 @@ def _write(out: Path, fill: Any, info: dict[str, Any]) -> list[str]:
     is added and the directory renamed onto ``out``. Returns the files written, relative to ``out``."""
     from fimlora.experiment import save_atomically
     from fimlora.io import atomic_write_json
+    from fimlora.models import _quiet_transformers
 
     files: list[str] = []
 
     def write(tmp: Path) -> None:
-        fill(tmp)
+        with _quiet_transformers():  # no shard-writing / weight-loading bars around the export's own lines
+            fill(tmp)
         files.extend(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
         if EXPORT_FILE not in files:
             files.append(EXPORT_FILE)

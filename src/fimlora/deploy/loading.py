@@ -9,6 +9,7 @@ weight drift, HydraLoRA's heads and routers, full fine-tuning's weights), task h
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from torch import nn
 from fimlora.errors import FimloraError
 
 ADAPTER_DIR = "adapter"
+
+# transformers' own deprecation notice, raised from inside PEFT; nothing a user can act on (as in train.py).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass

@@ -82,7 +82,11 @@ def inference_record(prepared: Any, model: nn.Module, adapter: Any) -> dict[str,
     models: dict[str, nn.Module] = {"unmerged": model}
     if adapter.unmergeable_reason is None:
         models["merged"] = adapter.merge(copy.deepcopy(model))
-    models["base"] = prepared.loaded.model
+    base = prepared.loaded.model
+    device = next(model.parameters()).device
+    if next(base.parameters()).device != device:  # trained on a GPU: time the base model there too
+        base = copy.deepcopy(base).to(device)
+    models["base"] = base
     record = measure(models, workload)
     del models
     record.update(ratios(record))

@@ -21,6 +21,10 @@ from fimlora.reporting.document import Heading, Paragraph, Table
 from fimlora.results import METRICS, RESULT_FILE
 
 _CONTINUATION_CHARS = 160
+FORGETTING_CAPTION = (
+    "forgetting: mean per-token loss on general text the fine-tune did not target, tuned minus base model "
+    "(nats per token; lower is better; PEFT's method-comparison definition, see fimlora.forgetting)"
+)
 
 
 def _finite(value: Any) -> bool:

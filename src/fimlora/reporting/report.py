@@ -334,6 +334,8 @@ class _Builder:
         caption = f"{metric} on the held-out split ({better} is better)" + (
             "; primary metric" if primary else ""
         )
+        if metric == "forgetting":
+            caption = deployment.FORGETTING_CAPTION
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
 
     def cost_table(self, frame: pd.DataFrame) -> None:
