@@ -79,10 +79,10 @@ experiment: setup
 	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/report
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, training-step time,
-# and memory/time/perplexity on a float32, int8 and NF4 base with and without gradient checkpointing.
-# BENCH_ARGS go to every script (--quick, --device cuda, --threads N); FISHER_BENCH_ARGS only to
-# fisher_cost.py (e.g. --full), MEMORY_BENCH_ARGS only to memory.py (e.g. --seq-len 2048). Results land
-# in benchmarks/results/.
+# memory/time/perplexity on a float32, int8 and NF4 base with and without gradient checkpointing, and
+# inference unmerged / merged / base per method. BENCH_ARGS go to every script (--quick, --device cuda,
+# --threads N); FISHER_BENCH_ARGS only to fisher_cost.py (e.g. --full), MEMORY_BENCH_ARGS only to
+# memory.py (e.g. --seq-len 2048). Results land in benchmarks/results/.
 BENCH_ARGS ?=
 FISHER_BENCH_ARGS ?=
 MEMORY_BENCH_ARGS ?=
@@ -91,6 +91,7 @@ bench: setup
 	$(BIN)/python benchmarks/fisher_cost.py $(BENCH_ARGS) $(FISHER_BENCH_ARGS)
 	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/memory.py $(BENCH_ARGS) $(MEMORY_BENCH_ARGS)
+	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a shared CPU a thread
+# spinning at a barrier for its descheduled sibling made small-model passes many times slower (SmolLM2
+# generation 8x; benchmarks/_common.py sets the same for the same reason).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

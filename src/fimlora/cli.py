@@ -416,6 +416,60 @@ def tune(
     _echo(f"written: {report.tuned_file} and {report.trials_file}")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (<output_dir>/<method>).")],
+    out: Annotated[Path, typer.Option(help="Directory to write (replaced only if it is a previous export).")],
+    adapter_only: Annotated[
+        bool, typer.Option(help="Write the PEFT adapter and a serving note instead of a merged model.")
+    ] = False,
+) -> None:
+    """A run as a plain transformers model (merged), HydraLoRA's adapter + loader, or the adapter alone."""
+    from fimlora.deploy import export_run
+
+    result = export_run(run_dir, out, adapter_only=adapter_only)
+    _echo(f"{result.kind} export of {run_dir} written to {result.out}:")
+    for name in result.files:
+        _echo(f"  {name}")
+    for note in result.notes:
+        _echo(note)
+    check = result.check
+    _echo(
+        f"check: logits on {check['probe_texts']} probe texts within {check['max_rel_diff']:.2e} "
+        f"(relative) of the run's (tolerance {check['tolerance']:g})"
+    )
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished causal-LM run directory.")],
+    prompt: Annotated[list[str], typer.Option(help="Text to continue (repeat the option for several).")],
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt at most.")] = 64,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the top-p probability mass.")] = 1.0,
+) -> None:
+    """Continue prompts with a causal-LM run's trained model (greedy unless --sample)."""
+    from fimlora.deploy import continue_prompts, load_run
+
+    loaded = load_run(run_dir)
+    if loaded.task != "causal-lm":
+        raise FimloraError(f"{run_dir} is a {loaded.task} run; generate needs a causal-LM run.")
+    texts = continue_prompts(
+        loaded.model,
+        loaded.tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+    )
+    for given, text in zip(prompt, texts, strict=True):
+        _echo(f"{given}{text}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)

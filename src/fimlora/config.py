@@ -260,6 +260,36 @@ class TrainSettings(_Strict):
     )
 
 
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The old man looked at the",
+    "She opened the door and",
+    "It was late in the evening when",
+)
+
+
+class EvaluateSettings(_Strict):
+    """What a run measures after training besides the held-out metric (``fimlora.deploy``)."""
+
+    inference: bool = Field(
+        True, description="Time inference of the trained model unmerged, merged and of the base model."
+    )
+    inference_examples: int = Field(
+        16, ge=1, description="Timed inputs per model: classification examples, or causal-LM prompts."
+    )
+    inference_new_tokens: int = Field(32, ge=1, description="Causal LM: tokens generated per prompt, timed.")
+    forgetting_dataset: str | None = Field(
+        "auto",
+        description="Causal LM: general text the fine-tune does not target (a dataset name); 'auto' "
+        "picks one per dataset (fimlora.forgetting), null turns the measure off.",
+    )
+    forgetting_blocks: int = Field(64, ge=1, description="Blocks of train.max_length general-text tokens.")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        description="Causal LM: fixed prompts continued greedily at the end of the run (result.json).",
+    )
+    continuation_tokens: int = Field(24, ge=1, description="New tokens per prompt continuation.")
+
+
 class ExperimentConfig(_Strict):
     """One experiment: a model, a dataset, a budget and the methods compared at that budget."""
 
@@ -293,6 +323,7 @@ class ExperimentConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     method_options: MethodOptions = MethodOptions()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
     @field_validator("methods")
     @classmethod

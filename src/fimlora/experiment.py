@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from transformers import set_seed
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.deploy.records import deployment_records
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
 from fimlora.fisher import FisherResult, estimate_fisher
@@ -95,6 +96,8 @@ class Prepared:
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
     head_probe: ProbeRecord | None = None  # set when fisher.head is probe
+    # What every method shares after training (the base model's general-text loss and continuations).
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) -> Prepared:
@@ -601,6 +604,9 @@ def run_method(
     effective = next(
         (r["final_params"] for r in records.values() if isinstance(r, dict) and "final_params" in r), None
     )
+    deployment = deployment_records(prepared, model, adapter, run.file("adapter"))
+    if "forgetting" in deployment:
+        metrics["forgetting"] = deployment.pop("forgetting")
     result = {
         "method": spec.name,
         "method_spec": spec.to_dict(),
@@ -641,6 +647,7 @@ def run_method(
         "task_head": _task_head_record(prepared),
         "records": records,
         **(result_extras or {}),
+        **deployment,
     }
     run.finish(result)
     wait_for_everyone()

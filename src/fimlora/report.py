@@ -61,16 +61,33 @@ def class_recalls(result: Mapping[str, Any]) -> str:
     return " / ".join(f"{label} {float(value):.2f}" for label, value in pairs) or "—"
 
 
+def _forgetting(result: Mapping[str, Any]) -> str:
+    value = (result.get("metrics", {}).get("forgetting") or {}).get("delta")
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def _inference(result: Mapping[str, Any]) -> str:
+    """``unmerged / merged / base`` throughput (merged "—" when the method does not merge)."""
+    models = (result.get("inference") or {}).get("models") or {}
+    cells = [models.get(k, {}).get("per_s") for k in ("unmerged", "merged", "base")]
+    return " / ".join("—" if v is None else f"{v:.1f}" for v in cells)
+
+
 def results_table(results: Sequence[Mapping[str, Any]]) -> str:
     """One row per method: held-out metrics (classification: with the majority-class rate of the split
-    and the recall of each class), exact trainable parameter counts, time and memory."""
+    and the recall of each class; causal LM: with forgetting), exact trainable parameter counts, time and
+    memory, and where the runs measured them, adapter size on disk and inference throughput."""
     task = results[0]["task"]
     metric_cols = _metric_columns(task)
     classification = task == "classification"
+    forgetting = any(_forgetting(r) != "—" for r in results)
+    units = {str(unit) for r in results if (unit := (r.get("inference") or {}).get("unit"))}
+    sizes = any(r.get("adapter_size_bytes") is not None for r in results)
     header = [
         "method",
         *(label for label, _, _ in metric_cols),
         *(["majority-class rate", "recall per class"] if classification else []),
+        *(["forgetting (Δ loss)"] if forgetting else []),
         "adapter params",
         "head params",
         "budget",
@@ -78,14 +95,18 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
         "train time (s)",
         "examples/s",
         "peak mem (MB)",
+        *(["adapter (MB)"] if sizes else []),
+        *([f"inference {'/'.join(sorted(units))} unmerged / merged / base"] if units else []),
     ]
     rows = []
     for r in results:
+        size = r.get("adapter_size_bytes")
         rows.append(
             [
                 r["method"],
                 *(fmt.format(r["metrics"][key]) for _, key, fmt in metric_cols),
                 *([_majority(r), class_recalls(r)] if classification else []),
+                *([_forgetting(r)] if forgetting else []),
                 f"{r.get('effective_adapter_params', r['adapter_params']):,}",
                 f"{r['head_params']:,}",
                 f"{r['budget']:,}",
@@ -93,6 +114,8 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> str:
                 f"{r['train']['wall_time_s']:.1f}",
                 f"{r['train']['examples_per_s']:.1f}",
                 f"{r['train']['peak_memory_bytes'] / 2**20:.0f}",
+                *(["—" if size is None else f"{size / 2**20:.2f}"] if sizes else []),
+                *([_inference(r)] if units else []),
             ]
         )
     return markdown_table(header, rows)

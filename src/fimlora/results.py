@@ -32,6 +32,12 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * cost: ``train_time_s`` (wall seconds of training), ``train_steps``, ``train_examples``,
   ``train_examples_per_s``, ``final_train_loss``, ``peak_memory_mb`` (MiB; CUDA allocator peak on
   GPU, sampled process RSS on CPU, see ``peak_memory_kind``), ``eval_time_s`` (when the run records it)
+* deployment (:mod:`fimlora.deploy.records`; None for runs that did not measure them):
+  ``forgetting`` (causal LM: general-text loss of the tuned minus the base model, nats per token,
+  :mod:`fimlora.forgetting`), ``forgetting_base_loss``, ``forgetting_tuned_loss``,
+  ``forgetting_dataset``; ``adapter_size_mb`` (MiB on disk); ``inference_unit`` (``examples/s`` or
+  ``tokens/s``), ``inference_{unmerged,merged,base}_per_s`` and ``_peak_mb`` (MiB: weights + peak
+  transient memory), ``inference_merged_over_base`` and ``inference_unmerged_over_base`` (throughput ratios)
 * provenance: ``git_revision``, ``device`` (from ``environment.json``)
 * ``tuned_params``: the settings chosen by ``fimlora tune`` (comma-separated config keys) for runs of
   ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise; ``tuned``:
@@ -80,7 +86,14 @@ _CONFIG_SKIP = {"model", "dataset", "seed", "task", "methods", "output_dir"}
 # Renames of result.json["metrics"] keys: "loss" alone would be ambiguous next to the training loss.
 _METRIC_RENAMES = {"loss": "eval_loss", "num_examples": "eval_num_examples", "num_tokens": "eval_num_tokens"}
 # Held-out metrics a report may summarise, and whether larger is better.
-METRICS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "perplexity": False, "eval_loss": False}
+METRICS: dict[str, bool] = {
+    "accuracy": True,
+    "macro_f1": True,
+    "perplexity": False,
+    "forgetting": False,
+    "eval_loss": False,
+}
+INFERENCE_MODELS = ("unmerged", "merged", "base")
 
 
 @dataclass
@@ -273,6 +286,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
         }
     )
     row["tuned"] = row["tuned_params"] is not None
+    row.update(deployment_columns(result))
     if isinstance(sweep, Mapping):
         for key, value in sweep.items():
             _flatten(f"sweep.{key}", value, row)
@@ -303,6 +317,38 @@ def _tuned_params(result: Mapping[str, Any]) -> str | None:
         return None
     tuned = sorted(k for k, v in sources.items() if isinstance(v, Mapping) and v.get("source") == "tuned")
     return ",".join(tuned) or None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _mib(value: Any) -> float | None:
+    return float(value) / 2**20 if _is_number(value) else None
+
+
+def deployment_columns(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Forgetting, adapter size and inference figures of one run (module docstring); None where absent."""
+    forgetting = _mapping(_mapping(result.get("metrics")).get("forgetting"))
+    inference = _mapping(result.get("inference"))
+    models = _mapping(inference.get("models"))
+    size = result.get("adapter_size_bytes")
+    row: dict[str, Any] = {
+        "forgetting": forgetting.get("delta") if _is_number(forgetting.get("delta")) else None,
+        "forgetting_base_loss": forgetting.get("base_loss"),
+        "forgetting_tuned_loss": forgetting.get("tuned_loss"),
+        "forgetting_dataset": forgetting.get("dataset"),
+        "adapter_size_mb": _mib(size),
+        "inference_unit": inference.get("unit"),
+        "inference_merged_over_base": inference.get("merged_over_base"),
+        "inference_unmerged_over_base": inference.get("unmerged_over_base"),
+    }
+    for name in INFERENCE_MODELS:
+        entry = _mapping(models.get(name))
+        peak = entry.get("peak_memory_bytes")
+        row[f"inference_{name}_per_s"] = entry.get("per_s")
+        row[f"inference_{name}_peak_mb"] = _mib(peak)
+    return row
 
 
 def _eval_time(result: Mapping[str, Any]) -> float | None:

@@ -15,7 +15,7 @@ from fimlora.data.files import normalize_splits
 from fimlora.errors import FimloraError
 
 SPLITS = ("train", "validation", "test")
-BUILTINS = ["brown", "brown-fiction", "movie-reviews", "sentiment-domains"]
+BUILTINS = ["brown", "brown-fiction", "brown-nonfiction", "movie-reviews", "sentiment-domains"]
 
 
 def _keys(ds: datasets.Dataset, *columns: str) -> list[tuple]:
@@ -128,6 +128,19 @@ def test_brown_deterministic_and_fiction_subset(brown: TaskData) -> None:
     assert genres == set("klmnpr")
     assert sum(len(fiction.splits[s]) for s in SPLITS) == 126
     assert [len(fiction.splits[s]) for s in SPLITS] == [114, 6, 6]
+
+
+def test_brown_nonfiction_is_every_file_fiction_leaves_out(brown: TaskData) -> None:
+    fiction = load_task_data("brown-fiction", seed=0)
+    nonfiction = load_task_data("brown-nonfiction", seed=0)
+    assert nonfiction.task == "causal-lm"
+    files = {s: set(nonfiction.splits[s]["file"][:]) for s in SPLITS}
+    assert {g for s in SPLITS for g in nonfiction.splits[s]["genre"][:]} == set("abcdefghj")
+    fiction_files = {f for s in SPLITS for f in fiction.splits[s]["file"][:]}
+    every_file = {f for s in SPLITS for f in brown.splits[s]["file"][:]}
+    assert not fiction_files & set().union(*files.values())  # general text a fiction run never saw
+    assert fiction_files | set().union(*files.values()) == every_file
+    assert [len(files[s]) for s in SPLITS] == [336, 19, 19]
 
 
 def test_causal_lm_has_no_num_labels(brown: TaskData) -> None:

@@ -18,6 +18,10 @@ Causal language modelling (Brown corpus, 1961 American English, 15 genres):
   genre letter, 2nd letter of the file name).
 - ``brown-fiction``: only the fiction genres k, l, m, n, p, r (general fiction, mystery, science fiction,
   adventure, romance, humour): 126 files split 114 / 6 / 6.
+- ``brown-nonfiction``: the other nine genres a–j (press, religion, hobbies, popular lore,
+  belles-lettres, government documents, learned): 374 files split 336 / 19 / 19 at seed 0. Disjoint from
+  ``brown-fiction`` file by file, so it is general text a fiction fine-tune never saw: the default
+  held-out text of the forgetting measure (:mod:`fimlora.forgetting`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ VADER_DOMAINS = {
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
 BROWN_FICTION_GENRES = frozenset("klmnpr")
+BROWN_NONFICTION_GENRES = frozenset("abcdefghj")
 BROWN_GENRES = {
     "a": "press: reportage",
     "b": "press: editorial",
@@ -169,3 +174,9 @@ def load_brown(*, seed: int) -> TaskData:
 def load_brown_fiction(*, seed: int) -> TaskData:
     """The fiction genres of the Brown corpus (126 files)."""
     return _brown_task("brown-fiction", BROWN_FICTION_GENRES, seed)
+
+
+@register_dataset("brown-nonfiction", task="causal-lm")
+def load_brown_nonfiction(*, seed: int) -> TaskData:
+    """The non-fiction genres of the Brown corpus (374 files): what ``brown-fiction`` leaves out."""
+    return _brown_task("brown-nonfiction", BROWN_NONFICTION_GENRES, seed)

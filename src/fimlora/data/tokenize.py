@@ -133,6 +133,15 @@ def _tokenize_causal_lm(
     return datasets.Dataset(pa.table({"input_ids": ids, "attention_mask": mask, "labels": ids}))
 
 
+def tokenize_causal_lm_split(
+    ds: datasets.Dataset, tokenizer: Any, *, max_length: int, name: str
+) -> datasets.Dataset:
+    """One split of texts (a ``text`` column) as causal-LM blocks, exactly as :func:`tokenize_task_data`
+    cuts a causal-LM split (module docstring), for text that is not part of a task's own splits."""
+    with _progress_only_if_large(ds):
+        return _tokenize_causal_lm(ds, tokenizer, max_length, "text", name)
+
+
 @dataclass(frozen=True)
 class _Collator:
     """Right-pads a list of tokenized rows into tensors; a class (not a closure) so DataLoader workers can

@@ -228,6 +228,28 @@ class AdapterKind(Component):
         """Rebuild the trained model from a freshly loaded base model and :meth:`save`'s output."""
         raise NotImplementedError
 
+    #: Why the trained update cannot be folded into the base weights; None when :meth:`merge` can.
+    unmergeable_reason: str | None = None
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The trained model (as :meth:`build` or :meth:`load` returned it) with its update folded into
+        the base weights: plain transformers modules, no adapter code left. Consumes ``model``.
+
+        Default: PEFT's ``merge_and_unload(safe_merge=True)`` for a PEFT model (LoRA and its variants,
+        VeRA, AdaLoRA; ``modules_to_save`` become the trained modules), the model itself otherwise
+        (full fine-tuning already is a plain model). Adapters that cannot merge set
+        ``unmergeable_reason`` and raise here.
+        """
+        from peft import PeftModel
+
+        if self.unmergeable_reason is not None:
+            from fimlora.errors import FimloraError
+
+            raise FimloraError(self.unmergeable_reason)
+        if isinstance(model, PeftModel):
+            return model.merge_and_unload(safe_merge=True).eval()  # type: ignore[operator,no-any-return]
+        return model.eval()
+
 
 class OptimizerKind(Component):
     """The optimizer; ``None`` from :meth:`build` means the Trainer's default AdamW."""

@@ -475,3 +475,77 @@ def sensitivity_plot(
         ax.legend(loc="best")
         ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
         return _png(figure)
+
+
+@dataclass
+class MemoryPoint:
+    """One configuration: its peak memory (MiB), mean metric and CI (NaN CI: no error bar)."""
+
+    label: str
+    memory_mb: float
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+def pareto_front(points: Sequence[MemoryPoint], *, higher_is_better: bool) -> list[MemoryPoint]:
+    """The points no other point beats on both axes (less or equal memory and an equal or better mean,
+    one of them strictly), by increasing memory."""
+    sign = 1.0 if higher_is_better else -1.0
+    front = []
+    for p in points:
+        dominated = any(
+            q is not p
+            and q.memory_mb <= p.memory_mb
+            and sign * q.mean >= sign * p.mean
+            and (q.memory_mb < p.memory_mb or sign * q.mean > sign * p.mean)
+            for q in points
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p.memory_mb)
+
+
+def memory_pareto_plot(
+    panels: Sequence[tuple[str, Sequence[MemoryPoint]]], *, metric: str, higher_is_better: bool, title: str
+) -> bytes:
+    """Metric against peak memory, one panel per kind of memory: every method a labelled point with its
+    CI, the Pareto front (nothing uses less memory for a better metric) joined by a dashed line."""
+    with matplotlib.rc_context(STYLE):
+        figure = _new_figure(5.2 * len(panels), 4.0)
+        axes = figure.subplots(1, len(panels), squeeze=False)[0]
+        colours = method_colours(sorted({p.label for _, points in panels for p in points}))
+        for ax, (xlabel, points) in zip(axes, panels, strict=True):
+            for p in points:
+                low = p.mean - p.ci_low if math.isfinite(p.ci_low) else 0.0
+                high = p.ci_high - p.mean if math.isfinite(p.ci_high) else 0.0
+                ax.errorbar(
+                    [p.memory_mb],
+                    [p.mean],
+                    yerr=[[max(low, 0.0)], [max(high, 0.0)]],
+                    marker="o",
+                    markersize=5,
+                    capsize=3,
+                    color=colours[p.label],
+                    linestyle="none",
+                )
+                ax.annotate(
+                    p.label, (p.memory_mb, p.mean), xytext=(4, 3), textcoords="offset points", fontsize=7
+                )
+            front = pareto_front(points, higher_is_better=higher_is_better)
+            if len(front) > 1:
+                ax.plot(
+                    [p.memory_mb for p in front],
+                    [p.mean for p in front],
+                    linestyle="--",
+                    color="#555555",
+                    linewidth=1.0,
+                    label="Pareto front",
+                )
+                ax.legend(loc="best")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+        figure.suptitle(title, fontsize=10)
+        return _png(figure)

@@ -1,7 +1,9 @@
 """``fimlora report DIR``: every finished run below DIR → ``report.md`` + a self-contained ``report.html``.
 
 Sections, per (dataset, model): results over seeds with bootstrap CIs and the paired comparison against
-uniform LoRA (``fimlora.stats``), cost, a Pareto plot (metric vs trainable adapter parameters), rank
+uniform LoRA (``fimlora.stats``; causal LM: forgetting too), cost, inference cost (unmerged / merged /
+base, adapter size), a Pareto plot (metric vs trainable adapter parameters) and one against peak memory,
+the continuations of fixed prompts per method (causal LM; :mod:`fimlora.reporting.deployment`), rank
 heatmaps (layer × module type) of each non-uniform allocation, the ranks over training of methods that
 move them (AdaLoRA, fisher-online), the Fisher importance heatmap, and the training (and, where logged,
 evaluation) loss curves; then the calibration-size stability of the Fisher ranking when
@@ -26,7 +28,7 @@ import pandas as pd
 from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
-from fimlora.reporting import plots, tuning
+from fimlora.reporting import deployment, plots, tuning
 from fimlora.reporting.document import (
     Block,
     Bullets,
@@ -277,7 +279,16 @@ class _Builder:
         self.per_class(frame)
         self.tuning(frame, dataset, model)
         self.cost_table(frame)
+        deployment.inference_table(self, frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
+        deployment.memory_pareto(
+            self,
+            frame,
+            summary[summary["metric"] == primary],
+            primary,
+            f"{dataset} / {model}: {primary} vs peak memory",
+        )
+        deployment.generations(self, frame, self.root)
         self.rank_heatmaps(frame, dataset, model)
         self.rank_trajectories(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
@@ -338,6 +349,8 @@ class _Builder:
         )
         if metric == "accuracy" and self.majority:
             caption += f"; always predicting the split's most frequent class scores {self.majority}"
+        if metric == "forgetting":
+            caption = deployment.FORGETTING_CAPTION
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
 
     def per_class(self, frame: pd.DataFrame) -> None:

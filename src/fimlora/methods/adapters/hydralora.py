@@ -716,6 +716,10 @@ class HydraLoraAdapter(AdapterKind):
         "is not a PEFT adapter, and transformers' Trainer trains a quantised model only through PEFT "
         "adapters (its layers also read the float weight's shape and dtype)"
     )
+    unmergeable_reason = (
+        "HydraLoRA cannot be merged into the base weights: its router mixes the k B heads with weights "
+        "g(x) that depend on each token's input, so s·Σ_i g_i(x)·B_i·A is not one fixed matrix."
+    )
 
     def num_heads(self, ctx: MethodContext) -> int:
         if "_hydralora_heads" not in ctx.record:
