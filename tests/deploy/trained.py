@@ -44,6 +44,7 @@ def tiny_config(model_dir: Path, dataset: Path, out: Path, methods: list[str], *
             "adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0},
             "delta_lora": {"warmup_ratio": 0.0},
             "hydralora": {"num_heads": 2},
+            "fisher_online": {"reallocate_at": [0.5]},  # two steps: one re-allocation, after the first
         },
         "evaluate": {"inference": False, "prompts": [], "forgetting_dataset": None},
     }

@@ -125,3 +125,26 @@ def test_nf4_fisher_is_that_of_the_dequantised_not_the_original_weights(llama_di
         float((result.diagonal[n] - original.diagonal[n]).norm() / original.diagonal[n].norm()) for n in names
     ]
     assert max(errors) > 100 * TOLERANCE["nf4"]
+
+
+def test_the_training_loss_gradient_of_a_quantised_base_is_that_of_its_dequantised_weights(case):
+    """LoRA-GA's and GoRA's Ḡ (``methods.gradients``): from hooks on a quantised base, whose packed weight
+    cannot require a gradient; from autograd on the float32 model holding the dequantised weights."""
+    from fimlora.methods.gradients import training_loss_gradient
+
+    names, tol = case["names"], TOLERANCE[case["kind"]]
+    hooks = training_loss_gradient(case["quantised"], case["batches"], names)
+    dequantised, _ = _quantised_and_dequantised_float(case)
+    reference = training_loss_gradient(dequantised, case["batches"], names)
+    assert_close_relative(hooks, reference, tol=tol)
+    assert all(not p.requires_grad for p in case["quantised"].parameters())
+
+
+def _quantised_and_dequantised_float(case):
+    """The float32 model holding the case's dequantised weights (built again: the brute force used it)."""
+    dequantised = make_tiny_llama()
+    q_linears, f_linears = linear_modules(case["quantised"]), linear_modules(dequantised)
+    with torch.no_grad():
+        for name in case["names"]:
+            f_linears[name].weight.copy_(dequantized_weight(q_linears[name]))
+    return dequantised.eval(), case["names"]

@@ -51,7 +51,10 @@ def _config(model_dir, dataset, out, methods, quantization, **extra):
             "eval_batch_size": 8,
             "report_to": [],
         },
-        "method_options": {"adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0}},
+        "method_options": {
+            "adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0},
+            "fisher_online": {"reallocate_at": [0.3]},  # three steps: one re-allocation
+        },
     }
     data.update(extra)
     return parse_config(data)

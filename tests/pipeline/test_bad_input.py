@@ -250,6 +250,11 @@ def _paths(w: World) -> list[tuple[list, tuple[str, ...]]]:
         (["sweep", spec, "--dry-run", "--output-dir", w.file()], ("output_dir", "is a file")),
         (["tune", missing / "s.yaml"], ("Cannot read sweep spec",)),
         (["tune", w.tmp], ("Cannot read sweep spec",)),
+        (["export", missing, "--out", w.tmp / "e"], ("does not exist",)),
+        (["export", w.file(), "--out", w.tmp / "e"], ("not a directory",)),
+        (["export", w.runs, "--out", w.tmp / "e"], ("not a finished run",)),
+        (["generate", missing, "--prompt", "Once"], ("does not exist",)),
+        (["generate", w.file(), "--prompt", "Once"], ("not a directory",)),
     ]
 
 

@@ -52,6 +52,8 @@ def finished_run(path: str | Path) -> tuple[Path, dict[str, Any], Any, dict[str,
 
     directory = Path(path)
     run = RunDirectory(directory)
+    if not directory.exists():
+        raise FimloraError(f"Run directory {directory} does not exist; give <output_dir>/<method> of a run.")
     if not directory.is_dir():
         raise FimloraError(f"{directory} is not a directory; give a run directory (<output_dir>/<method>).")
     if not run.is_finished:
@@ -59,7 +61,7 @@ def finished_run(path: str | Path) -> tuple[Path, dict[str, Any], Any, dict[str,
         hint = f" It holds runs: {', '.join(below[:5])}; give one of them." if below else ""
         raise FimloraError(f"{directory} is not a finished run (no finished {RESULT_FILE}).{hint}")
     raw = read_yaml_file(directory / "config.yaml", "run config")
-    if isinstance(raw, dict) and raw.get("quantization"):
+    if isinstance(raw, dict) and raw.get("quantization") not in (None, "none"):
         # Merging folds the update into full-precision weights the run never used, and the run's exact
         # base (quantised) is not something plain transformers rebuilds from a saved directory: refuse.
         raise FimloraError(

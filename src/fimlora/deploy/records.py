@@ -80,7 +80,11 @@ def inference_record(prepared: Any, model: nn.Module, adapter: Any) -> dict[str,
             prompts, new_tokens=config.evaluate.inference_new_tokens, pad_token_id=pad
         )
     models: dict[str, nn.Module] = {"unmerged": model}
-    if adapter.unmergeable_reason is None:
+    not_merged = adapter.unmergeable_reason
+    if config.quantization != "none":
+        # Folding ΔW into a quantised W re-quantises the sum: not the trained model (export refuses it).
+        not_merged = f"a {config.quantization} base is not merged: W + ΔW would be quantised again"
+    if not_merged is None:
         models["merged"] = adapter.merge(copy.deepcopy(model))
     base = prepared.loaded.model
     device = next(model.parameters()).device
@@ -90,8 +94,8 @@ def inference_record(prepared: Any, model: nn.Module, adapter: Any) -> dict[str,
     record = measure(models, workload)
     del models
     record.update(ratios(record))
-    if adapter.unmergeable_reason is not None:
-        record["not_merged"] = adapter.unmergeable_reason
+    if not_merged is not None:
+        record["not_merged"] = not_merged
     return record
 
 

@@ -58,8 +58,8 @@ class _InputMoments:
         self.sum: dict[str, torch.Tensor] = {}
         self.outer: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
-            weight = module.get_parameter("weight")  # (d_out, d_in)
-            d = int(weight.shape[1])
+            weight = module.get_parameter("weight")
+            d = int(module.in_features)  # type: ignore[arg-type]  # a packed (quantised) weight has another shape
             self.sum[name] = torch.zeros(d, dtype=torch.float64, device=weight.device)
             self.outer[name] = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
         self.count: dict[str, int] = dict.fromkeys(self.modules, 0)
