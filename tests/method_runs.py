@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.config import ExperimentConfig, parse_config
 from fimlora.data import calibration_subset
@@ -43,6 +44,7 @@ def tiny_config(
             # Three steps leave room for one re-allocation only (after step 1).
             "fisher_online": {"reallocate_at": [0.3]},
         },
+        "evaluate": NO_DEPLOYMENT_FIGURES,
     }
     data.update(extra)
     return parse_config(data)

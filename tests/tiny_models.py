@@ -36,3 +36,8 @@ def make_tiny_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
         initializer_range=0.2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+# A run's deployment figures (inference timing, general-text forgetting, prompt continuations) as
+# config settings that turn them off: tested in tests/deploy, elsewhere they would only cost time.
+NO_DEPLOYMENT_FIGURES = {"inference": False, "prompts": [], "forgetting_dataset": None}

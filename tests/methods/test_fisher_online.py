@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
-from tiny_models import make_tiny_bert, make_tiny_llama
+from tiny_models import NO_DEPLOYMENT_FIGURES, make_tiny_bert, make_tiny_llama
 
 from fimlora.allocation import allocate_ranks
 from fimlora.config import parse_config
@@ -52,6 +52,7 @@ def _config(model_dir, dataset, out, **extra):
         },
         # Start uniform, so that the first re-allocation certainly moves ranks.
         "method_options": {"fisher_online": {"start": "uniform", "reallocate_at": [0.25, 0.5]}},
+        "evaluate": NO_DEPLOYMENT_FIGURES,
     }
     data.update(extra)
     return parse_config(data)

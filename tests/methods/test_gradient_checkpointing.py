@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import NO_DEPLOYMENT_FIGURES
 from transformers import TrainerCallback
 
 from fimlora.config import parse_config
@@ -47,6 +48,7 @@ def _config(model_dir, dataset, out, methods, quantization="none"):
                 "hydralora": {"num_heads": 2, "balance_weight": 0.1},  # its auxiliary loss too
                 "delta_lora": {"warmup_ratio": 0.0},
             },
+            "evaluate": NO_DEPLOYMENT_FIGURES,
         }
     )
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
+from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.config import parse_config
 from fimlora.errors import FimloraError
@@ -46,6 +47,7 @@ def _config(model_dir, dataset, out, methods, **extra):
             "delta_lora": {"warmup_ratio": 0.3},
             "hydralora": {"num_heads": 2},
         },
+        "evaluate": NO_DEPLOYMENT_FIGURES,
     }
     data.update(extra)
     return parse_config(data)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.config import parse_config
 from fimlora.errors import FimloraError
@@ -55,6 +56,8 @@ def _config(model_dir, dataset, out, methods, quantization, **extra):
             "adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0},
             "fisher_online": {"reallocate_at": [0.3]},  # three steps: one re-allocation
         },
+        # Deployment figures are tested in tests/deploy; here they would only cost time.
+        "evaluate": NO_DEPLOYMENT_FIGURES,
     }
     data.update(extra)
     return parse_config(data)

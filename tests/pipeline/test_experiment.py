@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.allocation import Allocation
 from fimlora.config import parse_config
@@ -43,6 +44,7 @@ def tiny_config(model_dir, dataset, out, **extra):
             "max_length": 24,
             "eval_batch_size": 16,
         },
+        "evaluate": NO_DEPLOYMENT_FIGURES,
     }
     data.update(extra)
     return parse_config(data)
