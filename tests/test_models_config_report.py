@@ -10,7 +10,7 @@ from tiny_models import make_tiny_bert, make_tiny_llama
 from fimlora.config import load_config, parse_config
 from fimlora.errors import FimloraError
 from fimlora.models import default_target_modules, head_modules, resolve_target_modules, weight_shapes
-from fimlora.report import rank_table, results_table, split_module_name
+from fimlora.reporting.tables import rank_table, results_table, split_module_name
 from fimlora.train import _StepLog
 
 

@@ -29,7 +29,7 @@ from fimlora.analysis.calibration import agreement
 from fimlora.config import load_config
 from fimlora.evaluate import evaluate
 from fimlora.experiment import compute_fisher, prepare
-from fimlora.report import rank_table
+from fimlora.reporting.tables import rank_table
 
 CONFIG = Path("configs/minilm-movie-reviews.yaml")
 HEADS = ("random", "probe")

@@ -61,7 +61,7 @@ def run(
     from fimlora.config import load_config
     from fimlora.experiment import run_experiment
     from fimlora.processes import is_main_process
-    from fimlora.report import results_table
+    from fimlora.reporting.tables import results_table
 
     overrides: dict[str, Any] = {"output_dir": output_dir} if output_dir else {}
     if quantization is not None:
@@ -150,7 +150,7 @@ def allocate(
     """Allocate ranks from a saved Fisher; write allocation.json and a PEFT adapter_config.json."""
     from fimlora.allocation import allocate_ranks, uniform_rank_budget
     from fimlora.fisher import FisherResult
-    from fimlora.report import rank_table
+    from fimlora.reporting.tables import rank_table
 
     if budget_rank is not None and budget_params is not None:
         raise FimloraError("Give either --budget-rank or --budget-params, not both.")

@@ -10,7 +10,7 @@ from fimlora.allocation import Allocation
 from fimlora.config import ExperimentConfig, parse_config
 from fimlora.experiment import run_experiment
 from fimlora.io import atomic_write_text
-from fimlora.report import experiment_report, rank_table, results_table
+from fimlora.reporting.tables import experiment_report, rank_table, results_table
 
 # Sized to finish in under five minutes on two CPU cores after set-up (see README, "The demo").
 DEMO_CONFIG: dict[str, Any] = {

@@ -10,7 +10,7 @@ from fimlora.config import ExperimentConfig, parse_config
 from fimlora.errors import FimloraError
 from fimlora.experiment import BuiltMethod, Prepared, build_method, calibrate, prepare
 from fimlora.methods import PRESETS, get_allocation, resolve_method
-from fimlora.report import markdown_table
+from fimlora.reporting.tables import markdown_table
 
 
 def parameter_inventory(

@@ -214,7 +214,7 @@ def test_results_table_and_report_show_forgetting_inference_and_continuations(ll
 
 
 def test_printed_results_table_has_the_deployment_columns(llama):
-    from fimlora.report import results_table
+    from fimlora.reporting.tables import results_table
 
     table = results_table(list(llama[3].values()))
     header = table.splitlines()[0]

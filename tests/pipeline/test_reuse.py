@@ -20,7 +20,7 @@ from fimlora.errors import FimloraError
 from fimlora.experiment import FISHER_DIR, MODEL_CONFIG_FILE, compute_fisher, prepare, run_experiment
 from fimlora.fisher import FisherResult
 from fimlora.fisher.result import TENSORS_FILE
-from fimlora.report import results_table
+from fimlora.reporting.tables import results_table
 from fimlora.results import collect_results
 from fimlora.runs import RunDirectory
 

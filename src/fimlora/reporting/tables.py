@@ -1,22 +1,24 @@
-"""Plain-text tables of an experiment: results per method and ranks per layer × module type."""
+"""Plain-text (Markdown) tables of one experiment: results per method and ranks per layer × module type.
+
+What ``fimlora run`` and the demo print and write for one experiment; the many-run report (statistics
+over seeds, plots, HTML) is :mod:`fimlora.reporting.report`. Module names are split as everywhere in
+reporting, by :func:`fimlora.reporting.names.parse_module_name`.
+"""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fimlora.reporting.names import parse_module_name
 from fimlora.runs import rank_range
-
-_LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<kind>.+)$")
 
 
 def split_module_name(name: str) -> tuple[int, str]:
-    """``bert.encoder.layer.3.attention.self.query`` → ``(3, "attention.self.query")``."""
-    match = _LAYER.match(name)
-    if match is None:
-        return -1, name
-    return int(match["layer"]), match["kind"]
+    """``bert.encoder.layer.3.attention.self.query`` → ``(3, "attention.self.query")``; a name without a
+    layer index → ``(-1, name)``."""
+    parsed = parse_module_name(name)
+    return (-1, name) if parsed.layer is None else (parsed.layer, parsed.kind)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
