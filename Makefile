@@ -65,18 +65,21 @@ report-screenshot: setup
 		--screenshot=$(abspath $(REPORT_OUT))/report-screenshot.png file://$(abspath $(REPORT_OUT))/report.html
 	@echo "screenshot: $(REPORT_OUT)/report-screenshot.png"
 
-# A committed experiment, end to end: its sweep (finished runs are skipped), the calibration analysis
-# (once), the results table and the report. In a fresh checkout every run is already finished, so this
-# only rebuilds the table and report; EXPERIMENT_OUT=runs/rerun re-runs everything into a new store
-# (≈ 40 minutes on 2 cores for minilm-movie-reviews) with its own results/ and report/.
+# The committed experiment, end to end: the tuning on validation (finished trials are kept), the final
+# seeds on test with each method's tuned settings (finished runs are skipped), the calibration analysis
+# (once), the results table and the report. In a fresh checkout everything is finished, so this only
+# rebuilds the table and report; EXPERIMENT_OUT=runs/rerun re-does everything into a new store (about
+# an hour on 2 cores for minilm-movie-reviews) with its own results/ and report/.
 EXPERIMENT ?= experiments/minilm-movie-reviews
 EXPERIMENT_OUT ?= $(EXPERIMENT)
 experiment: setup
-	$(BIN)/fimlora sweep $(EXPERIMENT)/spec.yaml --workers 2 --no-progress --output-dir $(EXPERIMENT_OUT)/runs
-	test -f $(EXPERIMENT_OUT)/runs/calibration/calibration.json || \
-		$(BIN)/fimlora calibration $(EXPERIMENT)/calibration.yaml --out $(EXPERIMENT_OUT)/runs/calibration
-	$(BIN)/fimlora results $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/results
-	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs --out $(EXPERIMENT_OUT)/report
+	$(BIN)/fimlora tune $(EXPERIMENT)/tune.yaml --workers 2 --output-dir $(EXPERIMENT_OUT)/runs-tuned
+	$(BIN)/fimlora sweep $(EXPERIMENT)/tune.yaml --workers 2 --no-progress --output-dir $(EXPERIMENT_OUT)/runs-tuned \
+		--tuned $(EXPERIMENT_OUT)/runs-tuned/tuned.yaml
+	test -f $(EXPERIMENT_OUT)/runs-tuned/calibration/calibration.json || \
+		$(BIN)/fimlora calibration $(EXPERIMENT)/calibration.yaml --out $(EXPERIMENT_OUT)/runs-tuned/calibration
+	$(BIN)/fimlora results $(EXPERIMENT_OUT)/runs-tuned --out $(EXPERIMENT_OUT)/results
+	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs-tuned --out $(EXPERIMENT_OUT)/report
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, training-step time,
 # memory/time/perplexity on a float32, int8 and NF4 base with and without gradient checkpointing, and
