@@ -66,7 +66,8 @@ def test_every_cell_gets_the_same_learning_rate_range_and_its_own_extras():
     for cell in cells:
         keys = [p.key for p in cell.space]
         assert keys[0] == "train.learning_rate"
-        assert (cell.space[0].low, cell.space[0].high, cell.space[0].log) == (1e-4, 1e-2, False)
+        # log-uniform unless the spec says `log: false`
+        assert (cell.space[0].low, cell.space[0].high, cell.space[0].log) == (1e-4, 1e-2, True)
         assert cell.config.seed == 3  # the grid's first seed
         assert cell.config.train.eval_split == "validation"
         assert cell.config.train.eval_every == 100 // 4  # default: a quarter of the steps
@@ -77,6 +78,12 @@ def test_every_cell_gets_the_same_learning_rate_range_and_its_own_extras():
         "fim-lora": ["allocation.tau", "lora.scaling"],
         "adalora": ["method_options.adalora.tinit_ratio"],
     }
+
+
+def test_a_learning_rate_range_is_log_uniform_unless_it_says_otherwise():
+    uniform = parse_tune(spec_of({**TUNE, "learning_rate": {"low": 1e-4, "high": 1e-2, "log": False}}))
+    assert parse_tune(spec_of()).learning_rate.log and not uniform.learning_rate.log
+    assert parse_tune(spec_of({"trials": 2})).learning_rate.log  # the default range
 
 
 def test_study_names_are_deterministic_and_follow_every_setting_but_the_trial_count():

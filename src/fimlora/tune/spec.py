@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fimlora.config import format_validation_error
 from fimlora.errors import FimloraError
@@ -100,6 +100,15 @@ class TuneSettings(_Strict):
     sampler: SamplerSettings = SamplerSettings()
     pruner: PrunerSettings = PrunerSettings()
     heartbeat_s: int = Field(30, ge=1)
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _learning_rate_is_log_uniform_unless_said(cls, value: Any) -> Any:
+        # Learning rates are searched on a log scale; a uniform draw on [3e-4, 5e-2] would put 60 % of the
+        # trials above 2e-2. An explicit `log: false` still gets the uniform range.
+        if isinstance(value, dict) and "log" not in value:
+            return {**value, "log": True}
+        return value
 
     @property
     def sampler_startup(self) -> int:
