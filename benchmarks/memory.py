@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps per step cell (median reported)")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument(
+        "--fisher-examples",
+        type=int,
+        default=None,
+        help="calibration examples of the Fisher cells (default: the config's); the peak depends on the "
+        "batch, not on how many batches",
+    )
+    p.add_argument(
         "--ppl-steps", type=int, default=None, help="training steps of the ppl cells (default: the config's)"
     )
     p.add_argument("--ppl-methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -132,6 +139,8 @@ def experiment_config(spec: dict[str, Any], output_dir: Path, methods: list[str]
         },
     )
     fisher: dict[str, Any] = {}
+    if spec.get("fisher_examples"):
+        fisher["num_examples"] = spec["fisher_examples"]
     train_updates: dict[str, Any] = {"report_to": [], **train}
     if spec["quick"]:
         fisher = {"num_examples": 4, "batch_size": 2}
@@ -141,6 +150,11 @@ def experiment_config(spec: dict[str, Any], output_dir: Path, methods: list[str]
         update={
             "fisher": config.fisher.model_copy(update=fisher),
             "train": config.train.model_copy(update=train_updates),
+            # Only the held-out perplexity counts here; inference timing and forgetting are another
+            # benchmark's (inference.py) and would only add minutes per cell.
+            "evaluate": config.evaluate.model_copy(
+                update={"inference": False, "prompts": [], "forgetting_dataset": None}
+            ),
         }
     )
 
@@ -393,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning_rate": args.learning_rate,
         "ppl_steps": args.ppl_steps,
         "ppl_methods": args.ppl_methods,
+        "fisher_examples": args.fisher_examples,
     }
     fisher: dict[str, Any] = {}
     steps: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}  # shape → base → checkpointing → method
