@@ -61,8 +61,10 @@ class PeakMemory:
     another, so RSS is sampled every 20 ms from ``/proc/self/statm`` while the phase runs.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, interval_s: float = 0.02) -> None:
         self.device = device
+        self.interval_s = interval_s
+        self.start_bytes = 0  # the level at entry: allocated CUDA memory, or RSS
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,26 +78,34 @@ class PeakMemory:
             return 0
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(self.interval_s):
             self.peak_bytes = max(self.peak_bytes, self._rss_bytes())
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
         else:
-            self.peak_bytes = self._rss_bytes()
+            self.start_bytes = self.peak_bytes = self._rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             if self._thread is not None:
                 self._thread.join()
             self.peak_bytes = max(self.peak_bytes, self._rss_bytes())
+
+    @property
+    def above_start_bytes(self) -> int:
+        """The peak above the level at entry (0 when nothing was seen above it)."""
+        return max(0, self.peak_bytes - self.start_bytes)
 
     @property
     def kind(self) -> str:

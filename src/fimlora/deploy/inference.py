@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fimlora.train import PeakMemory
 
 REPEATS = 3
 MEMORY_KINDS = {
@@ -64,51 +65,6 @@ def directory_bytes(path: str | os.PathLike[str]) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-class _PeakAbove:
-    """Peak memory above the level at entry: CUDA allocator peak, or sampled RSS on a CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start = self._peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, self._rss())
-
-    def __enter__(self) -> _PeakAbove:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._start = self._peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            peak = max(self._peak, self._rss())
-        self.bytes = max(0, peak - self._start)
-
-
 def _timed(model: nn.Module, workload: Workload, device: torch.device) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,9 +88,10 @@ def measure(models: Mapping[str, nn.Module], workload: Workload, *, repeats: int
         model.eval()
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        with _PeakAbove(device) as peak:
+        # Sampled every millisecond: one forward pass of a small model holds its peak only briefly.
+        with PeakMemory(device, interval_s=0.001) as peak:
             workload.run(models[name])
-        out[name] = {"weights_bytes": weights_bytes(models[name]), "transient_bytes": peak.bytes}
+        out[name] = {"weights_bytes": weights_bytes(models[name]), "transient_bytes": peak.above_start_bytes}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     units: dict[str, int] = {}
     for index in range(repeats):
