@@ -288,6 +288,20 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def settings_of(args: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The script's arguments as JSON values (paths as strings), for the results file."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skip}
+
+
+def write_results(args: Any, device: Any, kind: str, report: dict[str, Any], markdown: str) -> None:
+    """``<output_dir>/<stem>-<kind>.{json,md}`` (stem: ``--tag`` or the device, ``-quick`` appended), and
+    a line saying so with the run's wall time."""
+    stem = args.tag or device_slug(device, args.threads) + ("-quick" if args.quick else "")
+    write_json(args.output_dir / f"{stem}-{kind}.json", report)
+    write_text(args.output_dir / f"{stem}-{kind}.md", markdown)
+    print(f"wrote {args.output_dir / f'{stem}-{kind}.md'} and .json ({report['wall_s']:.0f} s in all)")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

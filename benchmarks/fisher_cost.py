@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = run_scale_case(args, device)
     report = {
         "environment": env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": common.settings_of(args),
         "memory_method": memory_method,
         "targets": {f"{k}_{kind}": v for (k, kind), v in TARGETS.items()},
         "cases": cases,
@@ -616,10 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(report, methods)
     print()
     print(markdown)
-    stem = args.tag or common.device_slug(device, args.threads) + ("-quick" if args.quick else "")
-    common.write_json(args.output_dir / f"{stem}-fisher-cost.json", report)
-    common.write_text(args.output_dir / f"{stem}-fisher-cost.md", markdown)
-    print(f"wrote {args.output_dir / (stem + '-fisher-cost.md')} and .json ({report['wall_s']:.0f} s in all)")
+    common.write_results(args, device, "fisher-cost", report, markdown)
     return 0
 
 

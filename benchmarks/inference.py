@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -286,18 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {task: run_task(task, args, device) for task in args.tasks}
     report = {
         "environment": env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": common.settings_of(args),
         "target_merged_time_over_base": TARGET,
         "tasks": tasks,
-        "load_average_at_end": list(__import__("os").getloadavg()),
+        "load_average_at_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - started,
     }
     markdown = render(report)
     print(markdown)
-    stem = args.tag or common.device_slug(device, args.threads) + ("-quick" if args.quick else "")
-    common.write_json(args.output_dir / f"{stem}-inference.json", report)
-    common.write_text(args.output_dir / f"{stem}-inference.md", markdown)
-    print(f"wrote {args.output_dir / (stem + '-inference.md')} and .json ({report['wall_s']:.0f} s in all)")
+    common.write_results(args, device, "inference", report, markdown)
     return 0
 
 

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             perplexity[base] = launch({**shared, "kind": "ppl", "base": base}, work, f"ppl {base}")
     report = {
         "environment": env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "cell"}
+        "settings": common.settings_of(args, skip=("cell",))
         | {"shapes": [f"{b}x{t}" for b, t in args.shapes]},
         "targets": {
             "nf4_step_peak_over_float32": TARGET_NF4_PEAK,
@@ -461,10 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     markdown = render(report)
     print(markdown)
-    stem = args.tag or common.device_slug(device, args.threads) + ("-quick" if args.quick else "")
-    common.write_json(args.output_dir / f"{stem}-memory.json", report)
-    common.write_text(args.output_dir / f"{stem}-memory.md", markdown)
-    print(f"wrote {args.output_dir / (stem + '-memory.md')} and .json ({report['wall_s']:.0f} s in all)")
+    common.write_results(args, device, "memory", report, markdown)
     failed = [c for c in [*fisher.values(), *perplexity.values()] if "error" in c] + [
         c
         for by_base in steps.values()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import sys
 import time
 import warnings
@@ -243,19 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         results["adalora"]["ranks"]["final_total"] = sum(kept)
     report = {
         "environment": env,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": common.settings_of(args),
         "target_fim_lora_over_lora": TARGET,
         "target_fim_lora_dynamic_over_lora": TARGET_DYNAMIC,
         "methods": results,
-        "load_average_at_end": list(__import__("os").getloadavg()),
+        "load_average_at_end": list(os.getloadavg()),
         "wall_s": time.perf_counter() - started,
     }
     markdown = render(report)
     print(markdown)
-    stem = args.tag or common.device_slug(device, args.threads) + ("-quick" if args.quick else "")
-    common.write_json(args.output_dir / f"{stem}-train-step.json", report)
-    common.write_text(args.output_dir / f"{stem}-train-step.md", markdown)
-    print(f"wrote {args.output_dir / (stem + '-train-step.md')} and .json ({report['wall_s']:.0f} s in all)")
+    common.write_results(args, device, "train-step", report, markdown)
     return 0
 
 
