@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_runs import BUDGET_RANK, tiny_config
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
-from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.config import parse_config
 from fimlora.errors import FimloraError
@@ -21,36 +21,17 @@ from fimlora.methods.base import NEEDS_DIAGONAL, NEEDS_GRADIENTS, NEEDS_KFAC
 from fimlora.models import load_model
 from fimlora.runs import RunDirectory
 
-BUDGET_RANK = 4
-
 
 def _config(model_dir, dataset, out, methods, **extra):
-    data = {
-        "model": str(model_dir),
-        "dataset": str(dataset),
-        "dataset_options": {"text_column": "review", "label_column": "sentiment"},
-        "output_dir": str(out),
-        "methods": methods,
-        "budget": {"uniform_rank": BUDGET_RANK},
-        "fisher": {"num_examples": 24, "batch_size": 8},
-        "train": {
-            "steps": 6,
-            "batch_size": 8,
-            "learning_rate": 1e-2,
-            "weight_decay": 0.05,
-            "max_length": 24,
-            "eval_batch_size": 16,
-            "report_to": [],
-        },
-        "method_options": {
-            "adalora": {"tinit_ratio": 0.2, "tfinal_ratio": 0.3},
-            "delta_lora": {"warmup_ratio": 0.3},
-            "hydralora": {"num_heads": 2},
-        },
-        "evaluate": NO_DEPLOYMENT_FIGURES,
+    """method_runs' tiny config trained 6 steps, AdaLoRA pruning from 20 % to 70 % of them."""
+    train = tiny_config(model_dir, dataset, out, methods).train.model_dump(mode="json")
+    options = {
+        "adalora": {"tinit_ratio": 0.2, "tfinal_ratio": 0.3},
+        "delta_lora": {"warmup_ratio": 0.3},
+        "hydralora": {"num_heads": 2},
     }
-    data.update(extra)
-    return parse_config(data)
+    extra = {"train": {**train, "steps": 6}, "method_options": options, **extra}
+    return tiny_config(model_dir, dataset, out, methods, **extra)
 
 
 @pytest.fixture(scope="module")
