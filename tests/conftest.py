@@ -29,3 +29,22 @@ def tiny_bert() -> BertForSequenceClassification:
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bitsandbytes_as_on_an_avx512_bf16_cpu():
+    """Every machine, CI included, takes bitsandbytes' AVX512-BF16 path: its NF4 layers are built to
+    repack their weights at the first eval-mode forward (tests/methods/test_quantized_on_every_cpu.py)."""
+    from fimlora import lazy_bitsandbytes
+
+    try:
+        lazy_bitsandbytes.load()
+    except ImportError:
+        yield
+        return
+    import bitsandbytes.nn.modules as bnb_modules
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    yield
+    patch.undo()

@@ -12,7 +12,13 @@ if TYPE_CHECKING:
     from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
     from fimlora.fisher import FisherResult, estimate_fisher
 
+from fimlora.lazy_bitsandbytes import install_quiet_import
+
 __version__ = "0.1.0"
+
+# Before PEFT or transformers can import bitsandbytes: its import must neither reach the kernel hub nor
+# print (see fimlora.lazy_bitsandbytes).
+install_quiet_import()
 
 # Imported on first use, so `python -m fimlora.assets` and the CLI's --help start without torch.
 _LAZY = {

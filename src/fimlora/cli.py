@@ -8,6 +8,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 
+from fimlora import lazy_bitsandbytes
 from fimlora.config import LoraSettings
 from fimlora.errors import FimloraError
 from fimlora.io import ensure_directory
@@ -471,6 +472,8 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).
+    lazy_bitsandbytes.defer()
     try:
         app(args=argv, standalone_mode=True)
     except FimloraError as exc:

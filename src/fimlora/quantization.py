@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from fimlora import lazy_bitsandbytes
 from fimlora.errors import FimloraError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def require_bitsandbytes(quantization: str) -> None:
     if quantization == "none":
         return
     try:
-        import bitsandbytes  # noqa: F401
+        lazy_bitsandbytes.load()
     except ImportError:
         raise FimloraError(
             f"quantization: {quantization} needs bitsandbytes; install it with pip install 'fimlora[quant]'."
@@ -107,12 +108,11 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
     weight = layer.weight
     if type(weight).__name__ == "Params4bit":
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks the codes for its AVX512-BF16 CPU kernel at the first eval forward.
-            data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
+        _unpack(layer)  # a layer someone ran before keep_unpacked saw it
         return (
-            bnb_functional.dequantize_4bit(data, state).float().reshape(layer.out_features, layer.in_features)
+            bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+            .float()
+            .reshape(layer.out_features, layer.in_features)
         )
     # LLM.int8() moves the row scales from the weight to the layer's matmul state at its first forward.
     scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
@@ -124,7 +124,39 @@ def prepare_quantized_model(model: nn.Module) -> nn.Module:
 
     Freezes every parameter and casts non-quantised float16/bfloat16 weights to float32; gradient
     checkpointing is not switched on here (it is ``train.gradient_checkpointing``, for every base).
+    NF4 weights keep the one layout every CPU uses (:func:`keep_unpacked`).
     """
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(keep_unpacked(model), use_gradient_checkpointing=False)
+
+
+def keep_unpacked(model: nn.Module) -> nn.Module:
+    """Keep bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel; returns ``model``.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` repacks its weight at the first
+    eval-mode forward whose input does not require a gradient (a Fisher pass, a validation, an
+    evaluation). That repacking asserts ``out_features % 32 == 0``, rounds the block scales to bfloat16
+    (so the numbers depend on the CPU), and leaves a layer whose next training forward fails in
+    bitsandbytes' autograd ("a view of a leaf Variable ... in-place"). With the flag off, every CPU —
+    with or without the instruction set — and every GPU runs the same dequantise-and-multiply path.
+    A layer already repacked is unpacked first (its block scales keep their bfloat16 rounding).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            layer: Any = module  # a bitsandbytes Linear4bit, typed by duck
+            layer.support_avx512bf16_for_cpu = False
+            _unpack(layer)
+    return model
+
+
+def _unpack(layer: Any) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit layer in place (weight and its quant state together)."""
+    state = getattr(layer.weight, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        return
+    import bitsandbytes.functional as bnb_functional
+
+    layer.weight.data, layer.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(
+        layer.weight.data, state
+    )

@@ -47,6 +47,7 @@ def _config(model_dir, dataset, out, methods, quantization="none"):
                 "adalora": {"tinit_ratio": 0.0, "tfinal_ratio": 0.0},  # prunes from the first step
                 "hydralora": {"num_heads": 2, "balance_weight": 0.1},  # its auxiliary loss too
                 "delta_lora": {"warmup_ratio": 0.0},
+                "fisher_online": {"reallocate_at": [0.5]},  # two steps: one re-allocation, after step 1
             },
             "evaluate": NO_DEPLOYMENT_FIGURES,
         }

@@ -40,6 +40,7 @@ from fimlora.fisher.distributed import all_reduce_sum, rank_and_world_size
 from fimlora.fisher.losses import per_example_loss, sample_model_labels
 from fimlora.fisher.result import STATISTICS, FisherResult
 from fimlora.models import linear_modules, resolve_target_modules
+from fimlora.quantization import keep_unpacked
 
 ESTIMATORS = ("empirical", "mc")
 
@@ -391,6 +392,8 @@ def estimate_fisher(
     if max_chunk_elements < 1:
         raise FimloraError(f"max_chunk_elements must be at least 1, got {max_chunk_elements}.")
     names = resolve_target_modules(model, target_modules)
+    # An eval-mode pass would repack a bitsandbytes NF4 base for a CPU-specific kernel (and break training).
+    keep_unpacked(model)
     linears = linear_modules(model)
     device = _model_device(model)
     rank, world_size = rank_and_world_size()

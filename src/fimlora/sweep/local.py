@@ -123,8 +123,13 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def init_worker(threads: int, parent: int) -> None:
-    """Worker set-up: ``threads`` torch threads, and exit when the ``parent`` process dies."""
+    """Worker set-up: ``threads`` torch threads, bitsandbytes only if a run quantises, and exit when the
+    ``parent`` process dies."""
     import torch
+
+    from fimlora import lazy_bitsandbytes
+
+    lazy_bitsandbytes.defer()
 
     torch.set_num_threads(threads)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
