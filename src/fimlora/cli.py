@@ -246,6 +246,18 @@ def results(
     counts = table.frame.groupby(["dataset", "model", "budget_label", "method"], dropna=False).size()
     for (dataset, model, budget, method), n in counts.items():
         _echo(f"  {dataset} / {model} / {budget} / {method}: {n} run(s)")
+    if "summary" in paths:
+        import pandas as pd
+
+        from fimlora.stats import BASELINE, comparison_lines, primary_metric
+
+        lines = comparison_lines(pd.read_csv(paths["summary"]), primary_metric(table.frame))
+        _echo(
+            f"statistics over seeds in {paths['summary']}; paired comparisons with {BASELINE} "
+            f"(p-values raw and Holm-adjusted over each dataset × model × metric): {len(lines) or 'none'}"
+        )
+        for line in lines:
+            _echo(f"  {line}")
     if table.unfinished:
         _echo(f"{len(table.unfinished)} unfinished run(s), not in the table (see {paths['unfinished']}):")
         for run_ in table.unfinished:

@@ -76,6 +76,8 @@ FISHER_META_FILE = "fisher.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 UNFINISHED_CSV = "unfinished.csv"
+#: Statistics over seeds and the paired comparisons with the baseline, raw and Holm-adjusted p-values.
+SUMMARY_CSV = "summary.csv"
 
 # Files that only RunDirectory.start / training write: their presence marks a (possibly unfinished) run.
 _RUN_MARKERS = (RESULT_FILE, ENVIRONMENT_FILE, METRICS_FILE)
@@ -122,7 +124,11 @@ class ResultsTable:
     unfinished: list[UnfinishedRun]
 
     def write(self, out: str | Path) -> dict[str, Path]:
-        """Write ``results.parquet``, ``results.csv`` and ``unfinished.csv`` into ``out``, each atomically."""
+        """Write ``results.parquet``, ``results.csv``, ``unfinished.csv`` and, when the runs record a
+        held-out metric, ``summary.csv`` (:func:`fimlora.stats.summarize`: mean, CI, the paired comparison
+        with ``lora`` and its raw and Holm-adjusted p-values) into ``out``, each atomically."""
+        from fimlora.stats import summarize  # stats needs this module's METRICS
+
         out = Path(out)
         frame = self.frame
         unfinished = pd.DataFrame(
@@ -136,6 +142,11 @@ class ResultsTable:
             "csv": atomic_write(out / RESULTS_CSV, lambda tmp: frame.to_csv(tmp, index=False)),
             "unfinished": atomic_write(out / UNFINISHED_CSV, lambda tmp: unfinished.to_csv(tmp, index=False)),
         }
+        try:
+            summary = summarize(frame)
+        except FimloraError:  # no held-out metric: nothing to summarise
+            return paths
+        paths["summary"] = atomic_write(out / SUMMARY_CSV, lambda tmp: summary.to_csv(tmp, index=False))
         return paths
 
 

@@ -109,6 +109,48 @@ def _fmt_p(p: Any) -> str:
     return "<0.001" if float(p) < 0.001 else f"{float(p):.3f}"
 
 
+def _fmt_p_holm(raw: Any, adjusted: Any) -> str:
+    """``0.012 (0.047)``: a raw p-value and its Holm adjustment; ``(1.000)`` alone where only the
+    adjustment exists (differences all 0: no t-test, counted as p = 1)."""
+    if not _finite(adjusted):
+        return _fmt_p(raw)
+    return f"{_fmt_p(raw)} ({_fmt_p(adjusted)})"
+
+
+def findings(summary: pd.DataFrame, metric: str, family: int, label: Any, alpha: float = 0.05) -> str:
+    """The sentence under a results table: which differences are findings, i.e. hold after Holm's
+    correction over the table (paired t-test) on at least ``MIN_SEEDS`` paired seeds."""
+    below = summary[pd.to_numeric(summary["p_ttest_holm"], errors="coerce") < alpha]
+    enough = pd.to_numeric(below["n_paired"], errors="coerce") >= MIN_SEEDS
+    where = (
+        f"at α = {alpha:g} after Holm's correction over this table's {family} comparison"
+        f"{'s' if family != 1 else ''} (paired t-test, ≥ {MIN_SEEDS} paired seeds)"
+    )
+    digits = _digits(metric)
+
+    def listed(rows: pd.DataFrame) -> str:
+        return "; ".join(
+            f"{r['budget_label']} {label(r)}: Δ {float(r['diff_mean']):+.{digits}f}, "
+            f"p {_fmt_p(r['p_ttest'])}, Holm {_fmt_p(r['p_ttest_holm'])}"
+            + (
+                f", sign-flip Holm {_fmt_p(r['p_signflip_holm'])}"
+                if _finite(r["p_signflip_holm"]) and float(r["p_signflip_holm"]) >= alpha
+                else ""
+            )
+            for _, r in rows.iterrows()
+        )
+
+    text = f"Findings on {metric} {where}: " + (
+        listed(below[enough]) if enough.any() else "none; no difference in this table is a finding"
+    )
+    if (~enough).any():
+        text += (
+            f". Below {alpha:g} after correction but on fewer than {MIN_SEEDS} paired seeds, so not "
+            f"findings: {listed(below[~enough])}"
+        )
+    return text + "."
+
+
 def _fmt_int(value: Any) -> str:
     return f"{round(float(value)):,}" if _finite(value) else "—"
 
@@ -307,8 +349,8 @@ class _Builder:
             f"Δ vs {self.baseline}",
             f"{CONFIDENCE:.0%} CI of Δ",
             f"{CONFIDENCE:.0%} t-CI of Δ",
-            "p (paired t)",
-            "p (sign-flip)",
+            "p (paired t), raw (Holm)",
+            "p (sign-flip), raw (Holm)",
             "note",
         ]
         rows: list[list[Any]] = []
@@ -338,8 +380,8 @@ class _Builder:
                     f"[{float(r['diff_t_ci_low']):+.{digits}f}, {float(r['diff_t_ci_high']):+.{digits}f}]"
                     if _finite(r.get("diff_t_ci_low"))
                     else "—",
-                    _fmt_p(r["p_ttest"]),
-                    _fmt_p(r["p_signflip"])
+                    _fmt_p_holm(r["p_ttest"], r["p_ttest_holm"]),
+                    _fmt_p_holm(r["p_signflip"], r["p_signflip_holm"])
                     + (" (MC)" if _finite(r["p_signflip"]) and not bool(r["signflip_exact"]) else ""),
                     note,
                 ]
@@ -351,7 +393,15 @@ class _Builder:
             caption += f"; always predicting the split's most frequent class scores {self.majority}"
         if metric == "forgetting":
             caption = deployment.FORGETTING_CAPTION
+        family = int(summary["holm_family_size"].max()) if len(summary) else 0
+        if family:
+            caption += (
+                f"; Holm's adjustment in brackets, over this table's {family} comparison"
+                f"{'s' if family != 1 else ''} with {self.baseline}"
+            )
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
+        if family:
+            self.blocks.append(Paragraph(findings(summary, metric, family, self.series_label)))
 
     def per_class(self, frame: pd.DataFrame) -> None:
         """Recall and precision per class (mean over seeds) and the confusion matrices (summed over
@@ -806,8 +856,14 @@ class _Builder:
                     f"n = {MAX_EXACT_SIGN_FLIP}, Monte Carlo beyond, marked MC). No distributional "
                     "assumption, but coarse: its smallest possible value is 2/2ⁿ — with 5 seeds 0.0625, so "
                     "5 seeds can never give p < 0.05 by this test.",
-                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds. p-values are not corrected for "
-                    "multiple comparisons (several methods, budgets and metrics are tested at once).",
+                    "Multiple comparisons: next to each raw p-value, in brackets, its Holm adjustment over "
+                    "the family of its table — every budget × method (× varying setting) compared with "
+                    f"{self.baseline} on one dataset, model and metric, each test separately (Holm's "
+                    "step-down: the i-th smallest of m p-values times m − i + 1, never below a smaller "
+                    "one's, capped at 1). A difference is called a finding only when its Holm-adjusted "
+                    "paired-t p is below 0.05; the sentence under each table lists them. Families are "
+                    "per table, not across metrics or datasets.",
+                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds.",
                 ]
             ),
         ]
