@@ -393,6 +393,9 @@ def sweep(
 def tune(
     spec: Annotated[Path, typer.Argument(help="Sweep spec with a tune: section (see README, 'Tuning').")],
     trials: Annotated[int | None, typer.Option(help="Trials per study, for every study.")] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Seeds every trial trains at (tune.seeds), scored by tune.aggregate.")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Local worker processes sharing the storage.")] = 1,
     storage: Annotated[
         str | None,
@@ -413,7 +416,7 @@ def tune(
     loaded = load_spec(spec)
     if output_dir is not None:
         loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
-    report = run_tuning(loaded, trials=trials, workers=workers, storage=storage, log=_echo)
+    report = run_tuning(loaded, trials=trials, seeds=seeds, workers=workers, storage=storage, log=_echo)
     _echo("")
     for summary in report.summaries:
         entry, counts = summary.entry, summary.entry.trials
@@ -422,9 +425,13 @@ def tune(
             if entry.params is not None and entry.validation_score is not None
             else "no completed trial"
         )
+        if entry.seed_scores and len(entry.seed_scores) > 1:
+            listed = ", ".join(f"{seed}: {score:.4f}" for seed, score in entry.seed_scores.items())
+            best += f" ({summary.cell.aggregate} of seeds {listed}; spread {entry.seed_spread:.4f})"
+        lost = f", {counts.lost} lost and retried" if counts.lost else ""
         _echo(
             f"{summary.cell.describe()}: {best} "
-            f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)"
+            f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed{lost})"
         )
     _echo(f"written: {report.tuned_file} and {report.trials_file}")
 

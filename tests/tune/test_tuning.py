@@ -116,10 +116,11 @@ def test_tuned_yaml_lists_the_best_validation_settings_of_every_cell(tuned):
     trials = pd.read_csv(tuned.spec.output_path / TRIALS_FILE)
     for cell in document["cells"]:
         assert list(cell) == [
-            "model", "dataset", "method", "budget", "params", "metric", "validation_score", "trials"
+            "model", "dataset", "method", "budget", "params", "metric", "validation_score", "seed_scores",
+        "seed_spread", "trials"
         ]  # fmt: skip
         assert cell["dataset"] == str(tuned.data) and cell["budget"] == {"uniform_rank": 2}
-        assert cell["metric"] == "loss" and set(cell["trials"]) == {"complete", "pruned", "failed"}
+        assert cell["metric"] == "loss" and set(cell["trials"]) == {"complete", "pruned", "failed", "lost"}
         assert sum(cell["trials"].values()) == TRIALS
         complete = trials[(trials["method"] == cell["method"]) & (trials["state"] == "complete")]
         assert cell["validation_score"] == pytest.approx(complete["value"].min())  # loss: lower is better

@@ -7,8 +7,9 @@ and ``train.eval_split: test``; its ``result.json`` gains
   ``budget`` and ``method_options``, its value and where it came from: ``tuned`` (chosen on validation
   by ``fimlora tune``), ``spec`` (written in the sweep spec), ``default`` (fimlora's default) or
   ``--tuned`` (the evaluation split, set to test by this command);
-- ``tuning``: the tuning behind it: the file, the metric, the best validation score, the trials the
-  study ran (complete / pruned / failed) and the trials every study was given.
+- ``tuning``: the tuning behind it: the file, the metric, the best validation score (the aggregate over
+  the tuning seeds), its score at each tuning seed and their spread, the trials the study ran
+  (complete / pruned / failed, and lost ones retried) and the trials every study was given.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fimlora.sweep.expand import PlannedRun, budget_label, deep_merge, expand
 from fimlora.sweep.spec import SweepSpec
 from fimlora.tune.cells import with_values
 from fimlora.tune.output import TunedCell, TunedFile, cell_key, load_tuned
+from fimlora.tune.preparation import refusal
 from fimlora.tune.spec import parse_tune
 
 #: Config sections whose settings a result records the source of.
@@ -73,10 +75,14 @@ def tuning_record(path: Path, tuned: TunedFile, entry: TunedCell) -> dict[str, A
         "file": str(path.resolve()),
         "metric": entry.metric,
         "validation_score": entry.validation_score,
+        "seed_scores": {str(k): v for k, v in entry.seed_scores.items()} if entry.seed_scores else None,
+        "seed_spread": entry.seed_spread,
         "params": entry.params,
         "trials": entry.trials.model_dump(),
         "trials_per_study": tuned.trials_per_study,
         "seed": tuned.seed,
+        "seeds": tuned.seeds or [tuned.seed],
+        "aggregate": tuned.aggregate,
     }
 
 
@@ -105,6 +111,13 @@ def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
                 f"{path}: no trial of {where} completed (trials: {entry.trials.model_dump()}); "
                 "there are no tuned settings to run it with."
             )
+        for key in entry.params:
+            reason = refusal(key)
+            if reason is not None:
+                raise FimloraError(
+                    f"{path}: {where} has a tuned {key}: {reason} and cannot be searched; "
+                    "remove it (the final runs must use the data, model and budget of the tuning)."
+                )
         final = deep_merge(with_values(settings, entry.params), {"train": {"eval_split": "test"}})
         resolved = parse_config(final, source=f"tuned run of {where}")
         extras = {

@@ -7,7 +7,8 @@ pruner settings), so a changed setting starts a new study instead of mixing tria
 (``--trials``) extend the same one.
 
 Trial directories live in ``<store>/.tuning/<study>/`` (hidden, so that ``fimlora results``/``report``
-never take a trial for a final run): ``fisher/`` (shared by the cell's trials) and ``trial-0003/<method>/``.
+never take a trial for a final run): ``fisher/`` (shared by the cell's trials) and ``trial-0003/<method>/``;
+with several seeds per trial (``tune.seeds``) ``seed-1/fisher/`` and ``trial-0003/seed-1/<method>/``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Cell:
     space: tuple[Param, ...]
     metric: str
     study_name: str
+    seeds: tuple[int, ...]  # every trial trains at each of them (config.seed is the first)
+    aggregate: str  # a trial's score over its seeds: mean or worst
 
     @property
     def directory(self) -> Path:
@@ -64,10 +67,18 @@ class Cell:
             "budget": {k: v for k, v in self.budget.items() if v is not None},
         }
 
-    def trial_config(self, params: dict[str, Any], number: int) -> ExperimentConfig:
-        """The config of trial ``number`` with ``params`` (dotted keys) written into the base config."""
+    def seed_directory(self, seed: int) -> Path:
+        """Where the trials at ``seed`` share their Fisher (the cell's directory for a single seed)."""
+        return self.directory if len(self.seeds) == 1 else self.directory / f"seed-{seed}"
+
+    def trial_config(self, params: dict[str, Any], number: int, seed: int | None = None) -> ExperimentConfig:
+        """The config of trial ``number`` at ``seed`` (default: the first) with ``params`` (dotted keys)
+        written into the base config."""
+        seed = self.seeds[0] if seed is None else seed
         data = with_values(self.config.model_dump(mode="json"), params)
-        data["output_dir"] = str(self.directory / f"trial-{number:04d}")
+        data["seed"] = seed
+        trial = self.directory / f"trial-{number:04d}"
+        data["output_dir"] = str(trial if len(self.seeds) == 1 else trial / f"seed-{seed}")
         return parse_config(data, source=f"trial {number} of {self.describe()}")
 
 
@@ -92,6 +103,12 @@ def tuning_seed(spec: SweepSpec, settings: TuneSettings) -> int:
     if spec.grid.seed:
         return spec.grid.seed[0]
     return int(spec.defaults.get("seed", 0))
+
+
+def tuning_seeds(spec: SweepSpec, settings: TuneSettings) -> list[int]:
+    """The seeds every trial trains at: ``tune.seeds`` consecutive seeds from :func:`tuning_seed`."""
+    first = tuning_seed(spec, settings)
+    return [first + k for k in range(settings.seeds)]
 
 
 def _metric(settings: TuneSettings, config: ExperimentConfig) -> str:
@@ -145,7 +162,8 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
         }
         name = _study_name(run.method, run.axes["budget"], fingerprint)
         config = config.model_copy(update={"output_dir": str(store / name)})
-        cell = Cell(run.method, run.axes["budget"], config, space, metric, name)
+        seeds = tuple(tuning_seeds(spec, settings))
+        cell = Cell(run.method, run.axes["budget"], config, space, metric, name, seeds, settings.aggregate)
         for param in space:
             for value in param.extremes():
                 try:

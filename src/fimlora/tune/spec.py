@@ -5,6 +5,8 @@
     tune:
       trials: 8                      # per cell (model × dataset × method × budget); --trials overrides
       seed: 0                        # experiment seed of every trial (default: the grid's first seed)
+      seeds: 2                       # each trial trains at seed, seed + 1, …; --seeds overrides (default 1)
+      aggregate: worst               # a trial's score over its seeds: mean (default) or worst
       metric: accuracy               # scored on validation; default accuracy (classification) or perplexity
       eval_every: 10                 # validation every N steps for the pruner (default: train.steps // 4)
       eval_examples: 256             # validation examples (default: train.eval_examples)
@@ -19,6 +21,11 @@
       pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
       heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
 
+With several seeds a trial's score is the ``aggregate`` of its seeds' validation scores: ``mean``, or
+``worst`` (the lowest accuracy, the highest loss), which prefers settings that hold on every seed to
+settings with the best peak. Its seeds run one after another; the pruner judges each seed's validation
+scores against the completed trials' scores at the same seed and step (see :mod:`fimlora.tune.search`).
+
 A parameter is a dotted path into the experiment config with ``{low, high}`` (uniform; ``log: true`` for
 log-uniform, ``integer: true`` for integers) or ``{choices: [...]}``. Every method gets the same number
 of trials: a method entry may repeat ``trials`` only with the same value, anything else is refused.
@@ -27,6 +34,7 @@ of trials: a method entry may repeat ``trials`` only with the same value, anythi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,13 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fimlora.config import format_validation_error
 from fimlora.errors import FimloraError
 from fimlora.sweep.spec import SweepSpec, method_name
+from fimlora.tune.preparation import refusal
 
 LEARNING_RATE = "train.learning_rate"
 #: Metrics a study can optimise, and whether larger is better.
 METRIC_DIRECTIONS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
-# Settings that define a cell or the tuning protocol itself: never a search dimension.
-_FIXED_KEYS = ("model", "dataset", "task", "methods", "seed", "output_dir", "target_modules")
-_FIXED_PREFIXES = ("budget.", "dataset_options.", "train.eval_", "train.report_to")
 
 
 class _Strict(BaseModel):
@@ -92,6 +98,8 @@ class TuneSettings(_Strict):
 
     trials: int = Field(ge=1, description="Trials per study; the same for every cell.")
     seed: int | None = None
+    seeds: int = Field(1, ge=1, description="Seeds every trial trains at: seed, seed + 1, …")
+    aggregate: Literal["mean", "worst"] = "mean"
     metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] | None = None
     eval_every: int | None = Field(None, ge=1)
     eval_examples: int | None = Field(None, ge=1)
@@ -124,8 +132,12 @@ class TuneSettings(_Strict):
 
     def protocol(self) -> dict[str, Any]:
         """Everything a study's trials depend on besides the cell (hashed into study names); not the
-        number of trials (more trials extend a study) nor the heartbeat."""
-        return self.model_dump(mode="json", exclude={"trials", "heartbeat_s", "methods"})
+        number of trials (more trials extend a study) nor the heartbeat. One seed leaves ``seeds`` and
+        ``aggregate`` out (its mean is its worst), so that studies of one seed keep their names."""
+        exclude = {"trials", "heartbeat_s", "methods"}
+        if self.seeds == 1:
+            exclude |= {"seeds", "aggregate"}
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 @dataclass(frozen=True)
@@ -170,8 +182,9 @@ class Param:
 
 def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
     where = f"tune.methods.{method}.{key}"
-    if key in _FIXED_KEYS or key.startswith(_FIXED_PREFIXES):
-        raise FimloraError(f"{where}: {key} defines the cell or the tuning protocol and cannot be searched.")
+    reason = refusal(key)
+    if reason is not None:
+        raise FimloraError(f"{where}: {reason} and cannot be searched; trials would not be the final runs.")
     if key == LEARNING_RATE:
         raise FimloraError(
             f"{where}: the learning rate is searched for every method alike; set its range in "
@@ -186,8 +199,16 @@ def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
         raise FimloraError(f"{where}: {format_validation_error(exc, root='range')}.") from None
 
 
-def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
-    """The spec's ``tune:`` section, validated against its grid; ``trials`` overrides every count.
+def aggregate_scores(scores: Sequence[float], how: str, *, higher_is_better: bool) -> float:
+    """A trial's score from its seeds' scores: their mean, or the worst of them."""
+    if how == "mean":
+        return float(sum(scores) / len(scores))
+    return float(min(scores) if higher_is_better else max(scores))
+
+
+def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None = None) -> TuneSettings:
+    """The spec's ``tune:`` section, validated against its grid; ``trials`` overrides every count,
+    ``seeds`` the seeds per trial.
 
     Refused: no section; per-method trial counts that differ from ``tune.trials`` (every method gets
     the same tuning effort); a method the grid does not have; a learning-rate grid axis while the
@@ -238,6 +259,10 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
         if trials < 1:
             raise FimloraError(f"--trials must be at least 1, got {trials}.")
         updated["trials"] = trials
+    if seeds is not None:
+        if seeds < 1:
+            raise FimloraError(f"--seeds must be at least 1, got {seeds}.")
+        updated["seeds"] = seeds
     settings = settings.model_copy(update=updated)
     for method in grid_methods:
         if not settings.space(method):
