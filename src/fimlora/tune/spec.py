@@ -80,7 +80,7 @@ class ChoiceSpec(_Strict):
 
 
 class SamplerSettings(_Strict):
-    seed: int = Field(0, description="Seed of every study's TPE sampler (worker k uses seed + k).")
+    seed: int = Field(0, description="Seed of every study's TPE sampler (per trial: with its place).")
     startup_trials: int | None = Field(
         None, ge=1, description="Random trials before TPE models the results (default: trials // 2, ≥ 1)."
     )
