@@ -521,7 +521,7 @@ def comparison_lines(summary: pd.DataFrame, metric: str) -> list[str]:
         lines.append(
             f"{r['dataset']} / {r['model']} / {r['budget_label']} / {r['method']} − {r['baseline']}: "
             f"{metric} Δ {float(r['diff_mean']):+.4f} on {int(r['n_paired'])} seed(s), {p}"
-            + (f"; {r['warning']}" if r["warning"] else "")
+            + (f"; {r['warning']}" if isinstance(r["warning"], str) and r["warning"] else "")
         )
     return lines
 
