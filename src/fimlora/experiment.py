@@ -26,6 +26,7 @@ from transformers import set_seed
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.data.registry import split_fingerprints
 from fimlora.deploy.records import deployment_records
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
@@ -96,6 +97,8 @@ class Prepared:
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
     head_probe: ProbeRecord | None = None  # set when fisher.head is probe
+    # Content hash of each loaded split (fimlora.data.registry.split_fingerprints), for result.json.
+    data_fingerprint: dict[str, str] = field(default_factory=dict)
     # What every method shares after training (the base model's general-text loss and continuations).
     cache: dict[Any, Any] = field(default_factory=dict)
 
@@ -133,6 +136,7 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
     tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
     collator = make_collator(loaded.tokenizer, data.task)
     prepared = Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    prepared.data_fingerprint = split_fingerprints(data)
     if config.fisher.head == "probe":
         prepared.head_probe = probe_head(prepared)
     return prepared
@@ -347,6 +351,7 @@ def method_context(prepared: Prepared, spec: MethodSpec) -> MethodContext:
         calibration_shard=lambda: calibration_loader(prepared, shard=True),
         train_texts=lambda: list(prepared.data.splits["train"]["text"][:]),
         domain_batches=_domain_batches(prepared),
+        data_fingerprint=dict(prepared.data_fingerprint),
     )
 
 
@@ -615,6 +620,8 @@ def run_method(
         "task": prepared.data.task,
         "seed": config.seed,
         "data_seed": config.data_seed,
+        # What the weights were trained on, by content: the hindsight rule checks a source run by it.
+        "data_fingerprint": dict(prepared.data_fingerprint),
         "eval_split": config.train.eval_split,
         "quantization": config.quantization,
         "gradient_checkpointing": config.train.gradient_checkpointing,

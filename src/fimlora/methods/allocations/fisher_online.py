@@ -189,6 +189,11 @@ class FisherOnline(AllocationRule):
     needs = frozenset({NEEDS_DIAGONAL})
     adapters = frozenset({"lora"})
     optimizers = frozenset({"adamw"})
+    refuses_rank_zero = (
+        "re-sizes each module's existing LoRA layer while it trains, and reads its online Fisher from that "
+        "layer's own forward and backward pass: a module at rank 0 has no layer, so it could never be "
+        "scored nor given a rank again"
+    )
 
     def allocate(
         self,
