@@ -326,6 +326,63 @@ def calibration(
     _echo(f"written to {paths['json']} and {paths['csv']}")
 
 
+@app.command("fisher-trajectory")
+def fisher_trajectory(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML whose method trains fixed-rank LoRA.")],
+    method: Annotated[
+        str | None, typer.Option(help="Method of the config to train (default: its first).")
+    ] = None,
+    fractions: Annotated[
+        str, typer.Option(help="Comma-separated fractions of train.steps for the snapshots; 0 included.")
+    ] = "0,0.1,0.5,1",
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finished full-FT or uniform-LoRA run for the hindsight scores (default: this run)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: <output_dir>/fisher-trajectory).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="k of the top-k overlap (default: modules / 4).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+) -> None:
+    """Does the Fisher move during training? Its per-module scores along a LoRA run vs init and hindsight."""
+    from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, fisher_trajectory
+    from fimlora.config import load_config
+    from fimlora.experiment import prepare
+
+    try:
+        fraction_list = [float(f) for f in fractions.split(",") if f.strip()]
+    except ValueError:
+        raise FimloraError(f"--fractions must be comma-separated numbers, got {fractions!r}.") from None
+    cfg = load_config(config)
+    target = ensure_directory(
+        out or Path(cfg.output_dir) / "fisher-trajectory", "--out" if out else "output_dir"
+    )
+    prepared = prepare(cfg)
+    result = fisher_trajectory(
+        prepared,
+        target,
+        method=method,
+        fractions=fraction_list,
+        source=source,
+        k=top_k,
+        progress=progress,
+        log=_echo,
+    )
+    paths = result.write(target)
+    for record in result.records:
+        if record["aggregation"] == cfg.fisher.aggregation:
+            against = "hindsight" if record["versus"] == VERSUS_HINDSIGHT else "init"
+            _echo(
+                f"  {record['fraction']:>5.0%} of training  vs {against:<9}  Kendall τ "
+                f"{record['kendall_tau']:+.3f} (p {record['kendall_p']:.3g})  "
+                f"top-{record['k']} overlap {record['top_k_overlap']:.2f}"
+            )
+    _echo(f"written to {paths['json']} and {paths['csv']}")
+
+
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see README, 'Sweeps').")],

@@ -14,14 +14,14 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
@@ -518,13 +518,16 @@ def run_method(
     progress: bool = True,
     on_validation: Callable[[int, dict[str, float]], None] | None = None,
     result_extras: Mapping[str, Any] | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> MethodOutcome:
     """Allocate, wrap, train, evaluate and save one method into its run directory.
 
     With ``train.eval_every`` set, the validation split is evaluated every that many steps during
     training (``validation.jsonl`` in the run) and each result is passed to ``on_validation(step,
     metrics)``, which may raise to stop the run (an Optuna pruner does). ``result_extras`` are added
-    to ``result.json`` (e.g. where the hyperparameters came from).
+    to ``result.json`` (e.g. where the hyperparameters came from). ``extra_callbacks`` watch the training
+    (an analysis taking measurements, e.g. :mod:`fimlora.analysis.fisher_trajectory`); they must not
+    change it.
     """
     config = prepared.config
     main = is_main_process()
@@ -539,7 +542,7 @@ def run_method(
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
     optimizer = built.optimizer
-    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
+    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)] + list(extra_callbacks)
     if config.train.eval_every is not None:
         validation = evaluation_data(prepared, "validation")
         callbacks.append(

@@ -19,7 +19,8 @@ Naming the source (``method_options.hindsight``): ``source`` for every hindsight
 hindsight method). A source is a run directory (``<output_dir>/<method>``), or a selector ``{method,
 seed, store, where}``: the one finished run below ``store`` (default: this experiment's ``output_dir``)
 of that method and seed (``same``: this run's seed) that is compatible (below) and whose config.yaml has
-every ``where`` value (dotted keys, e.g. ``budget.uniform_rank: 8``); tuning trials are never picked.
+every ``where`` value (dotted keys, e.g. ``budget.uniform_rank: 8``); tuning trials and runs inside
+hidden directories are never picked.
 None or several matches are a FimloraError listing what was found.
 
 Refused, each with one line naming the reason: a run that is not finished; another model or
@@ -181,6 +182,8 @@ def find_source(selector: HindsightSource, ctx: MethodContext) -> Path:
     rejected: list[str] = []
     for result_path in sorted(store.rglob(RESULT_FILE)):
         directory = result_path.parent
+        if any(part.startswith(".") for part in directory.relative_to(store).parts):
+            continue  # hidden: leftovers, and the runs analyses keep out of reports (as fimlora results)
         try:
             result = json.loads(result_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
