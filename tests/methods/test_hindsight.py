@@ -389,3 +389,13 @@ def test_a_source_with_periodic_validation_is_accepted(experiment, tmp_path):
     )  # fmt: skip
     allocation = build_method(_with_config(prepared, config), "hindsight-lora").allocation
     assert allocation.source["path"] == str((out / "full-ft").resolve())
+
+
+def test_the_report_names_both_sources(experiment, tmp_path):
+    from fimlora.reporting import build_report
+
+    prepared, _ = experiment
+    files = build_report(prepared.config.output_dir, tmp_path, n_resamples=10_000)
+    report = files.markdown.read_text()
+    assert "Hindsight sources" in report
+    assert "full-ft (full-ft)" in report and "lora (lora r=8)" in report
