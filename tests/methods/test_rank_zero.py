@@ -127,7 +127,6 @@ def test_rank_zero_adapters_reload_in_plain_peft_in_a_fresh_process(prepared, na
     [
         ("dora", "magnitude vector"),
         ("hydralora", "router"),
-        ("fim-lora-dynamic", "a module at rank 0 has no layer"),
     ],
 )
 def test_methods_that_cannot_leave_a_module_out_refuse_r_min_0(
