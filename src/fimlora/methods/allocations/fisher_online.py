@@ -5,17 +5,17 @@ The adapter starts from fim-lora's static Fisher allocation (``start: fisher``) 
 layer, or bare where the module has rank 0) accumulate tr F of that weight from the training step's own
 forward and backward pass (:mod:`fimlora.fisher.online`: exact per example, training examples only, no
 extra pass); the input embeddings' output requires a gradient meanwhile, so even a first-block layer
-without an adapter gets its output gradient (no parameter's gradient changes). After the optimizer steps listed by ``reallocate_at``
-(fractions of ``train.steps``; default 10 % and 30 %) the allocation is solved again by the same allocator
-as fim-lora (:func:`fimlora.allocation.allocate_ranks`, proportional, with the experiment's
-``allocation`` settings tau, r_min, r_max) on the running average of that trace, aggregated like the
-static Fisher (``fisher.aggregation``: ``mean`` = tr F / (d_out·d_in), ``trace`` = tr F), under the
-same budget in trainable parameters. The modules whose rank changes are re-sized in place
-(:mod:`fimlora.methods.resize`): a shrinking module keeps the best rank-r' approximation of its
-current update s·B·A, a growing one gets new directions with B = 0 on the new columns (the function does
-not change). With ``allocation.r_min: 0`` a module may drop to rank 0 (its adapter is removed, its
-update lost) and one at rank 0 may get an adapter again (PEFT's ``lora.Linear``, B = 0). After the last re-allocation the hooks are removed, so the remaining steps cost what
-fim-lora's do.
+without an adapter gets its output gradient (no parameter's gradient changes). After the optimizer steps
+listed by ``reallocate_at`` (fractions of ``train.steps``; default 10 % and 30 %) the allocation is
+solved again by the same allocator as fim-lora (:func:`fimlora.allocation.allocate_ranks`, proportional,
+with the experiment's ``allocation`` settings tau, r_min, r_max) on the running average of that trace,
+aggregated like the static Fisher (``fisher.aggregation``: ``mean`` = tr F / (d_out·d_in), ``trace`` = tr
+F), under the same budget in trainable parameters. The modules whose rank changes are re-sized in place
+(:mod:`fimlora.methods.resize`): a shrinking module keeps the best rank-r' approximation of its current
+update s·B·A, a growing one gets new directions with B = 0 on the new columns (the function does not
+change). With ``allocation.r_min: 0`` a module may drop to rank 0 (its adapter is removed, its update
+lost) and one at rank 0 may get an adapter again (PEFT's ``lora.Linear``, B = 0). After the last
+re-allocation the hooks are removed, so the remaining steps cost what fim-lora's do.
 
 Optimizer state. The re-sized tensors of a changed module start with fresh AdamW state (no moments,
 step count 0: bias correction starts again, as for a new adapter); every unchanged module keeps its
