@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -338,6 +339,63 @@ def calibration(
     _echo(f"written to {paths['json']} and {paths['csv']}")
 
 
+@app.command("fisher-trajectory")
+def fisher_trajectory(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML whose method trains fixed-rank LoRA.")],
+    method: Annotated[
+        str | None, typer.Option(help="Method of the config to train (default: its first).")
+    ] = None,
+    fractions: Annotated[
+        str, typer.Option(help="Comma-separated fractions of train.steps for the snapshots; 0 included.")
+    ] = "0,0.1,0.5,1",
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finished full-FT or uniform-LoRA run for the hindsight scores (default: this run)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: <output_dir>/fisher-trajectory).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="k of the top-k overlap (default: modules / 4).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+) -> None:
+    """Does the Fisher move during training? Its per-module scores along a LoRA run vs init and hindsight."""
+    from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, fisher_trajectory
+    from fimlora.config import load_config
+    from fimlora.experiment import prepare
+
+    try:
+        fraction_list = [float(f) for f in fractions.split(",") if f.strip()]
+    except ValueError:
+        raise FimloraError(f"--fractions must be comma-separated numbers, got {fractions!r}.") from None
+    cfg = load_config(config)
+    target = ensure_directory(
+        out or Path(cfg.output_dir) / "fisher-trajectory", "--out" if out else "output_dir"
+    )
+    prepared = prepare(cfg)
+    result = fisher_trajectory(
+        prepared,
+        target,
+        method=method,
+        fractions=fraction_list,
+        source=source,
+        k=top_k,
+        progress=progress,
+        log=_echo,
+    )
+    paths = result.write(target)
+    for record in result.records:
+        if record["aggregation"] == cfg.fisher.aggregation:
+            against = "hindsight" if record["versus"] == VERSUS_HINDSIGHT else "init"
+            _echo(
+                f"  {record['fraction']:>5.0%} of training  vs {against:<9}  Kendall τ "
+                f"{record['kendall_tau']:+.3f} (p {record['kendall_p']:.3g})  "
+                f"top-{record['k']} overlap {record['top_k_overlap']:.2f}"
+            )
+    _echo(f"written to {paths['json']} and {paths['csv']}")
+
+
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see README, 'Sweeps').")],
@@ -491,6 +549,12 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before torch loads OpenMP (nothing above imports torch): idle OpenMP threads sleep instead of
+    # spinning at a barrier. On a shared CPU a spinning thread waits for its descheduled sibling; MiniLM
+    # training steps took about 4x as long with the default policy on the 2-core reference machine under
+    # load, with bit-identical results (README, "Speed on a shared CPU"). A policy set by the user wins;
+    # sweep and tuning workers inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).
     lazy_bitsandbytes.defer()
     try:

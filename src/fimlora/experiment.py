@@ -14,18 +14,19 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
 from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.data.registry import split_fingerprints
 from fimlora.deploy.records import deployment_records
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
@@ -96,6 +97,8 @@ class Prepared:
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
     head_probe: ProbeRecord | None = None  # set when fisher.head is probe
+    # Content hash of each loaded split (fimlora.data.registry.split_fingerprints), for result.json.
+    data_fingerprint: dict[str, str] = field(default_factory=dict)
     # What every method shares after training (the base model's general-text loss and continuations).
     cache: dict[Any, Any] = field(default_factory=dict)
 
@@ -133,6 +136,7 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
     tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
     collator = make_collator(loaded.tokenizer, data.task)
     prepared = Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    prepared.data_fingerprint = split_fingerprints(data)
     if config.fisher.head == "probe":
         prepared.head_probe = probe_head(prepared)
     return prepared
@@ -347,6 +351,7 @@ def method_context(prepared: Prepared, spec: MethodSpec) -> MethodContext:
         calibration_shard=lambda: calibration_loader(prepared, shard=True),
         train_texts=lambda: list(prepared.data.splits["train"]["text"][:]),
         domain_batches=_domain_batches(prepared),
+        data_fingerprint=dict(prepared.data_fingerprint),
     )
 
 
@@ -513,13 +518,16 @@ def run_method(
     progress: bool = True,
     on_validation: Callable[[int, dict[str, float]], None] | None = None,
     result_extras: Mapping[str, Any] | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> MethodOutcome:
     """Allocate, wrap, train, evaluate and save one method into its run directory.
 
     With ``train.eval_every`` set, the validation split is evaluated every that many steps during
     training (``validation.jsonl`` in the run) and each result is passed to ``on_validation(step,
     metrics)``, which may raise to stop the run (an Optuna pruner does). ``result_extras`` are added
-    to ``result.json`` (e.g. where the hyperparameters came from).
+    to ``result.json`` (e.g. where the hyperparameters came from). ``extra_callbacks`` watch the training
+    (an analysis taking measurements, e.g. :mod:`fimlora.analysis.fisher_trajectory`); they must not
+    change it.
     """
     config = prepared.config
     main = is_main_process()
@@ -534,7 +542,7 @@ def run_method(
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
     optimizer = built.optimizer
-    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
+    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)] + list(extra_callbacks)
     if config.train.eval_every is not None:
         validation = evaluation_data(prepared, "validation")
         callbacks.append(
@@ -615,6 +623,8 @@ def run_method(
         "task": prepared.data.task,
         "seed": config.seed,
         "data_seed": config.data_seed,
+        # What the weights were trained on, by content: the hindsight rule checks a source run by it.
+        "data_fingerprint": dict(prepared.data_fingerprint),
         "eval_split": config.train.eval_split,
         "quantization": config.quantization,
         "gradient_checkpointing": config.train.gradient_checkpointing,

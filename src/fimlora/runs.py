@@ -69,6 +69,7 @@ def environment(seed: int) -> dict[str, Any]:
         "git_revision": git_revision(Path(__file__).resolve().parent),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "command": " ".join(sys.argv),
     }
 

@@ -109,6 +109,27 @@ class TaskData:
         return len(self.label_names)
 
 
+def split_fingerprints(data: TaskData) -> dict[str, str]:
+    """A content hash per loaded split: sha256 of its texts (and label names, for classification), in row
+    order; sealed splits are left out. Two runs whose training splits have the same fingerprint were
+    trained on the same examples, whatever path or name the data came under."""
+    import hashlib
+    import json
+
+    out = {}
+    for split in SPLITS:
+        if split not in data.splits or split in data.sealed:
+            continue
+        columns = data.splits[split]
+        digest = hashlib.sha256()
+        digest.update(json.dumps(columns["text"][:], ensure_ascii=False).encode("utf-8"))
+        if data.task == "classification" and data.label_names is not None:
+            labels = [data.label_names[i] for i in columns["label"][:]]
+            digest.update(json.dumps(labels, ensure_ascii=False).encode("utf-8"))
+        out[split] = digest.hexdigest()[:16]
+    return out
+
+
 @dataclass(frozen=True)
 class _Entry:
     task: Task

@@ -549,3 +549,45 @@ def memory_pareto_plot(
             ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
         figure.suptitle(title, fontsize=10)
         return _png(figure)
+
+
+@dataclass
+class TrajectoryLine:
+    """One line of :func:`trajectory_plot`: a statistic at fractions of training."""
+
+    label: str
+    fractions: np.ndarray
+    values: np.ndarray
+    dashed: bool = False
+
+
+def trajectory_plot(
+    tau: Sequence[TrajectoryLine], overlap: Sequence[TrajectoryLine], *, title: str, k: int
+) -> bytes:
+    """Kendall τ and top-k overlap of the Fisher ranking against references, vs the fraction of training."""
+    colours = ["#4c72b0", "#c44e52", *_PALETTE]
+    with matplotlib.rc_context(STYLE):
+        figure = _new_figure(11.0, 3.8)
+        axes = figure.subplots(1, 2, squeeze=False)[0]
+        for ax, lines, ylabel, low in (
+            (axes[0], tau, "Kendall τ between module rankings", -1.02),
+            (axes[1], overlap, f"top-{k} overlap", -0.02),
+        ):
+            for i, line in enumerate(lines):
+                ax.plot(
+                    line.fractions * 100,
+                    line.values,
+                    marker="o",
+                    markersize=4,
+                    linestyle="--" if line.dashed else "-",
+                    color=colours[i % len(colours)],
+                    label=line.label,
+                )
+            ax.axhline(0.0, color="#999999", linewidth=0.8)
+            ax.set_ylim(low, 1.02)
+            ax.set_xlim(-3, 103)
+            ax.set_xlabel("% of training steps done")
+            ax.set_ylabel(ylabel)
+            ax.legend(loc="lower left")
+        figure.suptitle(title, fontsize=10)
+        return _png(figure)

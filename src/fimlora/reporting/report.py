@@ -6,8 +6,10 @@ base, adapter size), a Pareto plot (metric vs trainable adapter parameters) and 
 the continuations of fixed prompts per method (causal LM; :mod:`fimlora.reporting.deployment`), rank
 heatmaps (layer × module type) of each non-uniform allocation, the ranks over training of methods that
 move them (AdaLoRA, fisher-online), the Fisher importance heatmap, and the training (and, where logged,
-evaluation) loss curves; then the calibration-size stability of the Fisher ranking when
-``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of the
+evaluation) loss curves, and where hindsight-lora runs are present, which source runs their ranks came
+from; then the calibration-size stability of the Fisher ranking when ``calibration.json`` files
+(``fimlora calibration``) lie below DIR, and the Fisher over training when ``fisher-trajectory.json``
+files (``fimlora fisher-trajectory``) do; then the definitions of the
 statistics and the list of unfinished runs. PNGs go to ``<out>/report_files/``; the Markdown links them,
 the HTML embeds them. Every file is written atomically and the output is deterministic.
 """
@@ -26,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
+from fimlora.analysis.fisher_trajectory import JSON_FILE as TRAJECTORY_FILE
+from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, VERSUS_INIT, load_fisher_trajectory
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
 from fimlora.reporting import deployment, plots, tuning
@@ -332,6 +336,7 @@ class _Builder:
         )
         deployment.generations(self, frame, self.root)
         self.rank_heatmaps(frame, dataset, model)
+        self.hindsight_sources(frame)
         self.rank_trajectories(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
         self.loss_curves(frame, dataset, model)
@@ -832,6 +837,138 @@ class _Builder:
                 )
             )
 
+    def hindsight_sources(self, frame: pd.DataFrame) -> None:
+        """Which finished runs the hindsight allocations read their trained updates from."""
+        rows = []
+        for _, run in frame.sort_values(["method", "seed", "run_dir"], kind="stable").iterrows():
+            if run.get("alloc_strategy") != "hindsight":
+                continue
+            result = _read_json(self.root / run["run_dir"] / RESULT_FILE)
+            allocation = result.get("allocation") if isinstance(result, dict) else None
+            source = allocation.get("source") if isinstance(allocation, dict) else None
+            if not isinstance(source, dict):
+                continue
+            kind = str(source.get("kind"))
+            if source.get("rank") is not None:
+                kind += f" r={source['rank']}"
+            rows.append(
+                [
+                    str(run["method"]),
+                    str(run["budget_label"]),
+                    int(run["seed"]),
+                    f"{source.get('method')} ({kind})",
+                    source.get("seed"),
+                    "yes" if source.get("tuned") else "no",
+                    f"`{_rel(Path(str(source.get('path'))), self.root)}`",
+                ]
+            )
+        if not rows:
+            return
+        self.blocks.append(Heading("Hindsight sources", 3))
+        self.blocks.append(
+            Paragraph(
+                "hindsight allocations spend the budget on the largest singular values of the updates a "
+                "finished run trained (full fine-tuning: W_trained − W; uniform LoRA: s·B·A, whose rank "
+                "caps every module), then train from scratch: an upper bound for any allocation made "
+                "before training. Each row is one hindsight run and the run it read."
+            )
+        )
+        self.blocks.append(
+            Table(
+                ["method", "budget", "seed", "source (kind)", "source seed", "source tuned", "source run"],
+                rows,
+                caption="hindsight runs and their source runs",
+                numeric={2, 4},
+            )
+        )
+
+    def fisher_trajectories(self) -> None:
+        found = []
+        for path in sorted(self.root.rglob(TRAJECTORY_FILE)):
+            result = load_fisher_trajectory(path)
+            if result is not None and result.records:
+                found.append((path, result))
+        if not found:
+            return
+        self.blocks.append(Heading("Does the Fisher move during training?", 2, anchor="fisher-trajectory"))
+        self.blocks.append(
+            Paragraph(
+                "The per-module Fisher of the frozen weights, estimated on the same calibration examples "
+                "at fractions of one LoRA run's training, through the adapter trained so far; each "
+                "snapshot's ranking of the modules is compared with the one at initialisation (what "
+                "fim-lora allocates by) and with the hindsight ranking (the energy ‖ΔW‖² of the update "
+                "training made to each module, from the named source run). τ ≈ 1 against init: the "
+                "Fisher at init already ranks modules as later; τ against hindsight: whether the Fisher "
+                "ranks modules as training ends up using them."
+            )
+        )
+        for path, result in found:
+            info = result.info
+            aggregation = str(info.get("aggregation", "mean"))
+            k = int(info.get("k", 1))
+            rel = path.parent.relative_to(self.root) if path.is_relative_to(self.root) else path.parent
+            name = f"{info.get('model', '?')} / {info.get('dataset', '?')}, {info.get('method', '?')}"
+            self.blocks.append(Heading(f"{name}, seed {info.get('seed', '?')} (`{rel}`)", 3))
+            frame = pd.DataFrame(result.records)
+            chosen = frame[frame["aggregation"] == aggregation].sort_values(["versus", "step"])
+            source = info.get("hindsight_source") or {}
+            labels = {
+                VERSUS_INIT: "vs the Fisher at init",
+                VERSUS_HINDSIGHT: f"vs hindsight ({source.get('kind', '?')})",
+            }
+            lines_tau: list[plots.TrajectoryLine] = []
+            lines_overlap: list[plots.TrajectoryLine] = []
+            for versus in (VERSUS_INIT, VERSUS_HINDSIGHT):
+                sub = chosen[chosen["versus"] == versus]
+                for lines, column in ((lines_tau, "kendall_tau"), (lines_overlap, "top_k_overlap")):
+                    lines.append(
+                        plots.TrajectoryLine(
+                            labels[versus],
+                            sub["fraction"].to_numpy(float),
+                            sub[column].to_numpy(float),
+                            dashed=versus == VERSUS_INIT,
+                        )
+                    )
+            png = plots.trajectory_plot(
+                lines_tau, lines_overlap, title=f'{name}: Fisher ranking over training ("{aggregation}")', k=k
+            )
+            self.image(
+                f"fisher-trajectory-{_slug(str(rel))}.png",
+                png,
+                f"{info.get('num_modules', '?')} modules, {info.get('num_examples', '?')} calibration "
+                f"examples ({info.get('estimator', '?')} Fisher), {info.get('steps', '?')} training "
+                f"steps; hindsight source `{source.get('path', '?')}`.",
+                alt="Fisher ranking over training",
+            )
+            rows = [
+                [
+                    f"{r['fraction']:.0%}",
+                    int(r["step"]),
+                    labels[str(r["versus"])],
+                    _fmt(r["kendall_tau"], 3),
+                    _fmt_p(r.get("kendall_p")),
+                    _fmt(r["spearman"], 3),
+                    _fmt(r["top_k_overlap"], 2),
+                ]
+                for _, r in chosen.sort_values(["step", "versus"], ascending=[True, False]).iterrows()
+            ]
+            self.blocks.append(
+                Table(
+                    [
+                        "training",
+                        "step",
+                        "comparison",
+                        "Kendall τ",
+                        "p (τ)",
+                        "Spearman ρ",
+                        f"top-{k} overlap",
+                    ],
+                    rows,
+                    caption=f'agreement of per-module Fisher scores ("{aggregation}") along training',
+                    numeric={1},
+                )
+            )
+
     def definitions(self, n_resamples: int) -> None:
         self.blocks += [
             Heading("How to read the statistics", 2, anchor="statistics"),
@@ -974,6 +1111,7 @@ def build_report(
     for dataset, model in pairs:
         builder.dataset_model(dataset, model)
     builder.calibration()
+    builder.fisher_trajectories()
     builder.definitions(n_resamples)
     builder.unfinished(table.unfinished)
 
