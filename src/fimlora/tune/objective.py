@@ -57,10 +57,11 @@ class PreparedCache:
 
 
 def _prepare_inputs(config: ExperimentConfig) -> dict[str, Any]:
-    """Everything :func:`fimlora.experiment.prepare` reads from a config."""
+    """Everything :func:`fimlora.experiment.prepare` reads from a config, the data by its content."""
     return {
         "model": config.model,
         "dataset": config.dataset,
+        "data": config.data_identity(splits=TUNING_SPLITS).fingerprint(),
         "task": config.task,
         "dataset_options": config.dataset_options.model_dump(mode="json"),
         "seed": config.seed,
