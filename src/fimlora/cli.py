@@ -120,7 +120,7 @@ def fisher(
         source="fisher options",
     )
     ensure_directory(output, "--output")
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, progress=progress)
     result = compute_fisher(prepared, output, progress=progress)
     scores = result.scores("mean")
     spread = summarize_scores(scores)

@@ -7,8 +7,9 @@ is shorthand for what uniform LoRA of that rank costs on the same target modules
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +25,9 @@ from pydantic import (
 
 from fimlora.errors import FimloraError
 
+if TYPE_CHECKING:
+    from fimlora.data.identity import DataIdentity
+
 PROBE_NEEDS_CLASSIFICATION = (
     "fisher.head: probe fits a classification head on frozen features; a causal LM's output head is "
     "pretrained, so use fisher.head: random"
@@ -38,6 +42,11 @@ class DatasetSettings(_Strict):
     text_column: str | None = None
     label_column: str | None = None
     hub_config: str | None = Field(None, description="Configuration name of a Hugging Face dataset.")
+    drop_eval_duplicates: StrictBool = Field(
+        False,
+        description="Drop validation rows whose text (normalised) is also in train, and test rows also in "
+        "train or validation; they are counted and warned about either way.",
+    )
 
 
 class ProbeSettings(_Strict):
@@ -412,6 +421,14 @@ class ExperimentConfig(_Strict):
         from fimlora.data.files import dataset_label
 
         return dataset_label(self.dataset)
+
+    def data_identity(self, *, splits: Collection[str] | None = None) -> DataIdentity:
+        """What the dataset is by content (local files hashed; :mod:`fimlora.data.identity`): whether a
+        finished run, a cached Fisher or a tuning study still holds. ``splits``: those that may be loaded
+        (the others' files are not read)."""
+        from fimlora.data.identity import data_identity
+
+        return data_identity(self.dataset, hub_config=self.dataset_options.hub_config, splits=splits)
 
     @model_validator(mode="after")
     def _probe_needs_a_classifier(self) -> ExperimentConfig:

@@ -114,6 +114,11 @@ class RunDirectory:
         atomic_write_json(self.file(RESULT_FILE), {"status": "finished", **result})
 
 
+#: A split whose examples were cut at ``train.max_length`` more often than this (result.json
+#: ``data.truncated``) is warned about when the run starts and flagged in the report.
+TRUNCATION_WARN_SHARE = 0.1
+
+
 # Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at
 # initialisation, fisher-online re-allocates while training) record the ranks they end with under one of
 # these keys of result.json["records"][...].

@@ -59,7 +59,8 @@ HOLM_FAMILY = ("dataset", "model", "metric")
 
 # Settings every method of a comparison shares: runs are only paired with a baseline that matches them.
 _SHARED_PREFIXES = ("train.", "lora.", "dataset_options.")
-_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha", "tuned")
+# data_version: runs on two versions of the data (an edited file) are never pooled or paired.
+_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha", "tuned", "data_version")
 _IGNORED_SETTINGS = ("train.eval_batch_size", "train.eval_split", "train.report_to")
 # Settings of a method itself (NaN for methods that do not use them).
 _METHOD_SETTINGS = (

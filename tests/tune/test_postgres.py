@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -80,12 +81,21 @@ def test_two_processes_share_the_studies_and_a_killed_one_loses_no_finished_tria
                 time.sleep(0.2)  # not created yet
                 continue
             trials = {name: study.get_trials() for name, study in studies.items()}
-            running_b = [
+            of_b = [
                 t
                 for ts in trials.values()
                 for t in ts
+                if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{b.pid}")
+            ]
+            # b has run a trial to its verdict and has just started another (so it dies mid-trial, not in
+            # the instant the trial ends): whatever the two processes' relative speed.
+            b_finished = any(t.state.is_finished() for t in of_b)
+            running_b = [
+                t
+                for t in of_b
                 if t.state == optuna.trial.TrialState.RUNNING
-                and t.user_attrs.get(WORKER_ATTR, "").endswith(f":{b.pid}")
+                and t.datetime_start is not None
+                and (datetime.now() - t.datetime_start).total_seconds() < 0.3
             ]
             finished_before = {
                 (name, t.number): t.value
@@ -93,7 +103,7 @@ def test_two_processes_share_the_studies_and_a_killed_one_loses_no_finished_tria
                 for t in ts
                 if trial_kind(t) == "complete"
             }
-            if running_b and finished_before:
+            if running_b and b_finished and finished_before:
                 b.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)

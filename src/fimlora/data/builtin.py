@@ -49,11 +49,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from fimlora.assets import brown_dir, vader_dir
+from fimlora.assets import BROWN_VERSION, VADER_VERSION, brown_dir, vader_dir
 from fimlora.data.registry import SPLITS, TaskData, register_dataset, split_three_ways
 from fimlora.errors import FimloraError
 
 MIN_ABS_SCORE = 0.5
+# What each loader's rows are made of (registry versions: a finished run is reused only while they hold).
+VADER_CONTENT = f"vader-{VADER_VERSION}"
+BROWN_CONTENT = f"brown-{BROWN_VERSION}"
 SENTIMENT_LABELS = ["negative", "positive"]
 VADER_DOMAINS = {
     "movie": "movieReviewSnippets_GroundTruth.txt",
@@ -134,13 +137,13 @@ def _vader_task(name: str, domains: list[str], seed: int) -> TaskData:
     return TaskData(name, "classification", splits, list(SENTIMENT_LABELS))
 
 
-@register_dataset("movie-reviews", task="classification")
+@register_dataset("movie-reviews", task="classification", version=VADER_CONTENT)
 def load_movie_reviews(*, seed: int) -> TaskData:
     """VADER Rotten Tomatoes snippets, positive vs negative (10,072 examples)."""
     return _vader_task("movie-reviews", ["movie"], seed)
 
 
-@register_dataset("sentiment-domains", task="classification")
+@register_dataset("sentiment-domains", task="classification", version=VADER_CONTENT)
 def load_sentiment_domains(*, seed: int) -> TaskData:
     """All four VADER sources with a ``domain`` column (19,459 examples)."""
     return _vader_task("sentiment-domains", list(VADER_DOMAINS), seed)
@@ -242,7 +245,7 @@ def split_documents_by_group(documents: dict[str, str], *, seed: int, share: flo
     return assigned
 
 
-@register_dataset("brown-genre", task="classification")
+@register_dataset("brown-genre", task="classification", version=BROWN_CONTENT)
 def load_brown_genre(*, seed: int) -> TaskData:
     """Brown corpus passages labelled by genre (15 classes), split by document within each genre."""
     root = brown_dir()
@@ -278,19 +281,19 @@ def load_brown_genre(*, seed: int) -> TaskData:
     return TaskData("brown-genre", "classification", splits, label_names)
 
 
-@register_dataset("brown", task="causal-lm")
+@register_dataset("brown", task="causal-lm", version=BROWN_CONTENT)
 def load_brown(*, seed: int) -> TaskData:
     """The whole Brown corpus, one example per file (500 files, 15 genres)."""
     return _brown_task("brown", None, seed)
 
 
-@register_dataset("brown-fiction", task="causal-lm")
+@register_dataset("brown-fiction", task="causal-lm", version=BROWN_CONTENT)
 def load_brown_fiction(*, seed: int) -> TaskData:
     """The fiction genres of the Brown corpus (126 files)."""
     return _brown_task("brown-fiction", BROWN_FICTION_GENRES, seed)
 
 
-@register_dataset("brown-nonfiction", task="causal-lm")
+@register_dataset("brown-nonfiction", task="causal-lm", version=BROWN_CONTENT)
 def load_brown_nonfiction(*, seed: int) -> TaskData:
     """The non-fiction genres of the Brown corpus (374 files): what ``brown-fiction`` leaves out."""
     return _brown_task("brown-nonfiction", BROWN_NONFICTION_GENRES, seed)

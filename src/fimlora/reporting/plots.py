@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,33 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _png(figure: Figure) -> bytes:
+    fit_titles(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def fit_titles(figure: Figure) -> None:
+    """Wrap every axes title and the suptitle onto as many lines as it takes to lie inside the figure:
+    matplotlib never wraps them, and a long dataset name (a split mapping's file paths) ran off both
+    edges of the image."""
+    titles = [ax.title for ax in figure.axes]
+    suptitle = getattr(figure, "_suptitle", None)  # where matplotlib keeps it; None when there is none
+    if suptitle is not None:
+        titles.append(suptitle)
+    for title in titles:
+        text = title.get_text()
+        # Constrained layout keeps a title inside the figure while it is narrower than the figure.
+        if not text or title.get_window_extent().width <= 0.9 * figure.bbox.width:
+            continue
+        columns = len(text)
+        while columns > 8:
+            figure.draw_without_rendering()  # lays the figure out, so the extent is where it will be drawn
+            box = title.get_window_extent()
+            if box.x0 >= 0 and box.x1 <= figure.bbox.width:
+                break
+            columns = max(8, int(columns * min(0.95, 0.98 * figure.bbox.width / max(box.width, 1.0))))
+            title.set_text(textwrap.fill(text, columns, break_long_words=True, break_on_hyphens=False))
 
 
 @dataclass

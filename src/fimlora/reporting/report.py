@@ -54,7 +54,7 @@ from fimlora.results import (
     RESULT_FILE,
     collect_results,
 )
-from fimlora.runs import rank_history, trained_ranks
+from fimlora.runs import TRUNCATION_WARN_SHARE, rank_history, trained_ranks
 from fimlora.stats import (
     BASELINE,
     CONFIDENCE,
@@ -319,6 +319,7 @@ class _Builder:
             return
         primary = metrics[0]
         self.majority = _value_range(frame, "majority_rate")
+        self.data_notes(frame)
         self.blocks.append(Heading("Results over seeds", 3))
         for metric in metrics:
             self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
@@ -340,6 +341,48 @@ class _Builder:
         self.rank_trajectories(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
         self.loss_curves(frame, dataset, model)
+
+    def data_notes(self, frame: pd.DataFrame) -> None:
+        """What the runs record about their data: several versions of it, examples cut at
+        ``train.max_length``, evaluation rows that also occur in an earlier split."""
+        versions = sorted({str(v) for v in frame.get("data_version", pd.Series(dtype=object)).dropna()})
+        if len(versions) > 1:
+            self.blocks.append(
+                Notice(
+                    f"These runs read {len(versions)} versions of the data ({', '.join(versions)}): each "
+                    "version is summarised and compared on its own (`data_version`)."
+                )
+            )
+        cut = {
+            column.removeprefix("truncated."): float(frame[column].max())
+            for column in frame.columns
+            if column.startswith("truncated.") and frame[column].notna().any()
+        }
+        if cut:
+            shares = ", ".join(f"{share:.0%} of {split}" for split, share in cut.items())
+            text = f"Examples cut at `train.max_length` (most in any run): {shares}."
+            if max(cut.values()) > TRUNCATION_WARN_SHARE:
+                self.blocks.append(Notice(text + " The model never saw the rest of those texts."))
+            else:
+                self.blocks.append(Paragraph(text))
+        found = {
+            column.removeprefix("duplicates."): int(frame[column].max())
+            for column in frame.columns
+            if column.startswith("duplicates.") and frame[column].notna().any() and frame[column].max() > 0
+        }
+        if found:
+            dropped = {
+                column.removeprefix("dropped_duplicates."): int(frame[column].max())
+                for column in frame.columns
+                if column.startswith("dropped_duplicates.") and frame[column].notna().any()
+            }
+            listed = ", ".join(f"{n} {pair.replace('_in_', ' rows also in ')}" for pair, n in found.items())
+            after = (
+                f"dropped from the evaluation splits ({', '.join(f'{n} {s}' for s, n in dropped.items())})"
+                if dropped
+                else "kept (`dataset_options.drop_eval_duplicates: true` drops them)"
+            )
+            self.blocks.append(Notice(f"Same text in two splits (normalised): {listed}; {after}."))
 
     def results_table(self, summary: pd.DataFrame, metric: str, *, primary: bool) -> None:
         digits = _digits(metric)

@@ -156,6 +156,9 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
         metric = _metric(settings, config)
         fingerprint = {
             "config": config.model_dump(mode="json", exclude={"output_dir"}),
+            # The data by content (the test file, sealed while tuning, is not read): an edited file
+            # starts new studies instead of mixing trials on two versions of the data.
+            "data": config.data_identity(splits=TUNING_SPLITS).fingerprint(),
             "space": [p.describe() for p in space],
             "metric": metric,
             "protocol": settings.protocol(),

@@ -15,6 +15,7 @@ goes on. Errors of the set-up (data, model, Fisher) are the same for every trial
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -61,7 +62,7 @@ class PreparedCache:
         self._entries: OrderedDict[str, Prepared] = OrderedDict()
 
     def get(self, config: ExperimentConfig) -> Prepared:
-        key = preparation_key(config)
+        key = prepared_data_key(config)
         prepared = self._entries.pop(key, None)
         if prepared is None:
             while len(self._entries) >= self.capacity:  # free the oldest model first
@@ -69,6 +70,13 @@ class PreparedCache:
             prepared = prepare(config, splits=TUNING_SPLITS)
         self._entries[key] = prepared
         return prepared
+
+
+def prepared_data_key(config: ExperimentConfig) -> str:
+    """What a trial's prepared data and model depend on: every preparation input
+    (:func:`fimlora.tune.preparation.preparation_key`) and the tuning splits' content."""
+    data = config.data_identity(splits=TUNING_SPLITS).fingerprint()
+    return json.dumps([preparation_key(config), data], sort_keys=True)
 
 
 def format_params(params: dict[str, Any]) -> str:
