@@ -81,3 +81,20 @@ def test_tuning_again_after_an_edit_reruns_the_trials_on_the_new_data(capsys, sm
     digests = {f["split"]: f["sha256"] for f in result["data"]["identity"]["files"]}
     assert set(digests) == {"train", "validation"}  # the sealed test file is neither read nor recorded
     assert digests == new.config.data_identity(splits=("train", "validation")).fingerprint()["sha256"]
+
+
+def test_final_runs_refuse_tuned_settings_chosen_on_other_data(capsys, small_bert_dir, data, tmp_path):
+    grid = {"model": [str(small_bert_dir)], "dataset": [str(data)], "method": ["lora"], "seed": [0]}
+    path = write_spec(tmp_path, grid, TUNE)
+    code, out, err = run_cli(capsys, "tune", path)
+    assert code == 0, out + err
+    tuned = load_spec(path).output_path / TUNED_FILE
+    (entry,) = yaml.safe_load(tuned.read_text())["cells"]
+    assert set(entry["data"]["sha256"]) == {"train", "validation"}
+    edit_in_place(data / "validation.csv")
+    code, _, err = run_cli(capsys, "sweep", path, "--tuned", tuned, "--dry-run")
+    assert code == 2 and "changed since it was tuned (the validation file's content)" in err, err
+    code, out, err = run_cli(capsys, "tune", path)  # tuning again on the new data makes them valid
+    assert code == 0, out + err
+    code, _, err = run_cli(capsys, "sweep", path, "--tuned", tuned, "--dry-run")
+    assert code == 0, err

@@ -61,7 +61,7 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails_while_the_study_goes_on
     (entry,) = document["cells"]
     assert list(entry) == [
         "model", "dataset", "method", "budget", "params", "metric", "validation_score", "seed_scores",
-        "seed_spread", "trials"
+        "seed_spread", "trials", "data"
     ]  # fmt: skip
     assert (entry["model"], entry["dataset"], entry["method"]) == (
         str(small_bert_dir),

@@ -65,6 +65,7 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
                 "trials_per_study": record.get("trials_per_study"),
                 "params": record.get("params") or {},
                 "file": record.get("file"),
+                "shared_from": record.get("shared_from"),
             }
         )
     return pd.DataFrame(rows)
@@ -95,8 +96,10 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
     ordered = tuning.assign(_later=tuning["method"] != baseline).sort_values(["budget", "_later", "method"])
     for _, sub in ordered.groupby("budget", sort=True):
         label = sub["budget_label"].iloc[0]
-        totals = {r["method"]: int(r["complete"] + r["pruned"] + r["failed"]) for _, r in sub.iterrows()}
-        completes = {r["method"]: int(r["complete"]) for _, r in sub.iterrows()}
+        # A control of tune.share ran no study: its row repeats its reference's, not a second effort.
+        studied = [r for _, r in sub.iterrows() if not isinstance(r.get("shared_from"), str)]
+        totals = {r["method"]: int(r["complete"] + r["pruned"] + r["failed"]) for r in studied}
+        completes = {r["method"]: int(r["complete"]) for r in studied}
         unequal = len(set(totals.values())) > 1
         if unequal:
             listed = ", ".join(f"{m} {n}" for m, n in totals.items())
@@ -118,10 +121,11 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
         for _, r in sub.iterrows():
             if unequal:
                 warn.add(len(rows))
+            shared = r.get("shared_from")
             rows.append(
                 [
                     label,
-                    r["method"],
+                    f"{r['method']} (shares {shared}'s settings)" if isinstance(shared, str) else r["method"],
                     r["trials_per_study"] if r["trials_per_study"] is not None else "—",
                     int(r["complete"]),
                     int(r["pruned"]),

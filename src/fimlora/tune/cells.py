@@ -23,7 +23,7 @@ from fimlora.config import ExperimentConfig, parse_config
 from fimlora.data import dataset_label
 from fimlora.data.registry import registered_task
 from fimlora.errors import FimloraError
-from fimlora.sweep.expand import _slug, budget_label, deep_merge, expand
+from fimlora.sweep.expand import PlannedRun, _slug, budget_label, deep_merge, expand
 from fimlora.sweep.spec import SweepSpec
 from fimlora.tune.spec import Param, TuneSettings
 
@@ -133,9 +133,25 @@ def _study_name(method: str, budget: dict[str, Any], fingerprint: dict[str, Any]
     return f"{_slug(method)}-{budget_label(budget)}-{digest}"
 
 
+def _check_shared_space(run: PlannedRun, settings: TuneSettings) -> None:
+    """A control must accept every value its reference's study may choose (``tune.share``)."""
+    reference = settings.share[run.method]
+    data = run.config.model_dump(mode="json")
+    for param in settings.space(reference):
+        for value in param.extremes():
+            try:
+                parse_config(with_values(data, {param.key: value}), source=f"{run.method}")
+            except FimloraError as exc:
+                raise FimloraError(
+                    f"Invalid tune section: tune.share.{run.method} gives it {reference}'s {param.key}, but "
+                    f"{value!r} does not make a valid run of it: {exc}"
+                ) from None
+
+
 def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
-    """Every cell of the grid, validated: each trial config at the bounds (and every choice) of its
-    search space must be a valid experiment, or a FimloraError names the cell and the dimension."""
+    """Every cell of the grid that gets a study (not the methods of ``tune.share``), validated: each
+    trial config at the bounds (and every choice) of its search space must be a valid experiment, or a
+    FimloraError names the cell and the dimension."""
     seed = tuning_seed(spec, settings)
     defaults = {k: v for k, v in spec.defaults.items() if k != "seed"}
     grid = spec.grid.model_copy(update={"seed": [seed]})
@@ -143,6 +159,9 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
     store = spec.output_path / TUNING_DIR
     cells = []
     for run in runs:
+        if run.method in settings.share:
+            _check_shared_space(run, settings)
+            continue
         base = run.config
         steps = base.train.steps
         train = {

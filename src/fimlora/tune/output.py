@@ -21,6 +21,7 @@
       seed_scores: {0: 0.84, 1: 0.81}    # its score at each seed
       seed_spread: 0.03                  # max − min of those (null for one seed)
       trials: {complete: 6, pruned: 2, failed: 0, lost: 1}
+      data: {source: builtin, name: movie-reviews, revision: vader-3.3.2}   # what the trials saw
 
 ``lost`` counts trials whose process died (a SIGKILL): each was retried with its own values, and the
 retry is one of the counted ones.
@@ -48,7 +49,7 @@ from fimlora.config import format_validation_error, read_yaml_file
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
 from fimlora.sweep.expand import budget_label
-from fimlora.tune.cells import Cell
+from fimlora.tune.cells import TUNING_SPLITS, Cell
 from fimlora.tune.storage import (
     COUNTED,
     FAILURE_ATTR,
@@ -92,6 +93,8 @@ class TunedCell(BaseModel):
     seed_scores: dict[int, float] | None = None
     seed_spread: float | None = None
     trials: TrialCounts
+    # The train and validation data the trials saw, by content (None: written before it was recorded).
+    data: dict[str, Any] | None = None
 
     def key(self) -> str:
         return cell_key(self.model, self.dataset, self.method, self.budget)
@@ -157,6 +160,7 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
         trials=TrialCounts(
             complete=counts["complete"], pruned=counts["pruned"], failed=counts["failed"], lost=counts["lost"]
         ),
+        data=cell.config.data_identity(splits=TUNING_SPLITS).fingerprint(),
     )
     steps = cell.config.train.steps
     rows = []

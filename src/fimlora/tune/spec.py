@@ -20,6 +20,14 @@
       sampler: {seed: 0, startup_trials: 4}        # TPE; random trials before it models (default trials // 2)
       pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
       heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
+      share:                         # controls run at their reference method's tuned settings
+        random-rank: fim-lora        # (no study of their own; the final runs say whose settings)
+
+A *control* isolates one ingredient of a method: ``random-rank`` is fim-lora with random instead of
+Fisher ranks, ``hindsight-lora`` fim-lora with ranks read off a finished run. Tuned separately, a
+control's difference from its reference would mix the ingredient with the two studies' luck; sharing
+the reference's tuned settings (``tune.share``) keeps everything else equal. A shared method gets no
+study, and the final runs record ``tuning.shared_from``.
 
 With several seeds a trial's score is the ``aggregate`` of its seeds' validation scores: ``mean``, or
 ``worst`` (the lowest accuracy, the highest loss), which prefers settings that hold on every seed to
@@ -108,6 +116,11 @@ class TuneSettings(_Strict):
     sampler: SamplerSettings = SamplerSettings()
     pruner: PrunerSettings = PrunerSettings()
     heartbeat_s: int = Field(30, ge=1)
+    share: dict[str, str] = Field(
+        default_factory=dict,
+        description="Methods run at another method's tuned settings instead of a study of their own: "
+        "{control: reference}.",
+    )
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -134,7 +147,7 @@ class TuneSettings(_Strict):
         """Everything a study's trials depend on besides the cell (hashed into study names); not the
         number of trials (more trials extend a study) nor the heartbeat. One seed leaves ``seeds`` and
         ``aggregate`` out (its mean is its worst), so that studies of one seed keep their names."""
-        exclude = {"trials", "heartbeat_s", "methods"}
+        exclude = {"trials", "heartbeat_s", "methods", "share"}
         if self.seeds == 1:
             exclude |= {"seeds", "aggregate"}
         return self.model_dump(mode="json", exclude=exclude)
@@ -199,6 +212,24 @@ def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
         raise FimloraError(f"{where}: {format_validation_error(exc, root='range')}.") from None
 
 
+def _check_share(settings: TuneSettings, grid_methods: list[str], source: str) -> None:
+    for control, reference in sorted(settings.share.items()):
+        where = f"Invalid {source}: tune.share.{control}"
+        if control not in grid_methods:
+            raise FimloraError(f"{where}: {control} is not in the grid ({', '.join(grid_methods)}).")
+        if reference not in grid_methods:
+            raise FimloraError(
+                f"{where}: its reference {reference} is not in the grid, so it is never tuned."
+            )
+        if reference == control or reference in settings.share:
+            raise FimloraError(f"{where}: {reference} shares settings itself; name a method that is tuned.")
+        if control in settings.methods:
+            raise FimloraError(
+                f"{where}: {control} takes {reference}'s settings, so tune.methods.{control} would never be "
+                "searched; remove one of them."
+            )
+
+
 def aggregate_scores(scores: Sequence[float], how: str, *, higher_is_better: bool) -> float:
     """A trial's score from its seeds' scores: their mean, or the worst of them."""
     if how == "mean":
@@ -230,6 +261,7 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None 
             f"Invalid {source}: tune.methods names {', '.join(unknown)}, not in the grid "
             f"({', '.join(grid_methods)})."
         )
+    _check_share(settings, grid_methods, source)
     counts = {m: entry.get("trials") for m, entry in settings.methods.items() if isinstance(entry, dict)}
     unequal = {m: n for m, n in counts.items() if n is not None and n != settings.trials}
     if unequal:
@@ -265,7 +297,7 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None 
         updated["seeds"] = seeds
     settings = settings.model_copy(update=updated)
     for method in grid_methods:
-        if not settings.space(method):
+        if method not in settings.share and not settings.space(method):
             raise FimloraError(
                 f"Invalid {source}: nothing to search for {method} (tune.learning_rate is null and "
                 "tune.methods gives it no dimension)."
