@@ -14,7 +14,7 @@ import torch
 from tiny_models import NO_DEPLOYMENT_FIGURES, make_tiny_bert, make_tiny_llama
 from transformers import LlamaForCausalLM, TrainerCallback
 
-import fimlora.fisher.losses as causal_lm_loss
+import fimlora.fisher.losses as fisher_losses
 from fimlora.config import parse_config
 from fimlora.evaluate import evaluate
 from fimlora.experiment import build_method, prepare
@@ -128,7 +128,7 @@ def _fisher_batches() -> list[dict[str, torch.Tensor]]:
 def test_the_fisher_is_the_full_paths(estimator, statistic, monkeypatch) -> None:
     model = make_tiny_llama()
     options = {"estimator": estimator, "statistic": statistic, "with_gradient": True, "progress": False}
-    monkeypatch.setattr(causal_lm_loss, "MAX_LOGIT_ELEMENTS", BOUND)
+    monkeypatch.setattr(fisher_losses, "MAX_LOGIT_ELEMENTS", BOUND)
     ours = estimate_fisher(model, _fisher_batches(), **options)
     with monkeypatch.context() as patch:
         _full_path(patch)
@@ -203,7 +203,7 @@ def _train(prepared, name, work: Path):
 @pytest.mark.parametrize("name", ["lora", "full-ft"])  # full-ft trains the tied embedding/head weight
 def test_training_steps_are_the_full_paths(prepared_llama, name, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(
-        causal_lm_loss, "MAX_LOGIT_ELEMENTS", 3 * prepared_llama.loaded.model.config.vocab_size
+        fisher_losses, "MAX_LOGIT_ELEMENTS", 3 * prepared_llama.loaded.model.config.vocab_size
     )
     losses, grads, shapes = _train(prepared_llama, name, tmp_path / "chunked")
     with monkeypatch.context() as patch:
@@ -219,7 +219,7 @@ def test_training_steps_are_the_full_paths(prepared_llama, name, tmp_path, monke
 
 def test_evaluation_is_the_full_paths(prepared_llama, monkeypatch) -> None:
     monkeypatch.setattr(
-        causal_lm_loss, "MAX_LOGIT_ELEMENTS", 3 * prepared_llama.loaded.model.config.vocab_size
+        fisher_losses, "MAX_LOGIT_ELEMENTS", 3 * prepared_llama.loaded.model.config.vocab_size
     )
     split = prepared_llama.tokenized["test"]
     args = (prepared_llama.loaded.model, split, prepared_llama.collator, "causal-lm")
