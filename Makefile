@@ -101,6 +101,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/memory.py $(BENCH_ARGS) $(MEMORY_BENCH_ARGS)
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/process_memory.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from fimlora import lazy_bitsandbytes
+from fimlora import glibc_malloc, lazy_bitsandbytes
 from fimlora.config import LoraSettings
 from fimlora.errors import FimloraError
 from fimlora.io import ensure_directory
@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).
     lazy_bitsandbytes.defer()
+    # Freed tensors go back to the OS, not into glibc's heap (fimlora.glibc_malloc).
+    glibc_malloc.pin_mmap_threshold(glibc_malloc.COMMAND_MMAP_THRESHOLD)
     try:
         app(args=argv, standalone_mode=True)
     except FimloraError as exc:

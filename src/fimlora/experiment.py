@@ -59,6 +59,7 @@ from fimlora.methods.base import (
     NEEDS_DIAGONAL,
     NEEDS_GRADIENTS,
     NEEDS_KFAC,
+    NEEDS_SCORES,
     AdapterKind,
     AllocationRule,
     Component,
@@ -80,6 +81,7 @@ from fimlora.processes import (
     wait_for_everyone,
     world_size,
 )
+from fimlora.quantization import copy_sharing_frozen_tensors
 from fimlora.resolved import describe, run_config_differences
 from fimlora.runs import RunDirectory, environment
 from fimlora.train import PeriodicValidation, train
@@ -381,6 +383,10 @@ def compute_fisher(
         statistic=statistic,
         with_gradient=with_gradient,
         seed=config.seed,
+        # Gradient checkpointing trades time for memory in every backward pass of the run: the Fisher
+        # pass's recomputes each block's activations and back-propagates one example at a time.
+        examples_per_backward=1 if config.train.gradient_checkpointing else None,
+        checkpoint_blocks=config.train.gradient_checkpointing,
         progress=progress,
     )
     result.metadata.update(
@@ -565,7 +571,10 @@ def build_method(prepared: Prepared, method: str) -> BuiltMethod:
     optimizer_kind = get_optimizer(spec.optimizer)
     ctx = method_context(prepared, spec)
     allocation, fixed_params = allocate_for(rule, adapter, ctx, optimizer_kind)
-    model = adapter.build(copy.deepcopy(prepared.loaded.model), allocation, rule, ctx)
+    base = prepared.loaded.model
+    # The pristine base stays for every method; on a quantised base the copy shares its frozen tensors.
+    copied = copy.deepcopy(base) if config.quantization == "none" else copy_sharing_frozen_tensors(base)
+    model = adapter.build(copied, allocation, rule, ctx)
     optimizer = optimizer_kind.build(model, ctx)
     check_optimizer_covers_trainable(model, optimizer, spec.name)
     counts = adapter.trainable_counts(model, ctx)
@@ -820,12 +829,15 @@ def calibrate(
     """Run (or reuse from the output directory) the calibration passes the methods ``needs``."""
     config = prepared.config
     out = Path(config.output_dir)
-    if needs & {NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
+    if needs & {NEEDS_SCORES, NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
         with_gradient = NEEDS_GRADIENTS in needs
         prepared.fisher_dir = out / FISHER_DIR
         prepared.fisher = compute_fisher(
             prepared,
             prepared.fisher_dir,
+            # Per-module scores are the trace's: the same tr F as the diagonal's sum, without a float32
+            # tensor per target weight (on a quantised base, several times the weights' own memory).
+            statistic="diagonal" if NEEDS_DIAGONAL in needs else "trace",
             with_gradient=with_gradient,
             progress=progress,
             log=log,

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from fimlora.config import ExperimentConfig
     from fimlora.fisher import FisherResult
 
-# What a calibration pass may have to provide for an allocation rule.
+# What a calibration pass may have to provide for an allocation rule. Scores (one Fisher importance
+# per module, ``FisherResult.scores``) come from the trace statistic, which holds no weight-sized
+# tensor; the diagonal itself (a float32 copy of every target weight's shape) only for a rule reading it.
+NEEDS_SCORES = "scores"
 NEEDS_DIAGONAL = "diagonal"
 NEEDS_GRADIENTS = "gradients"
 NEEDS_KFAC = "kfac"

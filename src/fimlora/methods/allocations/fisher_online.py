@@ -47,7 +47,7 @@ from fimlora.allocation import Allocation, allocate_ranks
 from fimlora.errors import FimloraError
 from fimlora.fisher.online import OnlineTrace
 from fimlora.methods.allocations._scored import fisher_scores
-from fimlora.methods.base import NEEDS_DIAGONAL, AllocationRule, MethodContext
+from fimlora.methods.base import NEEDS_SCORES, AllocationRule, MethodContext
 from fimlora.methods.resize import adapter_parameter_count, lora_layers, replace_in_optimizer, set_ranks
 from fimlora.processes import launched_world_size, world_size
 
@@ -222,7 +222,7 @@ class ReallocationCallback(TrainerCallback):
 class FisherOnline(AllocationRule):
     name = "fisher-online"
     description = "Fisher ranks re-solved during training on the training pass's own Fisher, same budget."
-    needs = frozenset({NEEDS_DIAGONAL})
+    needs = frozenset({NEEDS_SCORES})
     adapters = frozenset({"lora"})
     optimizers = frozenset({"adamw"})
 
