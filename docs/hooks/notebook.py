@@ -1,0 +1,24 @@
+"""MkDocs hook: the worked notebook lives in ``examples/`` (where users look for it, and where ``make test``
+executes it); this adds it to the site as ``examples/<name>.ipynb`` for mkdocs-jupyter to render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def on_files(files: Files, config: Any, **_: Any) -> Files:
+    for notebook in sorted((ROOT / "examples").glob("*.ipynb")):
+        files.append(
+            File(
+                f"examples/{notebook.name}",
+                src_dir=str(ROOT),
+                dest_dir=config["site_dir"],
+                use_directory_urls=config["use_directory_urls"],
+            )
+        )
+    return files
