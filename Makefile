@@ -82,6 +82,11 @@ report-screenshot: setup
 # an hour on 2 cores for minilm-movie-reviews) with its own results/ and report/.
 EXPERIMENT ?= experiments/minilm-movie-reviews
 EXPERIMENT_OUT ?= $(EXPERIMENT)
+# An experiment with its own run.sh (several stores in a fixed order) is run by it instead.
+ifneq ($(wildcard $(EXPERIMENT)/run.sh),)
+experiment: setup
+	FIMLORA=$(abspath $(BIN))/fimlora $(EXPERIMENT)/run.sh
+else
 experiment: setup
 	$(BIN)/fimlora tune $(EXPERIMENT)/tune.yaml --workers 2 --output-dir $(EXPERIMENT_OUT)/runs-tuned
 	$(BIN)/fimlora sweep $(EXPERIMENT)/tune.yaml --workers 2 --no-progress --output-dir $(EXPERIMENT_OUT)/runs-tuned \
@@ -90,6 +95,7 @@ experiment: setup
 		$(BIN)/fimlora calibration $(EXPERIMENT)/calibration.yaml --out $(EXPERIMENT_OUT)/runs-tuned/calibration
 	$(BIN)/fimlora results $(EXPERIMENT_OUT)/runs-tuned --out $(EXPERIMENT_OUT)/results
 	$(BIN)/fimlora report $(EXPERIMENT_OUT)/runs-tuned --out $(EXPERIMENT_OUT)/report
+endif
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, training-step time,
 # memory/time/perplexity on a float32, int8 and NF4 base with and without gradient checkpointing, and
@@ -105,6 +111,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/memory.py $(BENCH_ARGS) $(MEMORY_BENCH_ARGS)
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/process_memory.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,8 +6,8 @@ Imported by the scripts in this directory only (it is not part of the ``fimlora`
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
+import importlib
 import json
 import os
 import platform
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +46,8 @@ def set_threads(threads: int) -> None:
 # glibc malloc: make process RSS follow the live tensors while memory is measured on CPU
 # ------------------------------------------------------------------------------------------------
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
-
-def _libc() -> Any | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (glibc only)
-        libc.malloc_trim  # noqa: B018
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
-
-@contextlib.contextmanager
-def rss_tracks_tensors() -> Iterator[bool]:
+def rss_tracks_tensors() -> contextlib.AbstractContextManager[bool]:
     """While active, every allocation ≥ 64 KiB is its own mmap, returned to the OS when freed.
 
     glibc otherwise keeps freed tensor memory in its heap (its mmap threshold grows to 32 MiB after the
@@ -73,17 +56,9 @@ def rss_tracks_tensors() -> Iterator[bool]:
     them); afterwards the threshold is set to 32 MiB, the value glibc's own adaptation converges to.
     Yields False where this is not glibc (then RSS deltas are a lower bound).
     """
-    if _LIBC is None:
-        yield False
-        return
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-    _LIBC.malloc_trim(0)
-    try:
-        yield True
-    finally:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+    from fimlora import glibc_malloc
+
+    return glibc_malloc.rss_follows_tensors()
 
 
 def _rss_bytes() -> int:
@@ -135,8 +110,9 @@ class PeakMemoryDelta:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            if _LIBC is not None:
-                _LIBC.malloc_trim(0)
+            from fimlora import glibc_malloc
+
+            glibc_malloc.trim()
             self._start = self._peak = _rss_bytes()
             self._stop.clear()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -229,6 +205,8 @@ def device_slug(device: Any, threads: int) -> str:
 
 def environment(device: Any, threads: int) -> dict[str, Any]:
     """Versions, git revision, device and load average: enough to know what a result was measured on."""
+    # fimlora first: PEFT then imports bitsandbytes without its kernel-hub chatter.
+    importlib.import_module("fimlora")
     import peft
     import torch
     import transformers

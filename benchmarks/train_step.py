@@ -138,11 +138,14 @@ def build(args: argparse.Namespace, device: Any) -> tuple[dict[str, Any], dict[s
 
 
 def online_trace(model: Any) -> Any:
-    """fim-lora-dynamic's online Fisher on every LoRA layer of ``model``, hooks attached."""
+    """fim-lora-dynamic's online Fisher as its callback attaches it: on every target's frozen linear
+    layer, the input embeddings' output requiring a gradient."""
     from fimlora.fisher.online import OnlineTrace
+    from fimlora.methods.allocations.fisher_online import frozen_linear
     from fimlora.methods.resize import lora_layers
 
-    trace = OnlineTrace(model, lora_layers(model), task="classification")
+    layers = {name: frozen_linear(model, name) for name in lora_layers(model)}
+    trace = OnlineTrace(model, layers, task="classification", inputs_require_grad=True)
     trace.attach()
     return trace
 

@@ -13,8 +13,12 @@ from tiny_models import NO_DEPLOYMENT_FIGURES
 from fimlora.config import ExperimentConfig, parse_config
 from fimlora.data import calibration_subset
 from fimlora.experiment import Prepared, calibrate, prepare
+from fimlora.methods import PRESETS, get_allocation
 
 BUDGET_RANK = 4
+# Every preset that runs on its own; hindsight-lora reads a finished source run, so it is tested with its
+# sources in tests/methods/test_hindsight.py.
+SELF_CONTAINED_PRESETS = [n for n, s in PRESETS.items() if not get_allocation(s.allocation).reads_source_run]
 
 
 def tiny_config(

@@ -60,3 +60,31 @@ def write_spec(directory: Path, grid: dict, tune: dict | None, name: str = "tiny
     path = directory / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
+
+
+def tuned_file(path, cells):
+    """A tuned.yaml of ``cells`` (see :func:`cell`), as `fimlora tune` writes it."""
+    document = {
+        "name": "tiny",
+        "split": "validation",
+        "seed": 0,
+        "trials_per_study": 4,
+        "storage": "sqlite:///x",
+        "cells": cells,
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cell(method, params, trials=(3, 1, 0), model="some/model", dataset="movie-reviews"):
+    """One tuned.yaml entry at budget r2 (``params`` None: no trial completed)."""
+    return {
+        "model": model,
+        "dataset": dataset,
+        "method": method,
+        "budget": {"uniform_rank": 2},
+        "params": params,
+        "metric": "accuracy",
+        "validation_score": 0.8 if params else None,
+        "trials": dict(zip(("complete", "pruned", "failed"), trials, strict=True)),
+    }

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
 
-from fimlora import lazy_bitsandbytes
+from fimlora import glibc_malloc, lazy_bitsandbytes
 from fimlora.config import LoraSettings
 from fimlora.errors import FimloraError
 from fimlora.io import ensure_directory
@@ -119,7 +120,7 @@ def fisher(
         source="fisher options",
     )
     ensure_directory(output, "--output")
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, progress=progress)
     result = compute_fisher(prepared, output, progress=progress)
     scores = result.scores("mean")
     spread = summarize_scores(scores)
@@ -246,6 +247,18 @@ def results(
     counts = table.frame.groupby(["dataset", "model", "budget_label", "method"], dropna=False).size()
     for (dataset, model, budget, method), n in counts.items():
         _echo(f"  {dataset} / {model} / {budget} / {method}: {n} run(s)")
+    if "summary" in paths:
+        import pandas as pd
+
+        from fimlora.stats import BASELINE, comparison_lines, primary_metric
+
+        lines = comparison_lines(pd.read_csv(paths["summary"]), primary_metric(table.frame))
+        _echo(
+            f"statistics over seeds in {paths['summary']}; paired comparisons with {BASELINE} "
+            f"(p-values raw and Holm-adjusted over each dataset × model × metric): {len(lines) or 'none'}"
+        )
+        for line in lines:
+            _echo(f"  {line}")
     if table.unfinished:
         _echo(f"{len(table.unfinished)} unfinished run(s), not in the table (see {paths['unfinished']}):")
         for run_ in table.unfinished:
@@ -326,6 +339,63 @@ def calibration(
     _echo(f"written to {paths['json']} and {paths['csv']}")
 
 
+@app.command("fisher-trajectory")
+def fisher_trajectory(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML whose method trains fixed-rank LoRA.")],
+    method: Annotated[
+        str | None, typer.Option(help="Method of the config to train (default: its first).")
+    ] = None,
+    fractions: Annotated[
+        str, typer.Option(help="Comma-separated fractions of train.steps for the snapshots; 0 included.")
+    ] = "0,0.1,0.5,1",
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Finished full-FT or uniform-LoRA run for the hindsight scores (default: this run)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: <output_dir>/fisher-trajectory).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="k of the top-k overlap (default: modules / 4).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+) -> None:
+    """Does the Fisher move during training? Its per-module scores along a LoRA run vs init and hindsight."""
+    from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, fisher_trajectory
+    from fimlora.config import load_config
+    from fimlora.experiment import prepare
+
+    try:
+        fraction_list = [float(f) for f in fractions.split(",") if f.strip()]
+    except ValueError:
+        raise FimloraError(f"--fractions must be comma-separated numbers, got {fractions!r}.") from None
+    cfg = load_config(config)
+    target = ensure_directory(
+        out or Path(cfg.output_dir) / "fisher-trajectory", "--out" if out else "output_dir"
+    )
+    prepared = prepare(cfg)
+    result = fisher_trajectory(
+        prepared,
+        target,
+        method=method,
+        fractions=fraction_list,
+        source=source,
+        k=top_k,
+        progress=progress,
+        log=_echo,
+    )
+    paths = result.write(target)
+    for record in result.records:
+        if record["aggregation"] == cfg.fisher.aggregation:
+            against = "hindsight" if record["versus"] == VERSUS_HINDSIGHT else "init"
+            _echo(
+                f"  {record['fraction']:>5.0%} of training  vs {against:<9}  Kendall τ "
+                f"{record['kendall_tau']:+.3f} (p {record['kendall_p']:.3g})  "
+                f"top-{record['k']} overlap {record['top_k_overlap']:.2f}"
+            )
+    _echo(f"written to {paths['json']} and {paths['csv']}")
+
+
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see README, 'Sweeps').")],
@@ -381,6 +451,9 @@ def sweep(
 def tune(
     spec: Annotated[Path, typer.Argument(help="Sweep spec with a tune: section (see README, 'Tuning').")],
     trials: Annotated[int | None, typer.Option(help="Trials per study, for every study.")] = None,
+    seeds: Annotated[
+        int | None, typer.Option(help="Seeds every trial trains at (tune.seeds), scored by tune.aggregate.")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Local worker processes sharing the storage.")] = 1,
     storage: Annotated[
         str | None,
@@ -401,7 +474,7 @@ def tune(
     loaded = load_spec(spec)
     if output_dir is not None:
         loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
-    report = run_tuning(loaded, trials=trials, workers=workers, storage=storage, log=_echo)
+    report = run_tuning(loaded, trials=trials, seeds=seeds, workers=workers, storage=storage, log=_echo)
     _echo("")
     for summary in report.summaries:
         entry, counts = summary.entry, summary.entry.trials
@@ -410,9 +483,13 @@ def tune(
             if entry.params is not None and entry.validation_score is not None
             else "no completed trial"
         )
+        if entry.seed_scores and len(entry.seed_scores) > 1:
+            listed = ", ".join(f"{seed}: {score:.4f}" for seed, score in entry.seed_scores.items())
+            best += f" ({summary.cell.aggregate} of seeds {listed}; spread {entry.seed_spread:.4f})"
+        lost = f", {counts.lost} lost and retried" if counts.lost else ""
         _echo(
             f"{summary.cell.describe()}: {best} "
-            f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed)"
+            f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed{lost})"
         )
     _echo(f"written: {report.tuned_file} and {report.trials_file}")
 
@@ -472,8 +549,16 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before torch loads OpenMP (nothing above imports torch): idle OpenMP threads sleep instead of
+    # spinning at a barrier. On a shared CPU a spinning thread waits for its descheduled sibling; MiniLM
+    # training steps took about 4x as long with the default policy on the 2-core reference machine under
+    # load, with bit-identical results (README, "Speed on a shared CPU"). A policy set by the user wins;
+    # sweep and tuning workers inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).
     lazy_bitsandbytes.defer()
+    # Freed tensors go back to the OS, not into glibc's heap (fimlora.glibc_malloc).
+    glibc_malloc.pin_mmap_threshold(glibc_malloc.COMMAND_MMAP_THRESHOLD)
     try:
         app(args=argv, standalone_mode=True)
     except FimloraError as exc:

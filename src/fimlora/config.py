@@ -7,8 +7,9 @@ is shorthand for what uniform LoRA of that rank costs on the same target modules
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,6 +25,9 @@ from pydantic import (
 
 from fimlora.errors import FimloraError
 
+if TYPE_CHECKING:
+    from fimlora.data.identity import DataIdentity
+
 PROBE_NEEDS_CLASSIFICATION = (
     "fisher.head: probe fits a classification head on frozen features; a causal LM's output head is "
     "pretrained, so use fisher.head: random"
@@ -38,6 +42,11 @@ class DatasetSettings(_Strict):
     text_column: str | None = None
     label_column: str | None = None
     hub_config: str | None = Field(None, description="Configuration name of a Hugging Face dataset.")
+    drop_eval_duplicates: StrictBool = Field(
+        False,
+        description="Drop validation rows whose text (normalised) is also in train, and test rows also in "
+        "train or validation; they are counted and warned about either way.",
+    )
 
 
 class ProbeSettings(_Strict):
@@ -65,7 +74,11 @@ class FisherSettings(_Strict):
 
 class AllocationSettings(_Strict):
     tau: float = Field(1.0, gt=0, description="Ranks ∝ score^tau for proportional allocation.")
-    r_min: int = Field(1, ge=1)
+    r_min: int = Field(
+        1,
+        ge=0,
+        description="Smallest rank of any module; 0 lets a module get no adapter at all (rank 0).",
+    )
     r_max: int | None = Field(None, ge=1)
 
 
@@ -205,6 +218,44 @@ class SpectralSettings(_Strict):
     damping: float = Field(1e-3, ge=0, description="K-FAC damping (× mean eigenvalue) for the whitened gain.")
 
 
+class HindsightSource(_Strict):
+    """A source run picked from a run store: the one finished run below ``store`` of ``method`` and
+    ``seed`` that trained the same model on the same data (by content) for the same number of steps and
+    whose resolved config has every ``where`` value. Tuning trials are never picked."""
+
+    method: str = Field(description="The source run's method name, e.g. full-ft or lora.")
+    seed: int | Literal["same"] = Field(
+        "same", description="The source run's seed; 'same' = this run's seed (seed-matched sources)."
+    )
+    store: str | None = Field(
+        None,
+        description="Directory searched recursively for runs (relative to the working directory); "
+        "default: this experiment's output_dir.",
+    )
+    where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted config keys the source's config.yaml must have, e.g. {budget.uniform_rank: 8}.",
+    )
+
+
+class HindsightSettings(_Strict):
+    """Where the ``hindsight`` rule (preset ``hindsight-lora``) reads its trained updates from."""
+
+    source: str | HindsightSource | None = Field(
+        None,
+        description="A finished run directory (<output_dir>/<method>) or a selector {method, seed, "
+        "store, where}, for every method whose allocation is hindsight.",
+    )
+    sources: dict[str, str | HindsightSource] = Field(
+        default_factory=dict,
+        description="Per method name: its own source (overrides source), e.g. one full-ft, one LoRA.",
+    )
+
+    def source_for(self, method: str) -> str | HindsightSource | None:
+        """The source named for ``method``: its entry in ``sources``, else ``source``."""
+        return self.sources.get(method, self.source)
+
+
 class FullFtSettings(_Strict):
     lr_scale: float = Field(0.1, gt=0, description="Full fine-tuning lr = train.learning_rate × lr_scale.")
 
@@ -223,6 +274,7 @@ class MethodOptions(_Strict):
     delta_lora: DeltaLoraSettings = DeltaLoraSettings()
     hydralora: HydraLoraSettings = HydraLoraSettings()
     spectral: SpectralSettings = SpectralSettings()
+    hindsight: HindsightSettings = HindsightSettings()
     full_ft: FullFtSettings = FullFtSettings()
 
 
@@ -370,6 +422,14 @@ class ExperimentConfig(_Strict):
 
         return dataset_label(self.dataset)
 
+    def data_identity(self, *, splits: Collection[str] | None = None) -> DataIdentity:
+        """What the dataset is by content (local files hashed; :mod:`fimlora.data.identity`): whether a
+        finished run, a cached Fisher or a tuning study still holds. ``splits``: those that may be loaded
+        (the others' files are not read)."""
+        from fimlora.data.identity import data_identity
+
+        return data_identity(self.dataset, hub_config=self.dataset_options.hub_config, splits=splits)
+
     @model_validator(mode="after")
     def _probe_needs_a_classifier(self) -> ExperimentConfig:
         if self.task == "causal-lm" and self.fisher.head == "probe":
@@ -388,6 +448,33 @@ class ExperimentConfig(_Strict):
                 except FimloraError as exc:
                     raise ValueError(str(exc)) from None
         return quantization
+
+    @model_validator(mode="after")
+    def _hindsight_methods_name_a_source(self) -> ExperimentConfig:
+        from fimlora.methods import get_allocation, method_name, resolve_method
+
+        for entry in self.methods:
+            name = method_name(entry)
+            rule = get_allocation(resolve_method(entry).allocation)
+            if rule.reads_source_run and self.method_options.hindsight.source_for(name) is None:
+                raise ValueError(
+                    f"method {name!r} allocates from a finished source run: name it in "
+                    "method_options.hindsight.source (a run directory or {method: full-ft, seed: same, "
+                    f"store: DIR}}), or in method_options.hindsight.sources.{name}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _methods_allow_rank_zero(self) -> ExperimentConfig:
+        from fimlora.methods import check_rank_zero, resolve_method
+
+        if self.allocation.r_min == 0:
+            for entry in self.methods:
+                try:
+                    check_rank_zero(resolve_method(entry))
+                except FimloraError as exc:
+                    raise ValueError(str(exc)) from None
+        return self
 
     @property
     def method_names(self) -> list[str]:

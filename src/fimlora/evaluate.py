@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fimlora.errors import FimloraError
-from fimlora.fisher.losses import IGNORE_INDEX
+from fimlora.fisher.losses import IGNORE_INDEX, CausalLMHead
 
 
 @torch.no_grad()
@@ -46,10 +46,20 @@ def evaluate(
     total_loss, total_count = 0.0, 0
     predictions: list[np.ndarray] = []
     references: list[np.ndarray] = []
+    # A causal LM's head runs on chunks of tokens: the batch's B·T·V logits are never held at once.
+    lm_head = CausalLMHead.of(model) if task != "classification" else None
     for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"]
+        if lm_head is not None:
+            with lm_head.hidden_states():
+                hidden = model(**inputs).logits
+            nll, count = lm_head.token_nll(hidden, labels)
+            total_loss += float(nll.sum())
+            total_count += count
+            continue
+        logits = model(**inputs).logits.float()
         if task == "classification":
             total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             total_count += int(labels.numel())

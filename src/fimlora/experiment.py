@@ -8,24 +8,36 @@ the rank allocation differs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from fimlora.allocation import Allocation, allocate_ranks, uniform_rank_budget
 from fimlora.config import PROBE_NEEDS_CLASSIFICATION, ExperimentConfig
-from fimlora.data import TaskData, calibration_subset, load_task_data, make_collator, tokenize_task_data
+from fimlora.data import (
+    DataIdentity,
+    TaskData,
+    calibration_subset,
+    data_changes,
+    load_task_data,
+    make_collator,
+    quiet_datasets,
+)
+from fimlora.data.registry import split_fingerprints
+from fimlora.data.tokenize import tokenize_splits, truncation_warning
 from fimlora.deploy.records import deployment_records
 from fimlora.errors import FimloraError
 from fimlora.evaluate import evaluate
@@ -47,6 +59,7 @@ from fimlora.methods.base import (
     NEEDS_DIAGONAL,
     NEEDS_GRADIENTS,
     NEEDS_KFAC,
+    NEEDS_SCORES,
     AdapterKind,
     AllocationRule,
     Component,
@@ -68,9 +81,12 @@ from fimlora.processes import (
     wait_for_everyone,
     world_size,
 )
+from fimlora.quantization import copy_sharing_frozen_tensors
 from fimlora.resolved import describe, run_config_differences
 from fimlora.runs import RunDirectory, environment
 from fimlora.train import PeriodicValidation, train
+
+logger = logging.getLogger(__name__)
 
 FISHER_DIR = "fisher"
 VALIDATION_FILE = "validation.jsonl"
@@ -92,22 +108,23 @@ class Prepared:
     targets: list[str]
     shapes: dict[str, tuple[int, int]]
     budget: int
+    identity: DataIdentity
+    # Per split, the share of examples cut at train.max_length (classification; see tokenize_splits).
+    truncated: dict[str, float] = field(default_factory=dict)
     fisher: FisherResult | None = None
     fisher_dir: Path | None = None
     kfac: FisherResult | None = None
     head_probe: ProbeRecord | None = None  # set when fisher.head is probe
+    # Content hash of each loaded split (fimlora.data.registry.split_fingerprints), for result.json.
+    data_fingerprint: dict[str, str] = field(default_factory=dict)
     # What every method shares after training (the base model's general-text loss and continuations).
     cache: dict[Any, Any] = field(default_factory=dict)
 
 
-def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) -> Prepared:
-    """Load data and model, tokenize, resolve targets and the budget (no Fisher yet).
-
-    ``splits``: the only splits that may be loaded (e.g. train and validation while tuning: the test
-    split is then sealed, see :class:`fimlora.data.SealedSplits`); None loads all three.
-    """
+def config_data(config: ExperimentConfig, *, splits: Collection[str] | None = None) -> TaskData:
+    """The dataset of ``config``, loaded as every run loads it (``splits``: see :func:`prepare`)."""
     options = config.dataset_options
-    data = load_task_data(
+    return load_task_data(
         config.dataset,
         seed=config.data_seed,  # the split: fixed across training seeds, so every seed sees one test set
         task=config.task,
@@ -116,7 +133,34 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
         hub_config=options.hub_config,
         trust_remote_code=config.trust_remote_code,
         splits=splits,
+        drop_eval_duplicates=options.drop_eval_duplicates,
     )
+
+
+def prepare(
+    config: ExperimentConfig,
+    *,
+    splits: Collection[str] | None = None,
+    identity: DataIdentity | None = None,
+    progress: bool = True,
+) -> Prepared:
+    """Load data and model, tokenize, resolve targets and the budget (no Fisher yet).
+
+    ``splits``: the only splits that may be loaded (e.g. train and validation while tuning: the test
+    split is then sealed, see :class:`fimlora.data.SealedSplits`); None loads all three. ``identity``:
+    the data's content identity when the caller has taken it already (it is taken here otherwise).
+    ``progress`` False hides ``datasets``' bars (tokenizing a large split shows one otherwise).
+    """
+    with contextlib.nullcontext() if progress else quiet_datasets():
+        return _prepare(config, splits=splits, identity=identity)
+
+
+def _prepare(
+    config: ExperimentConfig, *, splits: Collection[str] | None, identity: DataIdentity | None
+) -> Prepared:
+    if identity is None:
+        identity = config.data_identity(splits=splits)
+    data = config_data(config, splits=splits)
     # The task head is initialised randomly at load time: seed first, or no run is reproducible.
     set_seed(config.seed)
     loaded = load_model(
@@ -130,9 +174,24 @@ def prepare(config: ExperimentConfig, *, splits: Collection[str] | None = None) 
     targets = resolve_target_modules(loaded.model, config.target_modules)
     shapes = weight_shapes(loaded.model, targets)
     budget = check_budget(config, shapes)
-    tokenized = tokenize_task_data(data, loaded.tokenizer, max_length=config.train.max_length)
+    tokenized = tokenize_splits(data, loaded.tokenizer, max_length=config.train.max_length)
+    warning = truncation_warning(tokenized.truncated, config.train.max_length)
+    if warning:
+        logger.warning(warning)
     collator = make_collator(loaded.tokenizer, data.task)
-    prepared = Prepared(config, data, loaded, tokenized, collator, targets, shapes, budget)
+    prepared = Prepared(
+        config,
+        data,
+        loaded,
+        tokenized.splits,
+        collator,
+        targets,
+        shapes,
+        budget,
+        identity=identity,
+        truncated=tokenized.truncated,
+    )
+    prepared.data_fingerprint = split_fingerprints(data)
     if config.fisher.head == "probe":
         prepared.head_probe = probe_head(prepared)
     return prepared
@@ -149,8 +208,25 @@ def check_max_length(config: ExperimentConfig, limit: int | None) -> None:
 
 
 def check_budget(config: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> int:
-    """The budget in trainable parameters; a FimloraError when r_min on every module alone exceeds it."""
+    """The budget in trainable parameters; a FimloraError when r_min on every module alone exceeds it, or
+    when it is more than full-rank adapters (capped by ``allocation.r_max``) can spend: every method
+    would then train less than the budget it is credited with."""
     budget = config.budget.params or uniform_rank_budget(shapes, config.budget.reference_rank)
+    r_max = config.allocation.r_max
+    spendable = sum(_rank_cap(shape, r_max) * (shape[0] + shape[1]) for shape in shapes.values())
+    if budget > spendable:
+        given = (
+            f"budget.params {budget:,}"
+            if config.budget.params
+            else f"budget.uniform_rank {config.budget.reference_rank} ({budget:,} parameters)"
+        )
+        cap = "at full rank" + (f" capped by allocation.r_max={r_max}" if r_max is not None else "")
+        largest = max(_rank_cap(shape, r_max) for shape in shapes.values())
+        raise FimloraError(
+            f"The {given} is more than LoRA on the {len(shapes)} target modules can spend: "
+            f"{spendable:,} parameters {cap} (uniform rank {largest} at most); lower the budget to at "
+            f"most {spendable:,} parameters."
+        )
     allocate_ranks(
         dict.fromkeys(shapes, 1.0),
         shapes,
@@ -160,6 +236,11 @@ def check_budget(config: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -
         r_max=config.allocation.r_max,
     )
     return budget
+
+
+def _rank_cap(shape: tuple[int, int], r_max: int | None) -> int:
+    """The largest useful rank of a module: ``min(d_out, d_in)``, capped by ``r_max``."""
+    return min(shape[0], shape[1], r_max if r_max is not None else shape[0])
 
 
 def probe_head(prepared: Prepared) -> ProbeRecord:
@@ -191,12 +272,17 @@ def probe_head(prepared: Prepared) -> ProbeRecord:
 
 
 def _fisher_settings(
-    config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
+    config: ExperimentConfig,
+    identity: DataIdentity,
+    targets: list[str],
+    statistic: str,
+    with_gradient: bool,
 ) -> dict[str, Any]:
-    """Everything the Fisher depends on (its fingerprint is a hash of this)."""
+    """Everything the Fisher depends on (its fingerprint is a hash of this): the data by its content."""
     relevant = {
         "model": config.model,
         "dataset": config.dataset,
+        "data": identity.fingerprint(),
         "dataset_options": config.dataset_options.model_dump(),
         "seed": config.seed,
         "data_seed": config.data_seed,
@@ -219,10 +305,15 @@ def _fingerprint(settings: dict[str, Any]) -> str:
 
 
 def _fisher_fingerprint(
-    config: ExperimentConfig, targets: list[str], statistic: str, with_gradient: bool
+    config: ExperimentConfig,
+    targets: list[str],
+    statistic: str,
+    with_gradient: bool,
+    identity: DataIdentity | None = None,
 ) -> str:
     """Hash of everything the Fisher depends on, so a cached Fisher is reused only when still valid."""
-    return _fingerprint(_fisher_settings(config, targets, statistic, with_gradient))
+    identity = identity or config.data_identity()
+    return _fingerprint(_fisher_settings(config, identity, targets, statistic, with_gradient))
 
 
 def calibration_loader(prepared: Prepared, *, shard: bool = False) -> DataLoader:
@@ -261,7 +352,7 @@ def compute_fisher(
     replaced. ``log`` is told which happened and why, naming the pass ``what``.
     """
     config = prepared.config
-    settings = _fisher_settings(config, prepared.targets, statistic, with_gradient)
+    settings = _fisher_settings(config, prepared.identity, prepared.targets, statistic, with_gradient)
     fingerprint = _fingerprint(settings)
     say = log or _silent
     reason = ""
@@ -292,6 +383,10 @@ def compute_fisher(
         statistic=statistic,
         with_gradient=with_gradient,
         seed=config.seed,
+        # Gradient checkpointing trades time for memory in every backward pass of the run: the Fisher
+        # pass's recomputes each block's activations and back-propagates one example at a time.
+        examples_per_backward=1 if config.train.gradient_checkpointing else None,
+        checkpoint_blocks=config.train.gradient_checkpointing,
         progress=progress,
     )
     result.metadata.update(
@@ -347,6 +442,7 @@ def method_context(prepared: Prepared, spec: MethodSpec) -> MethodContext:
         calibration_shard=lambda: calibration_loader(prepared, shard=True),
         train_texts=lambda: list(prepared.data.splits["train"]["text"][:]),
         domain_batches=_domain_batches(prepared),
+        data_fingerprint=dict(prepared.data_fingerprint),
     )
 
 
@@ -411,6 +507,16 @@ def rank_budget(
             f"({ctx.budget:,}); raise the budget."
         )
     per_rank = {name: c.per_rank for name, c in costs.items()}
+    r_max = ctx.config.allocation.r_max
+    spendable = sum(_rank_cap(shape, r_max) * per_rank[name] for name, shape in ctx.shapes.items())
+    if adapter.budget_matched and budget > spendable:
+        extra = f" after its {fixed:,} fixed parameters" if fixed else ""
+        raise FimloraError(
+            f"Method {ctx.spec.name!r} (adapter {adapter.name}): the budget of {ctx.budget:,} parameters"
+            f"{extra} is more than its ranks can spend at full rank"
+            + (f" capped by allocation.r_max={r_max}" if r_max is not None else "")
+            + f" ({spendable:,} at most); lower the budget to at most {spendable + fixed:,} parameters."
+        )
     plain = all(per_rank[n] == d_out + d_in for n, (d_out, d_in) in ctx.shapes.items())
     return (None if plain else per_rank), budget, fixed
 
@@ -465,7 +571,10 @@ def build_method(prepared: Prepared, method: str) -> BuiltMethod:
     optimizer_kind = get_optimizer(spec.optimizer)
     ctx = method_context(prepared, spec)
     allocation, fixed_params = allocate_for(rule, adapter, ctx, optimizer_kind)
-    model = adapter.build(copy.deepcopy(prepared.loaded.model), allocation, rule, ctx)
+    base = prepared.loaded.model
+    # The pristine base stays for every method; on a quantised base the copy shares its frozen tensors.
+    copied = copy.deepcopy(base) if config.quantization == "none" else copy_sharing_frozen_tensors(base)
+    model = adapter.build(copied, allocation, rule, ctx)
     optimizer = optimizer_kind.build(model, ctx)
     check_optimizer_covers_trainable(model, optimizer, spec.name)
     counts = adapter.trainable_counts(model, ctx)
@@ -513,13 +622,16 @@ def run_method(
     progress: bool = True,
     on_validation: Callable[[int, dict[str, float]], None] | None = None,
     result_extras: Mapping[str, Any] | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ) -> MethodOutcome:
     """Allocate, wrap, train, evaluate and save one method into its run directory.
 
     With ``train.eval_every`` set, the validation split is evaluated every that many steps during
     training (``validation.jsonl`` in the run) and each result is passed to ``on_validation(step,
     metrics)``, which may raise to stop the run (an Optuna pruner does). ``result_extras`` are added
-    to ``result.json`` (e.g. where the hyperparameters came from).
+    to ``result.json`` (e.g. where the hyperparameters came from). ``extra_callbacks`` watch the training
+    (an analysis taking measurements, e.g. :mod:`fimlora.analysis.fisher_trajectory`); they must not
+    change it.
     """
     config = prepared.config
     main = is_main_process()
@@ -534,7 +646,7 @@ def run_method(
         shutil.copy2(prepared.fisher_dir / META_FILE, run.file(META_FILE))
         run.link(prepared.fisher_dir / TENSORS_FILE, TENSORS_FILE)
     optimizer = built.optimizer
-    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)]
+    callbacks = [cb for c in components for cb in c.callbacks(model, ctx)] + list(extra_callbacks)
     if config.train.eval_every is not None:
         validation = evaluation_data(prepared, "validation")
         callbacks.append(
@@ -615,6 +727,8 @@ def run_method(
         "task": prepared.data.task,
         "seed": config.seed,
         "data_seed": config.data_seed,
+        # What the weights were trained on, by content: the hindsight rule checks a source run by it.
+        "data_fingerprint": dict(prepared.data_fingerprint),
         "eval_split": config.train.eval_split,
         "quantization": config.quantization,
         "gradient_checkpointing": config.train.gradient_checkpointing,
@@ -645,6 +759,7 @@ def run_method(
             else None
         ),
         "task_head": _task_head_record(prepared),
+        "data": data_record(prepared),
         "records": records,
         **(result_extras or {}),
         **deployment,
@@ -652,6 +767,21 @@ def run_method(
     run.finish(result)
     wait_for_everyone()
     return MethodOutcome(result=result, model=model)
+
+
+def data_record(prepared: Prepared) -> dict[str, Any]:
+    """What ``result.json`` says about the data (``data``): its content identity (file digests, or a
+    built-in's version), rows per split, the share of each split cut at ``train.max_length``
+    (classification), and the evaluation rows whose text also occurs in an earlier split (counted, and
+    dropped with ``dataset_options.drop_eval_duplicates``)."""
+    data = prepared.data
+    return {
+        "identity": prepared.identity.record(),
+        "rows": {split: len(data.splits[split]) for split in data.splits},
+        "truncated": dict(prepared.truncated) or None,
+        "duplicates": data.duplicates,
+        "dropped_duplicates": data.dropped_duplicates,
+    }
 
 
 def label_record(label_names: list[str] | None) -> dict[str, Any]:
@@ -699,12 +829,15 @@ def calibrate(
     """Run (or reuse from the output directory) the calibration passes the methods ``needs``."""
     config = prepared.config
     out = Path(config.output_dir)
-    if needs & {NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
+    if needs & {NEEDS_SCORES, NEEDS_DIAGONAL, NEEDS_GRADIENTS}:
         with_gradient = NEEDS_GRADIENTS in needs
         prepared.fisher_dir = out / FISHER_DIR
         prepared.fisher = compute_fisher(
             prepared,
             prepared.fisher_dir,
+            # Per-module scores are the trace's: the same tr F as the diagonal's sum, without a float32
+            # tensor per target weight (on a quantised base, several times the weights' own memory).
+            statistic="diagonal" if NEEDS_DIAGONAL in needs else "trace",
             with_gradient=with_gradient,
             progress=progress,
             log=log,
@@ -731,10 +864,13 @@ def run_experiment(
     result_extras: Mapping[str, Any] | None = None,
 ) -> tuple[Prepared, list[dict]]:
     """Run every method of ``config``; a finished run is reused when it was made with the same
-    result-affecting settings (:mod:`fimlora.resolved`), and refused with a FimloraError naming the
-    differing keys otherwise; ``overwrite`` re-runs every method.
+    result-affecting settings (:mod:`fimlora.resolved`) on the same data (:mod:`fimlora.data.identity`),
+    and refused with a FimloraError naming the differing keys or data files otherwise; ``overwrite``
+    re-runs every method.
 
     ``result_extras``: entries added to every method's ``result.json`` (see :func:`run_method`).
+    ``progress`` False also hides ``datasets``' bars (loading, tokenizing). An ``output_dir`` this call
+    created is removed again when it fails before writing anything into it.
 
     Started by ``torchrun``/``accelerate launch``, the processes share the work (see
     :mod:`fimlora.processes`); only the main one logs, shows progress and writes.
@@ -743,14 +879,34 @@ def run_experiment(
     if not is_main_process():
         progress, log = False, _silent
     out = Path(config.output_dir)
+    created = [path for path in (out, *out.parents) if not path.exists()]
     if is_main_process():
         ensure_directory(out, "output_dir")
+    try:
+        with contextlib.nullcontext() if progress else quiet_datasets():
+            return _run_methods(config, progress=progress, overwrite=overwrite, log=log, extras=result_extras)
+    except BaseException:
+        if is_main_process():
+            _remove_empty(created)
+        raise
+
+
+def _run_methods(
+    config: ExperimentConfig,
+    *,
+    progress: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+    extras: Mapping[str, Any] | None,
+) -> tuple[Prepared, list[dict]]:
+    out = Path(config.output_dir)
     names = config.method_names
     runs = {name: RunDirectory(out / name) for name in names}
     pending = [name for name in names if overwrite or not runs[name].is_finished]
-    check_reusable(config, {name: runs[name] for name in names if name not in pending})
+    identity = config.data_identity()
+    check_reusable(config, {name: runs[name] for name in names if name not in pending}, identity)
     with main_process_first():
-        prepared = prepare(config)
+        prepared = prepare(config, identity=identity, progress=progress)
     wait_for_everyone()  # every process decided on the same runs before the main one rewrites any
     needs: set[str] = set()
     for entry in config.methods:
@@ -764,25 +920,48 @@ def run_experiment(
             results.append(runs[name].read_result())
             continue
         log(f"{name}: training {config.train.steps} steps at a budget of {prepared.budget:,} parameters")
-        outcome = run_method(prepared, name, runs[name], progress=progress, result_extras=result_extras)
+        outcome = run_method(prepared, name, runs[name], progress=progress, result_extras=extras)
         results.append(outcome.result)
     return prepared, results
 
 
-def check_reusable(config: ExperimentConfig, finished: dict[str, RunDirectory]) -> None:
-    """Refuse to reuse finished runs made with other result-affecting settings than ``config``'s."""
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories in ``created`` (deepest first) that are still empty."""
+    for path in created:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def check_reusable(
+    config: ExperimentConfig, finished: dict[str, RunDirectory], identity: DataIdentity | None = None
+) -> None:
+    """Refuse to reuse finished runs made with other result-affecting settings than ``config``'s, or on
+    other data than ``identity`` (taken from ``config`` when None)."""
+    if finished and identity is None:
+        identity = config.data_identity()
     stale = []
     for name, run in finished.items():
         diffs = run_config_differences(run.path, config.for_method(name))
         if diffs is None:
             stale.append(f"{name} (its config.yaml is missing or unreadable)")
-        elif diffs:
-            stale.append(f"{name}: {describe(diffs)}")
+            continue
+        assert identity is not None
+        changed = data_changes(_recorded_data(run), identity)
+        reasons = ([describe(diffs)] if diffs else []) + ([changed] if changed else [])
+        if reasons:
+            stale.append(f"{name}: {'; '.join(reasons)}")
     if stale:
         raise FimloraError(
-            f"{config.output_dir} holds finished run(s) made with other settings than this config: "
+            f"{config.output_dir} holds finished run(s) made with other settings or data than this config: "
             f"{'; '.join(stale)}. Re-run with --overwrite to replace them, or choose another output_dir."
         )
+
+
+def _recorded_data(run: RunDirectory) -> Any:
+    try:
+        return run.read_result().get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _silent(_: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from fimlora.config import ExperimentConfig, parse_config
 from fimlora.errors import FimloraError
 from fimlora.experiment import BuiltMethod, Prepared, build_method, calibrate, prepare
-from fimlora.methods import PRESETS, get_allocation, resolve_method
+from fimlora.methods import PRESETS, MethodSpec, get_allocation, resolve_method
 from fimlora.reporting.tables import markdown_table
 
 
@@ -28,8 +28,17 @@ def parameter_inventory(
     are still counted); ``note`` explains counts that differ from the budget by design.
     """
     data = config.model_dump(mode="json", by_alias=True)
+    unsourced: list[str] = []
     if methods is not None:
-        data["methods"] = list(methods)
+        # A preset that reads a finished source run (hindsight-lora) can only be counted when the config
+        # names one; otherwise it is a row that says so.
+        sources = config.method_options.hindsight
+        unsourced = [
+            m
+            for m in methods
+            if get_allocation(resolve_method(m).allocation).reads_source_run and sources.source_for(m) is None
+        ]
+        data["methods"] = [m for m in methods if m not in unsourced]
     with tempfile.TemporaryDirectory(prefix="fimlora-methods-") as scratch:
         data["output_dir"] = scratch
         config = parse_config(data)
@@ -38,17 +47,22 @@ def parameter_inventory(
         for entry in config.methods:
             needs |= get_allocation(resolve_method(entry).allocation).needs
         calibrate(prepared, needs, progress=progress, log=log)
-        return [_row(prepared, name) for name in config.method_names]
+        rows = [_row(prepared, name) for name in config.method_names]
+        for name in unsourced:
+            row = _empty_row(resolve_method(name), prepared.budget)
+            row["error"] = "reads a finished source run: name one in method_options.hindsight.source"
+            row["note"] = f"not counted: {row['error']}"
+            rows.append(row)
+        return rows
 
 
-def _row(prepared: Prepared, name: str) -> dict[str, Any]:
-    spec = resolve_method(prepared.config.methods[prepared.config.method_names.index(name)])
-    row: dict[str, Any] = {
-        "method": name,
+def _empty_row(spec: MethodSpec, budget: int) -> dict[str, Any]:
+    return {
+        "method": spec.name,
         "allocation": spec.allocation,
         "adapter": spec.adapter,
         "optimizer": spec.optimizer,
-        "budget": prepared.budget,
+        "budget": budget,
         "adapter_params": None,
         "head_params": None,
         "budget_matched": True,
@@ -56,6 +70,11 @@ def _row(prepared: Prepared, name: str) -> dict[str, Any]:
         "note": "",
         "error": None,
     }
+
+
+def _row(prepared: Prepared, name: str) -> dict[str, Any]:
+    spec = resolve_method(prepared.config.methods[prepared.config.method_names.index(name)])
+    row = _empty_row(spec, prepared.budget)
     try:
         built = build_method(prepared, name)
     except FimloraError as exc:

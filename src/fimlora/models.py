@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -89,7 +90,7 @@ def load_model(
     blocks with bitsandbytes and prepare the model for QLoRA (:mod:`fimlora.quantization`); everything
     else stays in ``dtype``.
     """
-    from fimlora.quantization import bnb_config, prepare_quantized_model, require_bitsandbytes
+    from fimlora.quantization import prepare_quantized_model, require_bitsandbytes
 
     if task not in TASKS:
         raise FimloraError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
@@ -107,15 +108,16 @@ def load_model(
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            if quantization != "none":
-                skip = _unquantised_linears(auto, source, trust_remote_code, extra)
-                extra["quantization_config"] = bnb_config(quantization, skip)
-                if torch.cuda.is_available():
-                    # The Trainer does not move a quantised model: quantise straight onto this process's GPU.
-                    extra["device_map"] = {"": f"cuda:{torch.cuda.current_device()}"}
-            model, info = auto.from_pretrained(
-                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **extra
-            )
+            if quantization == "none":
+                model, info = auto.from_pretrained(
+                    source,
+                    dtype=dtype,
+                    trust_remote_code=trust_remote_code,
+                    output_loading_info=True,
+                    **extra,
+                )
+            else:
+                model, info = _load_quantized(auto, source, quantization, dtype, trust_remote_code, extra)
     except FimloraError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -200,15 +202,96 @@ def max_sequence_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase | N
     return min(limits) if limits else None
 
 
-def _unquantised_linears(auto: Any, source: str, trust_remote_code: bool, extra: dict[str, Any]) -> list[str]:
+def _load_quantized(
+    auto: Any,
+    source: str,
+    quantization: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    extra: dict[str, Any],
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """``from_pretrained`` with the transformer blocks' linear layers quantised as they are read.
+
+    Only the linear layers outside the blocks stay unquantised (:func:`_unquantised_linears`). A
+    safetensors checkpoint is read tensor by tensor with ``pread`` (:func:`_read_on_access`), never
+    memory-mapped: transformers maps the whole file and the pages it reads stay resident until every
+    tensor is loaded (longer while an unquantised float32 tensor, e.g. the embeddings, still views the
+    file), so a quantised load would otherwise peak at the float checkpoint's size plus the quantised
+    model. Read this way, each float tensor is freed once quantised.
+    """
+    from fimlora.quantization import bnb_config
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        "output_loading_info": True,
+        "quantization_config": bnb_config(quantization, _unquantised_linears(skeleton)),
+    }
+    if torch.cuda.is_available():
+        # The Trainer does not move a quantised model: quantise straight onto this process's GPU.
+        options["device_map"] = {"": f"cuda:{torch.cuda.current_device()}"}
+    files = _safetensors_files(source)
+    if files is None:  # a .bin checkpoint: transformers' own reading
+        return auto.from_pretrained(source, trust_remote_code=trust_remote_code, **extra, **options)
+    with contextlib.ExitStack() as stack:
+        state_dict = _read_on_access(files, stack)
+        # The model's own class (what the auto class would pick): it takes a state dict without a path.
+        model, info = type(skeleton).from_pretrained(None, config=config, state_dict=state_dict, **options)
+    model.config.name_or_path = model.name_or_path = source  # what a load from the path records
+    if model.can_generate():
+        with contextlib.suppress(OSError):  # without the file, the model config's defaults stay
+            model.generation_config = GenerationConfig.from_pretrained(source)
+    return model, info
+
+
+class _ReadOnAccess:
+    """One checkpoint tensor, read with ``pread`` when transformers materialises it (``value[...]``).
+
+    transformers reads a safetensors checkpoint through the same ``get_slice(name)[...]`` access; only
+    the backend differs (``pread`` instead of ``mmap``), so the tensor is a fresh buffer, not a view.
+    """
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self.handle, self.name = handle, name
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.handle.get_slice(self.name)[index]
+
+
+def _read_on_access(files: list[str], stack: contextlib.ExitStack) -> dict[str, _ReadOnAccess]:
+    """Every tensor of the safetensors ``files`` by name, read on access; the files close with ``stack``."""
+    from safetensors import safe_open
+
+    state: dict[str, _ReadOnAccess] = {}
+    for file in files:
+        handle = stack.enter_context(safe_open(file, framework="pt", device="cpu", backend="pread"))
+        state.update({name: _ReadOnAccess(handle, name) for name in handle.keys()})  # noqa: SIM118
+    return state
+
+
+def _safetensors_files(source: str) -> list[str] | None:
+    """The checkpoint's safetensors files (one, or the shards its index names); None when it has none."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+    from transformers.utils.hub import get_checkpoint_shard_files
+
+    single = cached_file(source, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False)
+    if single is not None:
+        return [single]
+    index = cached_file(source, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+    if index is None:
+        return None
+    shards, _ = get_checkpoint_shard_files(source, index)
+    return list(shards)
+
+
+def _unquantised_linears(skeleton: nn.Module) -> list[str]:
     """Full names (anchored regexes) of the linear layers outside the transformer blocks.
 
     Read from a weightless skeleton of the model (meta device): transformers' default would quantise a
     freshly initialised classification head, which then could not train.
     """
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    with torch.device("meta"):
-        skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
     prefix, _ = transformer_blocks(skeleton)
     return [re.escape(n) for n in linear_modules(skeleton) if not n.startswith(prefix + ".")]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from fimlora.allocation import allocate_ranks
 from fimlora.config import ExperimentConfig
-from fimlora.data import TaskData, load_task_data, quiet_datasets
+from fimlora.data import TaskData, quiet_datasets
 from fimlora.errors import FimloraError
-from fimlora.experiment import check_budget, check_max_length, rank_budget
+from fimlora.experiment import check_budget, check_max_length, config_data, rank_budget
 from fimlora.methods import MethodContext, get_adapter, get_optimizer, resolve_method
 from fimlora.models import load_model_shell, max_sequence_length, resolve_target_modules, weight_shapes
 
@@ -56,7 +56,14 @@ def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
     cache = cache or _Cache()
     options = config.dataset_options
     data: TaskData = cache.get(
-        ("data", config.dataset, config.task, options.model_dump(), config.trust_remote_code),
+        (
+            "data",
+            config.dataset,
+            config.data_seed,
+            config.task,
+            options.model_dump(),
+            config.trust_remote_code,
+        ),
         lambda: _load_data(config),
     )
     num_labels = data.num_labels if data.task == "classification" else None
@@ -110,17 +117,8 @@ def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
 
 
 def _load_data(config: ExperimentConfig) -> TaskData:
-    options = config.dataset_options
     with quiet_datasets():
-        return load_task_data(
-            config.dataset,
-            seed=config.seed,
-            task=config.task,
-            text_column=options.text_column,
-            label_column=options.label_column,
-            hub_config=options.hub_config,
-            trust_remote_code=config.trust_remote_code,
-        )
+        return config_data(config)
 
 
 def check_runs(runs: Sequence[tuple[str, ExperimentConfig]], *, what: str = "run") -> None:

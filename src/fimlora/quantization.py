@@ -18,6 +18,7 @@ float32), gradient checkpointing left to ``train.gradient_checkpointing``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from typing import TYPE_CHECKING, Any, Literal
@@ -129,6 +130,36 @@ def prepare_quantized_model(model: nn.Module) -> nn.Module:
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(keep_unpacked(model), use_gradient_checkpointing=False)
+
+
+def copy_sharing_frozen_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of a quantised base whose frozen parameters and buffers are the base's own tensors.
+
+    Each method of an experiment trains a copy of the pristine base model, which stays for what every
+    method compares against (the base's inference time, loss on general text, continuations). On a
+    quantised base no method rewrites a base weight (those that do, PiSSA, OLoRA, LoRA-GA, Delta-LoRA,
+    HydraLoRA and full fine-tuning, refuse it: :func:`fimlora.methods.check_quantized_base`), so the
+    copy needs new modules (PEFT replaces its layers) but not new frozen tensors: shared, a copy costs
+    the modules' bookkeeping instead of the model's size again (its float32 embeddings, above all).
+    Tensors that require a gradient are copied. Int8 layers keep their codes and scales in a matmul
+    state moved off the weight at their first forward pass: that move is made here, on the base, so that
+    the base and its copies share the state's tensors rather than whichever runs first taking them.
+    """
+    for module in model.modules():
+        layer: Any = module  # a bitsandbytes Linear8bitLt, typed by duck
+        if hasattr(layer, "init_8bit_state") and getattr(layer.weight, "CB", None) is not None:
+            layer.init_8bit_state()
+    shared: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.requires_grad:
+            shared[id(tensor)] = tensor
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        for name in ("CB", "SCB"):
+            held = getattr(state, name, None)
+            if torch.is_tensor(held):
+                shared[id(held)] = held
+    return copy.deepcopy(model, shared)
 
 
 def keep_unpacked(model: nn.Module) -> nn.Module:

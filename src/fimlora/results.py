@@ -38,6 +38,11 @@ Columns of the table (``None``/NaN where a run does not have the value):
   ``forgetting_dataset``; ``adapter_size_mb`` (MiB on disk); ``inference_unit`` (``examples/s`` or
   ``tokens/s``), ``inference_{unmerged,merged,base}_per_s`` and ``_peak_mb`` (MiB: weights + peak
   transient memory), ``inference_merged_over_base`` and ``inference_unmerged_over_base`` (throughput ratios)
+* data (from ``result.json["data"]``, runs that record it): ``data_version`` (which bytes the run read:
+  ``sha256:<12 hex>`` over a local dataset's file digests, ``<name>@<version>`` for a built-in),
+  ``truncated.<split>`` (share of the split's examples cut at ``train.max_length``),
+  ``duplicates.<split>_in_<split>`` (evaluation rows whose text also occurs in an earlier split) and
+  ``dropped_duplicates.<split>`` (dropped with ``dataset_options.drop_eval_duplicates``)
 * provenance: ``git_revision``, ``device`` (from ``environment.json``)
 * ``tuned_params``: the settings chosen by ``fimlora tune`` (comma-separated config keys) for runs of
   ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise; ``tuned``:
@@ -51,6 +56,7 @@ Columns of the table (``None``/NaN where a run does not have the value):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -76,6 +82,8 @@ FISHER_META_FILE = "fisher.json"
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 UNFINISHED_CSV = "unfinished.csv"
+#: Statistics over seeds and the paired comparisons with the baseline, raw and Holm-adjusted p-values.
+SUMMARY_CSV = "summary.csv"
 
 # Files that only RunDirectory.start / training write: their presence marks a (possibly unfinished) run.
 _RUN_MARKERS = (RESULT_FILE, ENVIRONMENT_FILE, METRICS_FILE)
@@ -122,7 +130,11 @@ class ResultsTable:
     unfinished: list[UnfinishedRun]
 
     def write(self, out: str | Path) -> dict[str, Path]:
-        """Write ``results.parquet``, ``results.csv`` and ``unfinished.csv`` into ``out``, each atomically."""
+        """Write ``results.parquet``, ``results.csv``, ``unfinished.csv`` and, when the runs record a
+        held-out metric, ``summary.csv`` (:func:`fimlora.stats.summarize`: mean, CI, the paired comparison
+        with ``lora`` and its raw and Holm-adjusted p-values) into ``out``, each atomically."""
+        from fimlora.stats import summarize  # stats needs this module's METRICS
+
         out = Path(out)
         frame = self.frame
         unfinished = pd.DataFrame(
@@ -136,6 +148,11 @@ class ResultsTable:
             "csv": atomic_write(out / RESULTS_CSV, lambda tmp: frame.to_csv(tmp, index=False)),
             "unfinished": atomic_write(out / UNFINISHED_CSV, lambda tmp: unfinished.to_csv(tmp, index=False)),
         }
+        try:
+            summary = summarize(frame)
+        except FimloraError:  # no held-out metric: nothing to summarise
+            return paths
+        paths["summary"] = atomic_write(out / SUMMARY_CSV, lambda tmp: summary.to_csv(tmp, index=False))
         return paths
 
 
@@ -287,6 +304,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     )
     row["tuned"] = row["tuned_params"] is not None
     row.update(deployment_columns(result))
+    row.update(data_columns(result))
     if isinstance(sweep, Mapping):
         for key, value in sweep.items():
             _flatten(f"sweep.{key}", value, row)
@@ -325,6 +343,31 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 def _mib(value: Any) -> float | None:
     return float(value) / 2**20 if _is_number(value) else None
+
+
+def data_columns(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The data columns of a result's ``data`` record (see the module docstring); ``{}`` without one."""
+    data = result.get("data")
+    if not isinstance(data, Mapping):
+        return {}
+    row: dict[str, Any] = {"data_version": data_version_label(data.get("identity"))}
+    for key in ("truncated", "duplicates", "dropped_duplicates"):
+        if isinstance(data.get(key), Mapping):
+            for name, value in data[key].items():
+                row[f"{key}.{name}"] = value
+    return row
+
+
+def data_version_label(identity: Any) -> str | None:
+    """One short string per version of the data: ``sha256:<12 hex>`` over a local dataset's file
+    digests, a built-in's registered version, a hub id (and config)."""
+    if not isinstance(identity, Mapping):
+        return None
+    if identity.get("source") == "files":
+        digests = sorted(f"{f.get('split')}={f.get('sha256')}" for f in identity.get("files") or [])
+        return "sha256:" + hashlib.sha256(",".join(digests).encode()).hexdigest()[:12]
+    revision = identity.get("revision")
+    return f"{identity.get('name')}@{revision}" if revision else str(identity.get("name"))
 
 
 def deployment_columns(result: Mapping[str, Any]) -> dict[str, Any]:

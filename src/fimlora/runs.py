@@ -69,6 +69,7 @@ def environment(seed: int) -> dict[str, Any]:
         "git_revision": git_revision(Path(__file__).resolve().parent),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "command": " ".join(sys.argv),
     }
 
@@ -111,6 +112,11 @@ class RunDirectory:
 
     def finish(self, result: dict[str, Any]) -> None:
         atomic_write_json(self.file(RESULT_FILE), {"status": "finished", **result})
+
+
+#: A split whose examples were cut at ``train.max_length`` more often than this (result.json
+#: ``data.truncated``) is warned about when the run starts and flagged in the report.
+TRUNCATION_WARN_SHARE = 0.1
 
 
 # Methods whose ranks change after the allocation (AdaLoRA prunes while training, EVA redistributes at

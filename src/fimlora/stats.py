@@ -23,6 +23,13 @@ Definitions (``values`` are one metric of one configuration, one value per seed)
     ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples). Assumption-free, but coarse:
     with n seeds the smallest possible p is 2 / 2ⁿ (5 seeds: 0.0625, so it can never reach 0.05).
 
+* **Holm-adjusted p-values** (:func:`holm`): each p-value of a table is adjusted for the other
+  comparisons of the same table, the *family*: every (budget, method, setting) against the baseline on
+  one dataset, model and metric (:data:`HOLM_FAMILY`), each test separately. With the m finite p-values
+  of a family sorted, p₍₁₎ ≤ … ≤ p₍ₘ₎, the adjusted ``p̃₍ᵢ₎ = max_{j ≤ i} min(1, (m − j + 1) · p₍ⱼ₎)``;
+  rejecting where p̃ < α keeps the chance of any false finding in the family at most α, whatever the
+  dependence between the comparisons (Holm 1979).
+
 * A **warning** is attached when fewer than ``MIN_SEEDS`` (5) seeds back a mean or a comparison.
 """
 
@@ -47,10 +54,13 @@ N_RESAMPLES = 10_000
 CONFIDENCE = 0.95
 MAX_EXACT_SIGN_FLIP = 16
 BASELINE = "lora"
+#: The comparisons one Holm adjustment covers: those of one table of the report.
+HOLM_FAMILY = ("dataset", "model", "metric")
 
 # Settings every method of a comparison shares: runs are only paired with a baseline that matches them.
 _SHARED_PREFIXES = ("train.", "lora.", "dataset_options.")
-_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha", "tuned")
+# data_version: runs on two versions of the data (an edited file) are never pooled or paired.
+_SHARED_COLUMNS = ("target_modules", "eval_split", "scaling", "lora_alpha", "tuned", "data_version")
 _IGNORED_SETTINGS = ("train.eval_batch_size", "train.eval_split", "train.report_to")
 # Settings of a method itself (NaN for methods that do not use them).
 _METHOD_SETTINGS = (
@@ -86,8 +96,11 @@ SUMMARY_VALUE_COLUMNS = (
     "diff_t_ci_high",
     "t_stat",
     "p_ttest",
+    "p_ttest_holm",
     "p_signflip",
+    "p_signflip_holm",
     "signflip_exact",
+    "holm_family_size",
     "warning",
 )
 
@@ -181,6 +194,25 @@ def sign_flip_p_value(
     signs = rng.choice(np.array([1.0, -1.0]), size=(n_resamples, n))
     hits = int(np.sum(np.abs(signs @ d) / n >= observed - tolerance))
     return (1 + hits) / (1 + n_resamples), False
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (see the module docstring).
+
+    NaN entries (comparisons without a p-value) stay NaN and are not counted in the family.
+    """
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    adjusted = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    if finite.size == 0:
+        return adjusted
+    if np.any((p[finite] < 0) | (p[finite] > 1)):
+        raise FimloraError("p-values must lie in [0, 1].")
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = order.size
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted[order] = np.maximum.accumulate(scaled)  # adjusted p-values never decrease with rank
+    return adjusted
 
 
 @dataclass(frozen=True)
@@ -325,8 +357,10 @@ def summarize(
     ``seeds``, ``mean``, ``std``, ``ci_low``, ``ci_high`` (bootstrap CI of the mean), ``adapter_params``
     (mean over seeds), ``baseline``, ``n_paired``, ``paired_seeds``, ``diff_mean``, ``diff_ci_low``,
     ``diff_ci_high`` (method − baseline; bootstrap), ``diff_t_ci_low``, ``diff_t_ci_high``
-    (t-interval), ``t_stat``, ``p_ttest``, ``p_signflip``, ``signflip_exact``, ``warning`` (empty when
-    none). Duplicate seeds within a group keep the first run (by ``run_dir``) and say so in ``warning``.
+    (t-interval), ``t_stat``, ``p_ttest``, ``p_signflip`` and their Holm adjustments ``p_ttest_holm``,
+    ``p_signflip_holm`` over the comparisons of the row's :data:`HOLM_FAMILY` (``holm_family_size`` of
+    them: those on at least 2 paired seeds), ``signflip_exact``, ``warning`` (empty when none).
+    Duplicate seeds within a group keep the first run (by ``run_dir``) and say so in ``warning``.
     """
     if frame.empty:
         raise FimloraError("No runs to summarise.")
@@ -405,12 +439,33 @@ def summarize(
             row["warning"] = _warning(len(x), n_paired, extra, min_seeds)
             rows.append(row)
     columns = [*group_keys, "budget_label", "task", *SUMMARY_VALUE_COLUMNS]
-    table = pd.DataFrame(rows).reindex(columns=columns)
+    table = _with_holm(pd.DataFrame(rows).reindex(columns=columns))
     order = table["method"].map(lambda m: (m != baseline, str(m)))
     table = table.assign(_order=order).sort_values(
         [*_BASE_KEYS, *shared, "_order", *method_settings, "metric"], kind="stable", na_position="first"
     )
     return table.drop(columns="_order").reset_index(drop=True)
+
+
+def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the Holm-adjusted p-values of each family (see :data:`HOLM_FAMILY`).
+
+    A family's members are its comparisons on at least 2 paired seeds (those with a sign-flip p); one
+    whose differences are all 0 has no t-test p, and enters the t-test's family as p = 1.
+    """
+    table = table.copy()
+    table["p_ttest_holm"] = math.nan
+    table["p_signflip_holm"] = math.nan
+    table["holm_family_size"] = 0
+    for _, family in table.groupby(list(HOLM_FAMILY), dropna=False, sort=False):
+        flip = pd.to_numeric(family["p_signflip"], errors="coerce").to_numpy(dtype=np.float64)
+        members = np.isfinite(flip)
+        t = pd.to_numeric(family["p_ttest"], errors="coerce").to_numpy(dtype=np.float64)
+        t = np.where(members & ~np.isfinite(t), 1.0, t)
+        table.loc[family.index, "p_ttest_holm"] = holm(np.where(members, t, math.nan))
+        table.loc[family.index, "p_signflip_holm"] = holm(flip)
+        table.loc[family.index, "holm_family_size"] = int(members.sum())
+    return table
 
 
 def _baseline_rows(
@@ -452,3 +507,31 @@ def _compare(
         **kwargs,
     )
     return comparison, [_canon(s) for s in merged["seed"]], ""
+
+
+def comparison_lines(summary: pd.DataFrame, metric: str) -> list[str]:
+    """One line per paired comparison of ``metric`` in a :func:`summarize` table, with its raw and
+    Holm-adjusted p-values: ``movie-reviews / minilm / r=4 / fim-lora − lora: accuracy Δ −0.0050, …``."""
+    lines = []
+    rows = summary[(summary["metric"] == metric) & summary["diff_mean"].notna()]
+    for _, r in rows.iterrows():
+        p = ", ".join(
+            f"p ({name}) {_p_text(r[column])} (Holm {_p_text(r[f'{column}_holm'])})"
+            for name, column in (("paired t", "p_ttest"), ("sign-flip", "p_signflip"))
+        )
+        lines.append(
+            f"{r['dataset']} / {r['model']} / {r['budget_label']} / {r['method']} − {r['baseline']}: "
+            f"{metric} Δ {float(r['diff_mean']):+.4f} on {int(r['n_paired'])} seed(s), {p}"
+            + (f"; {r['warning']}" if isinstance(r["warning"], str) and r["warning"] else "")
+        )
+    return lines
+
+
+def _p_text(p: Any) -> str:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(value):
+        return "—"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from transformers import (
 
 from fimlora.config import TrainSettings
 from fimlora.errors import FimloraError
+from fimlora.fisher.losses import CausalLMHead
 from fimlora.processes import world_size
 
 # transformers' own deprecation notice, raised from inside PEFT and Trainer; nothing a user can act on.
@@ -179,14 +181,21 @@ class PeriodicValidation(TrainerCallback):
 
 
 class _MethodTrainer(Trainer):
-    """The Trainer, plus an optional auxiliary loss of the method (e.g. HydraLoRA's router balance)."""
+    """The Trainer, plus an optional auxiliary loss of the method (e.g. HydraLoRA's router balance).
+
+    With ``lm_head`` (a causal LM), the model returns its hidden states and ``compute_loss_func`` (the
+    head's :meth:`~fimlora.fisher.losses.CausalLMHead.trainer_loss`) applies the head chunk by chunk:
+    the Trainer's own reduction (``num_items_in_batch``, the multi-process scaling) is unchanged.
+    """
 
     extra_loss: Callable[[], torch.Tensor] | None = None
+    lm_head: CausalLMHead | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        with self.lm_head.hidden_states() if self.lm_head is not None else contextlib.nullcontext():
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if self.extra_loss is not None:
             loss = loss + self.extra_loss()
         return (loss, outputs) if return_outputs else loss
@@ -292,6 +301,8 @@ def train(
         **_checkpointing_arguments(settings.gradient_checkpointing),
     )
     step_log = _StepLog(metrics_path)
+    # A causal LM's loss without the batch's full logits (fimlora.fisher.losses.CausalLMHead).
+    lm_head = CausalLMHead.of(model) if loss_per_token else None
     trainer = _MethodTrainer(
         model=model,
         args=args,
@@ -299,8 +310,10 @@ def train(
         data_collator=collator,
         callbacks=[step_log, *logger_callbacks, *callbacks],
         optimizers=(optimizer, None),
+        compute_loss_func=lm_head.trainer_loss if lm_head is not None else None,
     )
     trainer.extra_loss = extra_loss
+    trainer.lm_head = lm_head
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_LossInProgressBar())

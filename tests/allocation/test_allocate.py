@@ -38,9 +38,10 @@ def shape_groups(allocation: Allocation) -> dict[tuple[int, int], list[int]]:
 
 @st.composite
 def problems(draw: st.DrawFn) -> dict:
-    """A feasible allocation problem: a few distinct shapes reused across 1-12 modules."""
-    r_min = draw(st.integers(1, 3))
-    r_max = draw(st.one_of(st.none(), st.integers(r_min, 8)))
+    """A feasible allocation problem: a few distinct shapes reused across 1-12 modules (r_min 0 too:
+    modules without an adapter)."""
+    r_min = draw(st.integers(0, 3))
+    r_max = draw(st.one_of(st.none(), st.integers(max(r_min, 1), 8)))
     dim = st.integers(max(2, r_min), 64)
     pool = draw(st.lists(st.tuples(dim, dim), min_size=1, max_size=4))
     n = draw(st.integers(1, 12))
@@ -49,7 +50,8 @@ def problems(draw: st.DrawFn) -> dict:
     scores = {name: draw(score) for name in shapes}
     if all(v == 0 for v in scores.values()):
         scores[draw(st.sampled_from(sorted(shapes)))] = draw(st.floats(1e-3, 1e3))
-    lowest = r_min * sum(cost(s) for s in shapes.values())
+    # With r_min = 0 the budget must still pay one rank of some module.
+    lowest = max(r_min * sum(cost(s) for s in shapes.values()), min(cost(s) for s in shapes.values()))
     highest = sum(cap(s, r_max) * cost(s) for s in shapes.values())
     # Reach past the all-capped budget too, where invariant 3 must hold with money left over.
     budget = draw(st.integers(lowest, highest + highest // 4 + 1))
@@ -105,7 +107,7 @@ def test_proportional_is_monotone_within_a_shape(problem: dict) -> None:
 def test_uniform_budget_gives_every_module_that_rank(problem: dict, data: st.DataObject) -> None:
     shapes, r_min, r_max = problem["shapes"], problem["r_min"], problem["r_max"]
     smallest_cap = min(cap(s, r_max) for s in shapes.values())
-    rank = data.draw(st.integers(r_min, smallest_cap))
+    rank = data.draw(st.integers(max(r_min, 1), smallest_cap))
     budget = uniform_rank_budget(shapes, rank)
     allocation = allocate_ranks(
         problem["scores"], shapes, budget=budget, strategy="uniform", r_min=r_min, r_max=r_max
@@ -139,7 +141,7 @@ def test_continuous_targets_spend_the_budget_at_one_common_c(problem: dict) -> N
         movable = caps > r_min
         at_floor = movable & (targets <= r_min + 1e-9)
         at_cap = movable & (targets >= caps - 1e-9)
-        assert np.all(c * weights[at_floor] <= r_min * (1 + 1e-9))
+        assert np.all(c * weights[at_floor] <= r_min * (1 + 1e-9) + 1e-9)
         assert np.all(c * weights[at_cap] >= caps[at_cap] * (1 - 1e-9))
 
 
@@ -272,7 +274,9 @@ SCORES = {"a": 1.0, "b": 2.0}
     ("kwargs", "match"),
     [
         ({"strategy": "fisher"}, "proportional, uniform, random"),
-        ({"r_min": 0}, "r_min"),
+        ({"r_min": -1}, "r_min"),
+        ({"r_min": 0, "budget": 15}, "cannot pay one rank of any module"),
+        ({"r_min": 0, "r_max": 0}, "r_max"),
         ({"r_min": 3, "r_max": 2}, "r_max"),
         ({"budget": 16 * 2 - 1}, "at least 32"),
         ({"r_min": 2, "budget": 63}, "at least 64"),

@@ -228,3 +228,29 @@ def test_load_errors(tmp_path, bert_allocation: Allocation) -> None:
         Allocation.from_dict({**data, "rank": 3})
     with pytest.raises(FimloraError, match="missing"):
         Allocation.from_dict({k: v for k, v in data.items() if k != "ranks"})
+
+
+def test_rank_zero_modules_get_no_adapter_and_the_count_stays_exact() -> None:
+    model = tiny_bert()
+    shapes = encoder_linear_shapes(model)
+    names = sorted(shapes)
+    ranks = {n: (0 if i % 3 == 0 else 1 + i % 2) for i, n in enumerate(names)}
+    allocation = Allocation(ranks, shapes, budget=10**9, strategy="proportional", r_min=0)
+    config = allocation.to_lora_config(lora_alpha=LORA_ALPHA)
+    adapted = {n for n, r in ranks.items() if r > 0}
+    assert set(config.target_modules) == adapted
+    assert allocation.reference_rank in {1, 2}  # the most common rank of the adapted modules, never 0
+    peft_model = get_peft_model(model, config)
+    layers = {
+        n.removeprefix(PEFT_PREFIX): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    }
+    assert set(layers) == adapted
+    trainable = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert trainable == allocation.num_params
+
+
+def test_an_allocation_with_every_rank_zero_is_refused() -> None:
+    with pytest.raises(FimloraError, match="Every module has rank 0"):
+        Allocation({"a": 0, "b": 0}, {"a": (4, 4), "b": (4, 4)}, budget=16, strategy="uniform", r_min=0)
+    with pytest.raises(FimloraError, match=">= 0"):
+        Allocation({"a": -1, "b": 2}, {"a": (4, 4), "b": (4, 4)}, budget=16, strategy="uniform")

@@ -21,8 +21,8 @@ def cap(shape: tuple[int, int], r_max: int | None) -> int:
 
 @st.composite
 def costed_problems(draw: st.DrawFn) -> dict:
-    r_min = draw(st.integers(1, 3))
-    r_max = draw(st.one_of(st.none(), st.integers(r_min, 8)))
+    r_min = draw(st.integers(0, 3))
+    r_max = draw(st.one_of(st.none(), st.integers(max(r_min, 1), 8)))
     dim = st.integers(max(2, r_min), 48)
     pool = draw(st.lists(st.tuples(dim, dim), min_size=1, max_size=4))
     n = draw(st.integers(1, 10))
@@ -32,7 +32,7 @@ def costed_problems(draw: st.DrawFn) -> dict:
     rank_costs = {name: factor[s] * s[0] + draw(st.sampled_from([0, s[1]])) for name, s in shapes.items()}
     rank_costs = {name: rank_costs[name] for name in shapes}
     scores = {name: draw(st.floats(1e-3, 1e3)) for name in shapes}
-    lowest = r_min * sum(rank_costs.values())
+    lowest = max(r_min * sum(rank_costs.values()), min(rank_costs.values()))
     highest = sum(cap(shapes[n], r_max) * rank_costs[n] for n in shapes)
     budget = draw(st.integers(lowest, highest + highest // 4 + 1))
     return {
@@ -77,7 +77,7 @@ def test_spectral_obeys_the_rules_in_the_given_cost_units(problem: dict, seed: i
 def test_costs_of_d_in_plus_d_out_are_the_default(problem: dict) -> None:
     plain = {n: s[0] + s[1] for n, s in problem["shapes"].items()}
     kwargs = {k: v for k, v in problem.items() if k not in {"rank_costs", "budget"}}
-    budget = problem["r_min"] * sum(plain.values()) + problem["budget"] % 97
+    budget = problem["r_min"] * sum(plain.values()) + max(plain.values()) + problem["budget"] % 97
     explicit = allocate_ranks(**kwargs, budget=budget, rank_costs=plain)
     default = allocate_ranks(**kwargs, budget=budget)
     assert explicit.ranks == default.ranks and explicit.num_params == default.num_params

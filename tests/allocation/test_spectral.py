@@ -82,10 +82,11 @@ def assert_budget_rules(allocation: Allocation, problem: dict) -> None:
 
 @st.composite
 def small_problems(draw: st.DrawFn) -> dict:
-    """2-4 modules of dims <= 5, diagonal gradients (ties and zeros included): small enough to enumerate."""
-    r_min = draw(st.integers(1, 2))
-    r_max = draw(st.one_of(st.none(), st.integers(r_min, 4)))
-    dim = st.integers(r_min, 5)
+    """2-4 modules of dims <= 5, diagonal gradients (ties and zeros included): small enough to enumerate.
+    r_min 0 included (modules without an adapter)."""
+    r_min = draw(st.integers(0, 2))
+    r_max = draw(st.one_of(st.none(), st.integers(max(r_min, 1), 4)))
+    dim = st.integers(max(r_min, 1), 5)
     n = draw(st.integers(2, 4))
     shapes = {f"m{i}": (draw(dim), draw(dim)) for i in range(n)}
     sigma = st.one_of(st.just(0.0), st.integers(1, 4).map(float), st.floats(0.1, 10.0))
@@ -95,7 +96,7 @@ def small_problems(draw: st.DrawFn) -> dict:
     }
     if all(not g.any() for g in gradients.values()):
         gradients["m0"][0, 0] = 1.0
-    lowest = r_min * sum(cost(s) for s in shapes.values())
+    lowest = max(r_min * sum(cost(s) for s in shapes.values()), min(cost(s) for s in shapes.values()))
     highest = sum(cap(s, r_max) * cost(s) for s in shapes.values())
     budget = draw(st.integers(lowest, highest + highest // 4 + 1))
     return {"gradients": gradients, "shapes": shapes, "budget": budget, "r_min": r_min, "r_max": r_max}
@@ -140,9 +141,9 @@ def test_greedy_fallback_is_exact_for_equal_costs_and_within_one_rank_otherwise(
 @st.composite
 def gain_problems(draw: st.DrawFn) -> dict:
     """Up to 12 modules of dims up to 64 with random non-increasing gains, some of them zero."""
-    r_min = draw(st.integers(1, 3))
-    r_max = draw(st.one_of(st.none(), st.integers(r_min, 40)))
-    dim = st.integers(r_min, 64)
+    r_min = draw(st.integers(0, 3))
+    r_max = draw(st.one_of(st.none(), st.integers(max(r_min, 1), 40)))
+    dim = st.integers(max(r_min, 1), 64)
     pool = draw(st.lists(st.tuples(dim, dim), min_size=1, max_size=4))
     n = draw(st.integers(1, 12))
     names = [f"m{i:02d}" for i in range(n)]
@@ -153,7 +154,7 @@ def gain_problems(draw: st.DrawFn) -> dict:
         g = np.sort(rng.exponential(size=min(shape)) * rng.exponential() ** 3)[::-1]
         g[draw(st.integers(0, len(g))) :] = 0.0  # numerical rank
         gains.append(g)
-    lowest = r_min * sum(cost(s) for s in shapes)
+    lowest = max(r_min * sum(cost(s) for s in shapes), min(cost(s) for s in shapes))
     highest = sum(cap(s, r_max) * cost(s) for s in shapes)
     budget = draw(st.integers(lowest, highest + highest // 4 + 1))
     return {
@@ -427,7 +428,7 @@ KFAC = {"a": (torch.eye(3), torch.eye(4)), "b": (torch.eye(5), torch.eye(2))}
         ({"budget": 13}, "at least 14"),
         ({"r_min": 2, "budget": 27}, "at least 28"),
         ({"r_min": 3}, "'b'.*min\\(d_in, d_out\\)"),
-        ({"r_min": 0}, "r_min"),
+        ({"r_min": -1}, "r_min"),
         ({"r_max": 0}, "r_max"),
         ({"budget": 100.0}, "integer"),
         ({"shapes": {"a": (4, 3), "b": (2, 0)}}, "'b'.*positive"),

@@ -15,7 +15,7 @@ from fimlora.data.files import normalize_splits
 from fimlora.errors import FimloraError
 
 SPLITS = ("train", "validation", "test")
-BUILTINS = ["brown", "brown-fiction", "brown-nonfiction", "movie-reviews", "sentiment-domains"]
+BUILTINS = ["brown", "brown-fiction", "brown-genre", "brown-nonfiction", "movie-reviews", "sentiment-domains"]
 
 
 def _keys(ds: datasets.Dataset, *columns: str) -> list[tuple]:
@@ -141,6 +141,49 @@ def test_brown_nonfiction_is_every_file_fiction_leaves_out(brown: TaskData) -> N
     assert not fiction_files & set().union(*files.values())  # general text a fiction run never saw
     assert fiction_files | set().union(*files.values()) == every_file
     assert [len(files[s]) for s in SPLITS] == [336, 19, 19]
+
+
+def test_brown_genre_is_split_by_document_with_every_genre_in_every_split() -> None:
+    genre = load_task_data("brown-genre", seed=0)
+    assert genre.task == "classification" and genre.num_labels == 15
+    files = {s: set(genre.splits[s]["file"][:]) for s in SPLITS}
+    assert not files["train"] & files["validation"]
+    assert not files["train"] & files["test"]
+    assert not files["validation"] & files["test"]
+    assert [len(files[s]) for s in SPLITS] == [396, 52, 52]
+    assert [len(genre.splits[s]) for s in SPLITS] == [14532, 1905, 1914]
+    for split in SPLITS:
+        rows = genre.splits[split]
+        assert set(rows["label"][:]) == set(range(15))  # every genre in every split
+        # The label is the genre of the passage's file: the 2nd letter of its name, in letter order.
+        letters = sorted({f[1] for f in rows["file"][:]})
+        assert all(
+            letters[label] == f[1] == g
+            for label, f, g in zip(rows["label"][:], rows["file"][:], rows["genre"][:], strict=True)
+        )
+    assert genre.label_names[0] == "press-reportage" and genre.label_names[-1] == "humor"
+    texts = genre.splits["train"]["text"][:]
+    words = [len(t.split()) for t in texts]
+    assert min(words) >= 25 and sorted(words)[len(words) // 2] < 80  # 2–3 sentences, about 50 words
+    assert "/" not in texts[0].split()[1]  # tags stripped
+    again = load_task_data("brown-genre", seed=0)
+    assert again.splits["test"]["file"][:] == genre.splits["test"]["file"][:]
+    other = load_task_data("brown-genre", seed=1)
+    assert set(other.splits["test"]["file"][:]) != files["test"]
+
+
+def test_split_documents_by_group_keeps_each_document_in_one_split() -> None:
+    from fimlora.data.builtin import split_documents_by_group
+
+    documents = {f"{g}{i:02d}": g for g in "xyz" for i in range({"x": 3, "y": 10, "z": 25}[g])}
+    splits = split_documents_by_group(documents, seed=4)
+    assert set(splits) == set(documents)
+    for group, n in (("x", 3), ("y", 10), ("z", 25)):
+        held = max(1, round(0.1 * n))
+        chosen = [splits[d] for d, g in documents.items() if g == group]
+        assert chosen.count("validation") == chosen.count("test") == held
+    with pytest.raises(FimloraError, match="too few"):
+        split_documents_by_group({"a1": "a", "a2": "a"}, seed=0)
 
 
 def test_causal_lm_has_no_num_labels(brown: TaskData) -> None:
@@ -336,3 +379,22 @@ def test_regression_labels_are_rejected() -> None:
     )
     with pytest.raises(FimloraError, match="regression"):
         normalize_splits(raw, name="sts", seed=0, task=None, text_column=None, label_column=None)
+
+
+def test_split_fingerprints_identify_content_not_path(tmp_path: Path) -> None:
+    from fimlora.data.registry import split_fingerprints
+
+    rows = "text,label\n" + "".join(f"example {i},{'ab'[i % 2]}\n" for i in range(40))
+    (tmp_path / "a.csv").write_text(rows)
+    (tmp_path / "b.csv").write_text(rows)
+    first = split_fingerprints(load_task_data(str(tmp_path / "a.csv"), seed=0))
+    assert set(first) == set(SPLITS)
+    assert split_fingerprints(load_task_data(str(tmp_path / "b.csv"), seed=0)) == first
+    assert split_fingerprints(load_task_data(str(tmp_path / "a.csv"), seed=1))["train"] != first["train"]
+    relabelled = rows.replace(",a\n", ",c\n")
+    (tmp_path / "c.csv").write_text(relabelled)
+    assert split_fingerprints(load_task_data(str(tmp_path / "c.csv"), seed=0))["train"] != first["train"]
+    sealed = split_fingerprints(
+        load_task_data(str(tmp_path / "a.csv"), seed=0, splits=("train", "validation"))
+    )
+    assert sealed == {k: first[k] for k in ("train", "validation")}  # a sealed split is never read

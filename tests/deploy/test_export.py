@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from deploy.trained import load_without_fimlora_or_peft, logits_of, relative_error, tiny_config, train_runs
+from method_runs import SELF_CONTAINED_PRESETS
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -22,8 +23,8 @@ from fimlora.errors import FimloraError
 from fimlora.methods import PRESETS, get_adapter
 from fimlora.models import load_model
 
-MERGEABLE = [n for n, spec in PRESETS.items() if get_adapter(spec.adapter).unmergeable_reason is None]
-UNMERGEABLE = [n for n in PRESETS if n not in MERGEABLE]
+MERGEABLE = [n for n in SELF_CONTAINED_PRESETS if get_adapter(PRESETS[n].adapter).unmergeable_reason is None]
+UNMERGEABLE = [n for n in SELF_CONTAINED_PRESETS if n not in MERGEABLE]
 # Causal LM (tied embeddings, no task head): PEFT LoRA with uneven ranks, Delta-LoRA's drift, full weights
 # and HydraLoRA's loader; the other PEFT variants merge through the same code as on BERT.
 LLAMA_PRESETS = ["fim-lora", "delta-lora", "full-ft", "hydralora"]
@@ -32,7 +33,7 @@ LLAMA_PRESETS = ["fim-lora", "delta-lora", "full-ft", "hydralora"]
 @pytest.fixture(scope="module")
 def bert(tiny_bert_dir, sentiment_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("bert-runs")
-    prepared, models = train_runs(tiny_config(tiny_bert_dir, sentiment_csv, out, list(PRESETS)))
+    prepared, models = train_runs(tiny_config(tiny_bert_dir, sentiment_csv, out, SELF_CONTAINED_PRESETS))
     return out, prepared, models
 
 
@@ -70,7 +71,7 @@ def test_presets_cover_both_kinds_of_export():
     assert {"lora", "fim-lora", "dora", "rslora", "vera", "delta-lora", "pissa", "full-ft"} <= set(MERGEABLE)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", SELF_CONTAINED_PRESETS)
 def test_every_preset_exports_and_loads_without_fimlora_or_peft_with_the_runs_logits(bert, exported, name):
     _, prepared, models = bert
     results, plain = exported

@@ -14,7 +14,8 @@ from tiny_models import make_tiny_bert, make_tiny_llama
 
 from fimlora import estimate_fisher
 from fimlora.errors import FimloraError
-from fimlora.models import default_target_modules
+from fimlora.fisher import estimator as estimator_module
+from fimlora.models import default_target_modules, transformer_blocks
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "mc"])
@@ -113,3 +114,95 @@ def test_save_load_round_trip(tmp_path):
     assert mean[name] == pytest.approx(float(result.diagonal[name].double().mean()))
     with pytest.raises(FimloraError, match="aggregation"):
         result.scores("median")
+
+
+@pytest.mark.parametrize("statistic", ["diagonal", "trace", "kfac"])
+@pytest.mark.parametrize("estimator", ["empirical", "mc"])
+def test_backpropagating_fewer_examples_at_a_time_gives_the_same_statistics(
+    statistic, estimator, monkeypatch
+):
+    """The whole batch or slices of it per backward pass: the same statistics (float round-off) and the
+    same Monte-Carlo draws, while each forward and backward pass sees only its slice (what bounds the
+    activations it holds)."""
+    model = make_tiny_llama()
+    batches = padded_batches([6, 11, 4, 9, 13], batch_size=3, mask_prefix=3)
+    run = {
+        "statistic": statistic,
+        "estimator": estimator,
+        "with_gradient": True,
+        "seed": 5,
+        "progress": False,
+    }
+    whole = estimate_fisher(model, batches, **run)
+    for per_backward in (1, 2):
+        seen: list[int] = []
+        start_batch = estimator_module._Accumulator.start_batch
+
+        def recording(self, batch_size, *args, _start=start_batch, _seen=seen):
+            _seen.append(batch_size)
+            return _start(self, batch_size, *args)
+
+        monkeypatch.setattr(estimator_module._Accumulator, "start_batch", recording)
+        sliced = estimate_fisher(model, batches, examples_per_backward=per_backward, **run)
+        monkeypatch.undo()
+        assert max(seen) == per_backward and sum(seen) == 5
+        assert sliced.num_examples == whole.num_examples == 5
+        assert_close_relative(sliced.gradients, whole.gradients, tol=1e-5)
+        if statistic == "diagonal":
+            assert_close_relative(sliced.diagonal, whole.diagonal, tol=1e-5)
+        elif statistic == "trace":
+            assert sliced.traces == pytest.approx(whole.traces, rel=1e-5)
+        else:
+            assert sliced.metadata["num_tokens"] == whole.metadata["num_tokens"]
+            for name, (a, s) in whole.kfac.items():
+                assert_close_relative({name: sliced.kfac[name][0]}, {name: a}, tol=1e-5)
+                assert_close_relative({name: sliced.kfac[name][1]}, {name: s}, tol=1e-5)
+    with pytest.raises(FimloraError, match="examples_per_backward"):
+        estimate_fisher(model, batches, examples_per_backward=0, progress=False)
+
+
+@pytest.mark.parametrize("statistic", ["diagonal", "trace", "kfac"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_checkpointed_blocks_give_the_same_statistics_from_recomputed_activations(
+    statistic, family, monkeypatch
+):
+    """With ``checkpoint_blocks`` each block's layers run again in the backward pass (its activations were
+    not kept) and the statistics and gradients are the same; a recomputed call is not a second call of
+    its layer (whose inputs and output gradients would be held to the end of the backward pass); the
+    model is left as it was."""
+    if family == "llama":
+        model = make_tiny_llama()
+        batches = padded_batches([6, 11, 4, 9, 13], batch_size=3, mask_prefix=3)
+    else:
+        model = make_tiny_bert(num_labels=3)
+        batches = padded_batches([5, 9, 3, 12, 7], num_labels=3)
+    run = {"statistic": statistic, "with_gradient": True, "progress": False}
+    plain = estimate_fisher(model, batches, **run)
+    first = default_target_modules(model)[0]
+    calls: list[int] = []
+    held: list[int] = []
+    end_backward = estimator_module._Accumulator.end_backward
+
+    def recording(self, _end=end_backward):
+        held.append(len(self._waiting))
+        return _end(self)
+
+    monkeypatch.setattr(estimator_module._Accumulator, "end_backward", recording)
+    handle = model.get_submodule(first).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        checkpointed = estimate_fisher(model, batches, checkpoint_blocks=True, **run)
+    finally:
+        handle.remove()
+    assert held == [0] * len(batches)
+    forwards = len(batches) + (2 if family == "llama" else 0)  # the LM head check runs the model twice
+    assert len(calls) == forwards + len(batches)  # once more per batch: recomputed in the backward pass
+    assert not any("forward" in vars(block) for block in transformer_blocks(model)[1])
+    assert_close_relative(checkpointed.gradients, plain.gradients, tol=1e-6)
+    if statistic == "diagonal":
+        assert_close_relative(checkpointed.diagonal, plain.diagonal, tol=1e-6)
+    elif statistic == "trace":
+        assert checkpointed.traces == pytest.approx(plain.traces, rel=1e-6)
+    else:
+        for name, (a, s) in plain.kfac.items():
+            assert_close_relative({name: checkpointed.kfac[name][0]}, {name: a}, tol=1e-6)
+            assert_close_relative({name: checkpointed.kfac[name][1]}, {name: s}, tol=1e-6)

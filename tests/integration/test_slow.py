@@ -46,14 +46,14 @@ def test_smollm2_causal_lm_few_steps(tmp_path):
 
 
 def _every_preset_config(model, dataset, out, **train):
-    from fimlora.methods import PRESETS
+    from method_runs import SELF_CONTAINED_PRESETS
 
     return parse_config(
         {
             "model": model,
             "dataset": dataset,
             "output_dir": str(out),
-            "methods": list(PRESETS),
+            "methods": SELF_CONTAINED_PRESETS,
             "budget": {"uniform_rank": 4},
             "fisher": {"num_examples": 16, "batch_size": 4},
             "train": {"steps": 3, "eval_examples": 16, "eval_batch_size": 8, "report_to": [], **train},

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_runs import prepared_experiment, tiny_config
+from method_runs import SELF_CONTAINED_PRESETS, prepared_experiment, tiny_config
 
 from fimlora.experiment import build_method
-from fimlora.methods import PRESETS
 from fimlora.methods.base import NEEDS_DIAGONAL, NEEDS_GRADIENTS, NEEDS_KFAC
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_bert_dir, sentiment_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("counts")
-    config = tiny_config(tiny_bert_dir, sentiment_csv, out, list(PRESETS))
+    config = tiny_config(tiny_bert_dir, sentiment_csv, out, SELF_CONTAINED_PRESETS)
     return prepared_experiment(config, {NEEDS_DIAGONAL, NEEDS_GRADIENTS, NEEDS_KFAC})
 
 
@@ -39,7 +38,7 @@ def _one_step(built, prepared):
     return optimizer
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", SELF_CONTAINED_PRESETS)
 def test_the_count_is_the_optimizers_trainable_tensors_and_only_they_move(prepared, name):
     built = build_method(prepared, name)
     model = built.model

@@ -517,3 +517,153 @@ def test_causal_lm_online_trace_matches_the_calibration_pass_and_reloads(
     got = _fresh_process_logits("AutoModelForCausalLM", prepared.loaded.source, adapter_dir, inputs, tmp_path)
     assert torch.equal(got, want)
     assert not math.isnan(outcome.result["metrics"]["perplexity"])
+
+
+# --------------------------------------------------------------------------------------------------
+# allocation.r_min: 0: modules without an adapter are scored, and adapters come and go
+# --------------------------------------------------------------------------------------------------
+
+
+def _partly_adapted_model():
+    """The tiny BERT with LoRA on every target except the first block's attention (no adapter there)."""
+    base = make_tiny_bert(num_labels=2)
+    targets = resolve_target_modules(base, None)
+    left_out = [t for t in targets if ".layer.0.attention." in t]
+    adapted = [t for t in targets if t not in left_out]
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=adapted, task_type="SEQ_CLS"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    return model, targets, left_out
+
+
+def test_online_trace_scores_modules_without_an_adapter_on_their_frozen_layers():
+    model, targets, left_out = _partly_adapted_model()
+    model.eval()
+    batch = _padded_batch("classification")
+    frozen = {n: fisher_online.frozen_linear(model, n) for n in targets}
+    assert all(type(m) is torch.nn.Linear for m in frozen.values())
+    weights = {n: m.weight for n, m in frozen.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    expected = dict.fromkeys(targets, 0.0)
+    for n in range(batch["input_ids"].shape[0]):
+        logits = model(
+            input_ids=batch["input_ids"][n : n + 1], attention_mask=batch["attention_mask"][n : n + 1]
+        )
+        loss = per_example_loss(logits.logits, batch["labels"][n : n + 1]).sum()
+        for name, grad in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
+            expected[name] += float(grad.double().square().sum()) / batch["input_ids"].shape[0]
+    for w in weights.values():
+        w.requires_grad_(False)
+    traces = {}
+    for inputs_require_grad in (True, False):
+        trace = OnlineTrace(
+            model, frozen, task="classification", averaging="mean", inputs_require_grad=inputs_require_grad
+        )
+        trace.attach()
+        model(**batch).loss.backward()
+        trace.end_step()
+        trace.detach()
+        model.zero_grad()
+        traces[inputs_require_grad] = trace.averaged()
+    for name, value in expected.items():
+        assert value > 0 and traces[True][name] == pytest.approx(value, rel=1e-5), name
+    # Without it, the first block's bare attention layers see no output gradient: nothing trains before them.
+    assert all(traces[False][n] == 0.0 for n in left_out)
+
+
+def test_set_ranks_removes_and_adds_adapters_and_the_optimizer_follows(tmp_path):
+    model, targets, left_out = _partly_adapted_model()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _padded_batch("classification")
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    layers = lora_layers(model)
+    removed = sorted(layers)[:2]
+    with torch.no_grad():
+        model.eval()
+        reference = copy.deepcopy(model)
+        for name in removed:  # what the model computes once those adapters are gone
+            lora_layers(reference)[name].lora_B["default"].weight.zero_()
+        want = reference(**batch).logits
+    ranks = {n: (0 if n in removed or n in left_out else 2) for n in targets}
+    ranks[left_out[0]] = 3  # and one module without an adapter gets one
+    generator = torch.Generator().manual_seed(0)
+    changes = set_ranks(model, ranks, scaling="alpha_over_r", generator=generator)
+    assert {c.name: (c.old_rank, c.new_rank) for c in changes} == {
+        removed[0]: (2, 0),
+        removed[1]: (2, 0),
+        left_out[0]: (0, 3),
+    }
+    assert all(c.truncation_error == c.update_norm > 0 for c in changes if c.new_rank == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want)  # removal drops s·BA, addition adds 0
+    adapted = {n for n, r in ranks.items() if r > 0}
+    assert set(lora_layers(model)) == adapted
+    config = model.peft_config["default"]
+    assert set(config.target_modules) == adapted and config.rank_pattern == {left_out[0]: 3}
+    kept = lora_layers(model)[sorted(adapted - {left_out[0]})[0]]
+    replace_in_optimizer(
+        optimizer, [pair for c in changes for pair in c.replaced], like=kept.lora_A["default"].weight
+    )
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    new_b = lora_layers(model)[left_out[0]].lora_B["default"].weight
+    assert bool(new_b.abs().sum() > 0)  # the added adapter trains
+    model.save_pretrained(str(tmp_path / "adapter"))
+    from peft import PeftModel
+
+    model.eval()
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(make_tiny_bert(num_labels=2), str(tmp_path / "adapter")).eval()
+        # The classifier head is not in this adapter: compare the encoders' outputs.
+        encoder = model.base_model.model.bert(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+        again = reloaded.base_model.model.bert(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+    assert torch.equal(encoder.last_hidden_state, again.last_hidden_state)
+
+
+def test_training_with_r_min_0_leaves_modules_out_within_the_budget_and_reloads(
+    tiny_bert_dir, sentiment_csv, tmp_path
+):
+    config = _config(
+        tiny_bert_dir,
+        sentiment_csv,
+        tmp_path / "runs",
+        methods=["fim-lora-dynamic"],
+        budget={"uniform_rank": 1},
+        allocation={"r_min": 0},
+    )
+    prepared = prepare(config)
+    calibrate(prepared, {NEEDS_DIAGONAL}, progress=False, log=lambda _: None)
+    outcome = _run(prepared, "fim-lora-dynamic")
+    record = outcome.result["records"]["fisher_online"]
+    reallocations = outcome.result["records"]["reallocations"]
+    assert set(record["rank_history"][0]["ranks"].values()) == {1}  # start: uniform rank 1 everywhere
+    final = record["reallocated_ranks"]
+    assert 0 in final.values() and max(final.values()) > 1
+    assert any(r["shrunk"] for r in reallocations)
+    assert record["peak_adapter_params"] <= prepared.budget
+    assert record["final_params"] == sum(r * sum(prepared.shapes[n]) for n, r in final.items())
+    assert set(lora_layers(outcome.model)) == {n for n, r in final.items() if r > 0}
+    assert all(v > 0 for v in reallocations[0]["traces"].values())  # every module scored, adapter or not
+    batch = prepared.collator([prepared.tokenized["test"][i] for i in range(6)])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        want = outcome.model.eval()(**inputs).logits
+    adapter_dir = Path(config.output_dir) / "fim-lora-dynamic" / "adapter"
+    got = _fresh_process_logits(
+        "AutoModelForSequenceClassification", prepared.loaded.source, adapter_dir, inputs, tmp_path
+    )
+    assert torch.equal(got, want)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_runs import SELF_CONTAINED_PRESETS
 from tiny_models import NO_DEPLOYMENT_FIGURES
 from transformers import TrainerCallback
 
 from fimlora.config import parse_config
 from fimlora.experiment import _summed, build_method, calibrate, prepare
-from fimlora.methods import PRESETS
 from fimlora.methods.base import NEEDS_DIAGONAL, NEEDS_GRADIENTS, NEEDS_KFAC
 from fimlora.train import train
 
@@ -63,7 +63,7 @@ def _prepared(model_dir, dataset, out, methods, quantization="none"):
 @pytest.fixture(scope="module")
 def float_base(tiny_llama_dir, text_jsonl, tmp_path_factory):
     # Delta-LoRA refuses LoRA dropout (its update rule needs it off): it gets its own config below.
-    methods = [m for m in PRESETS if m != "delta-lora"]
+    methods = [m for m in SELF_CONTAINED_PRESETS if m != "delta-lora"]
     return _prepared(tiny_llama_dir, text_jsonl, tmp_path_factory.mktemp("ckpt"), methods)
 
 
@@ -135,7 +135,11 @@ def _check(prepared, name, work: Path):
 
 @pytest.mark.parametrize(
     "name",
-    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in PRESETS if n != "delta-lora"],
+    [
+        n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+        for n in SELF_CONTAINED_PRESETS
+        if n != "delta-lora"
+    ],
 )
 def test_checkpointing_leaves_every_gradient_unchanged(float_base, name, tmp_path):
     _check(float_base, name, tmp_path)

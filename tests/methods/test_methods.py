@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from method_runs import BUDGET_RANK, tiny_config
+from method_runs import BUDGET_RANK, SELF_CONTAINED_PRESETS, tiny_config
 from peft import PeftModel, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
 
@@ -37,7 +37,7 @@ def _config(model_dir, dataset, out, methods, **extra):
 @pytest.fixture(scope="module")
 def prepared(tiny_bert_dir, sentiment_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("methods")
-    prepared = prepare(_config(tiny_bert_dir, sentiment_csv, out, list(PRESETS)))
+    prepared = prepare(_config(tiny_bert_dir, sentiment_csv, out, SELF_CONTAINED_PRESETS))
     calibrate(prepared, {NEEDS_DIAGONAL, NEEDS_GRADIENTS, NEEDS_KFAC}, progress=False, log=lambda _: None)
     return prepared
 
@@ -60,7 +60,7 @@ def _fresh_base(prepared):
 
 @pytest.fixture(scope="module")
 def outcomes(prepared):
-    return {name: _run(prepared, name) for name in PRESETS}
+    return {name: _run(prepared, name) for name in SELF_CONTAINED_PRESETS}
 
 
 def test_every_preset_resolves_to_real_components():
@@ -136,7 +136,7 @@ def test_unmatched_methods_record_their_own_size(prepared, outcomes):
     assert full["adapter_params"] + full["head_params"] == total
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", SELF_CONTAINED_PRESETS)
 def test_saved_method_reloads_into_a_fresh_base_model_with_the_trained_logits(prepared, outcomes, name):
     outcome = outcomes[name]
     run = Path(prepared.config.output_dir) / name

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_runs import SELF_CONTAINED_PRESETS
 from peft import PeftModel
 from tiny_models import NO_DEPLOYMENT_FIGURES
 
 from fimlora.config import parse_config
 from fimlora.errors import FimloraError
 from fimlora.experiment import build_method, calibrate, prepare, run_method
-from fimlora.methods import PRESETS, get_allocation, resolve_method
+from fimlora.methods import get_allocation, resolve_method
 from fimlora.methods.allocations.gora_score import gora_module_importance
 from fimlora.models import linear_modules, load_model
 from fimlora.quantization import dequantized_weight, is_quantized_linear
@@ -24,7 +25,7 @@ pytest.importorskip("bitsandbytes")
 
 # Methods that rewrite or move W, train W, or are not PEFT adapters (see each adapter's reason).
 REFUSED = ("pissa", "olora", "lora-ga", "delta-lora", "hydralora", "full-ft")
-SUPPORTED = tuple(name for name in PRESETS if name not in REFUSED)
+SUPPORTED = tuple(name for name in SELF_CONTAINED_PRESETS if name not in REFUSED)
 # Every allocation rule runs on NF4 in the fast suite (one preset each, plain LoRA adapter), the ones that
 # read the weights or the Fisher on int8 too; the other adapters and optimizers run with the slow tests.
 ALLOCATIONS = ("lora", "fim-lora", "random-rank", "gora-score", "spectral-lora", "whitened-spectral-lora")

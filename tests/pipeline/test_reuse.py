@@ -6,7 +6,9 @@ precision/recall, the confusion matrix and the evaluation time.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -211,3 +213,64 @@ def test_methods_that_used_to_warn_run_without_library_warnings(tiny_vocab_bert_
         warnings.simplefilter("always")
         run_experiment(config, progress=False, log=lambda _: None)
     assert [str(w.message)[:80] for w in caught if issubclass(w.category, UserWarning)] == []
+
+
+def _edit_in_place(path: Path) -> None:
+    """One review changed, same path, same size: only the bytes tell the two versions apart."""
+    text = path.read_text(encoding="utf-8")
+    first = text.splitlines()[1]
+    path.write_text(text.replace(first, first.replace("the", "THE", 1), 1), encoding="utf-8")
+
+
+def test_a_data_file_edited_in_place_is_refused_by_name_not_reused(tiny_vocab_bert_dir, tmp_path):
+    data = write_sentiment_csv(tmp_path / "reviews.csv", n=120)
+    out = tmp_path / "runs"
+    config = config_for(tiny_vocab_bert_dir, data, out, methods=["lora"])
+    _, (result,) = run_experiment(config, progress=False, log=lambda _: None)
+    (recorded,) = result["data"]["identity"]["files"]
+    assert recorded["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert recorded["path"] == str(data) and result["data"]["rows"]["train"] > 0
+    before = _stamps(out)
+    _edit_in_place(data)
+    for methods in (["lora"], ["lora", "fim-lora"]):  # the same config, and one with a method added
+        changed = config_for(tiny_vocab_bert_dir, data, out, methods=methods)
+        with pytest.raises(FimloraError) as info:
+            run_experiment(changed, progress=False, log=lambda _: None)
+        message = str(info.value)
+        assert f"lora: data file {data} changed (sha256 {recorded['sha256'][:12]}" in message
+        assert "--overwrite" in message and "\n" not in message
+    assert _stamps(out) == before
+    _, (again,) = run_experiment(config, progress=False, overwrite=True, log=lambda _: None)
+    assert again["data"]["identity"]["files"][0]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_a_run_made_before_data_was_recorded_is_not_trusted_for_a_local_file(finished, tmp_path):
+    config, _, _ = finished
+    copy = tmp_path / "old"
+    shutil.copytree(Path(config.output_dir) / "lora", copy / "lora")
+    result = json.loads((copy / "lora" / "result.json").read_text())
+    del result["data"]
+    (copy / "lora" / "result.json").write_text(json.dumps(result))
+    old = config.model_copy(update={"output_dir": str(copy), "methods": ["lora"]})
+    with pytest.raises(FimloraError, match="were not recorded by the fimlora that made it"):
+        run_experiment(old, progress=False, log=lambda _: None)
+
+
+def test_the_fisher_cache_is_recomputed_when_the_data_file_changes(tiny_vocab_bert_dir, tmp_path):
+    data = write_sentiment_csv(tmp_path / "reviews.csv", n=120)
+    config = config_for(tiny_vocab_bert_dir, data, tmp_path / "runs")
+    cache = tmp_path / "cache"
+    compute_fisher(prepare(config), cache, progress=False)
+    logs: list[str] = []
+    compute_fisher(prepare(config), cache, progress=False, log=logs.append)
+    assert logs == [f"Fisher reused from {cache} (empirical, 16 examples)"]
+    _edit_in_place(data)
+    logs.clear()
+    edited = prepare(config)
+    compute_fisher(edited, cache, progress=False, log=logs.append)
+    assert logs == [
+        f"Fisher (empirical) on 16 calibration examples, recomputed: settings changed since {cache} was "
+        "written (data)"
+    ]
+    meta = json.loads((cache / "fisher.json").read_text())["metadata"]
+    assert meta["fingerprint_settings"]["data"] == edited.identity.fingerprint()

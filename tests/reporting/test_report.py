@@ -117,7 +117,19 @@ def test_paired_comparison_is_reported(report_dir):
     # t-interval: sd = 0.0010954, 0.0108 ± 2.776445 · 0.0010954 / √5 = [0.00944, 0.01216].
     row = next(line for line in markdown.splitlines() if line.startswith("| r=4 | fim-lora | 5 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[6] == "+0.0108" and cells[8] == "[+0.0094, +0.0122]" and cells[10] == "0.062"
+    assert cells[6] == "+0.0108" and cells[8] == "[+0.0094, +0.0122]"
+    # Holm over the table's 4 comparisons (fim-lora and random-rank at r=2 and r=4): the four sign-flip
+    # p-values are all 2/32, so each is adjusted to 4 · 2/32 = 0.25; the t-test's are far below 0.05.
+    assert cells[10] == "0.062 (0.250)" and cells[9].startswith("<0.001 (<0.001)")
+    assert "Holm's adjustment in brackets, over this table's 4 comparisons with lora" in markdown
+    findings = [line for line in markdown.splitlines() if line.startswith("Findings on accuracy")]
+    small, sweep = findings  # other-bert (3 seeds) sorts before tiny-bert
+    assert "over this table's 4 comparisons (paired t-test, ≥ 5 paired seeds)" in sweep
+    assert "r=4 fim-lora: Δ +0.0108, p <0.001, Holm <0.001, sign-flip Holm 0.250" in sweep
+    # other-bert: fim-lora is +0.02 on each of 3 seeds (t = ∞, p = 0): below 0.05, but 3 seeds are no
+    # evidence, so it is named and not called a finding.
+    assert "over this table's 1 comparison" in small and ": none; no difference in this table" in small
+    assert "on fewer than 5 paired seeds, so not findings: r=4 fim-lora: Δ +0.0200" in small
 
 
 def test_report_is_deterministic(report_dir, tmp_path):

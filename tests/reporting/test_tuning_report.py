@@ -79,8 +79,8 @@ def test_the_report_shows_the_tuning_behind_tuned_results(tmp_path):
     files = build_report(tmp_path, n_resamples=10_000)
     report = files.markdown.read_text()
     section = report.split("### Tuning budget", 1)[1].split("###", 1)[0]
-    assert "| r=4 | lora | 4 | 3 | 1 | 0 | accuracy 0.7500 | learning_rate=0.002 |" in section
-    assert "| r=4 | fim-lora | 4 | 3 | 1 | 0 | accuracy 0.7500 | learning_rate=0.005 |" in section
+    assert "| r=4 | lora | 4 | 3 | 1 | 0 | 0 | accuracy 0.7500 | learning_rate=0.002 |" in section
+    assert "| r=4 | fim-lora | 4 | 3 | 1 | 0 | 0 | accuracy 0.7500 | learning_rate=0.005 |" in section
     assert "Unequal tuning effort" not in report and "unequal numbers" not in report
     assert "### Learning-rate sensitivity (validation split)" in report
     assert (files.markdown.parent / "report_files" / "sensitivity-reviews-tiny-bert-r4.png").is_file()
@@ -110,3 +110,31 @@ def test_untuned_runs_at_different_rates_are_not_paired(tmp_path):
     row = summary[(summary["method"] == "fim-lora") & (summary["metric"] == "accuracy")].iloc[0]
     assert pd.isna(row["n_paired"])
     assert "### Tuning budget" not in files.markdown.read_text()
+
+
+def test_the_per_seed_scores_of_the_chosen_setting_and_lost_trials_are_shown(tmp_path):
+    tuned_runs(tmp_path, {"lora": (3, 1, 0), "fim-lora": (3, 1, 0)})
+    for path in tmp_path.glob("lora-s*/lora/result.json"):  # lora tuned at two seeds, one trial lost
+        result = json.loads(path.read_text())
+        result["tuning"].update(
+            {
+                "validation_score": 0.51,
+                "seed_scores": {"0": 0.77, "1": 0.51},
+                "seed_spread": 0.26,
+                "aggregate": "worst",
+                "seeds": [0, 1],
+            }
+        )
+        result["tuning"]["trials"]["lost"] = 1
+        path.write_text(json.dumps(result), encoding="utf-8")
+    trials_csv(tmp_path)
+    table = pd.read_csv(tmp_path / "tuning-trials.csv")
+    lost = table.iloc[[0]].assign(state="lost", value=None, number=9)
+    pd.concat([table, lost]).to_csv(tmp_path / "tuning-trials.csv", index=False)
+    report = build_report(tmp_path, n_resamples=10_000).markdown.read_text()
+    row = (
+        "| r=4 | lora | 4 | 3 | 1 | 0 | 1 | "
+        "accuracy 0.5100 (worst of seed 0 0.7700, seed 1 0.5100; spread 0.2600) |"
+    )
+    assert row in report
+    assert "Not shown: 1 trial(s) lost with their process and retried" in report

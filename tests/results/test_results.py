@@ -95,7 +95,12 @@ def test_written_parquet_and_csv_match(sweep_dir, tmp_path):
         "r4/seed3/lora",
         "r4/seed3/random-rank",
     ]
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.parquet", "unfinished.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "results.csv",
+        "results.parquet",
+        "summary.csv",
+        "unfinished.csv",
+    ]
 
 
 def test_run_without_optional_files(tmp_path):
@@ -141,6 +146,14 @@ def test_cli_results(capsys, sweep_dir, tmp_path):
     assert "18 finished run(s)" in out and "5 unfinished run(s)" in out
     assert "reviews / tiny-bert / r=2 / fim-lora: 3 run(s)" in out
     assert (tmp_path / "table" / "results.parquet").is_file()
+    # The paired comparisons, with raw and Holm-adjusted p-values (the same as summarize's).
+    summary = pd.read_csv(tmp_path / "table" / "summary.csv")
+    assert {"p_ttest", "p_ttest_holm", "p_signflip", "p_signflip_holm"} <= set(summary.columns)
+    compared = summary[(summary["metric"] == "accuracy") & summary["diff_mean"].notna()]
+    assert (compared["p_ttest_holm"] >= compared["p_ttest"]).all()
+    assert out.count(" − lora: accuracy Δ ") == len(compared) > 0
+    row = compared.iloc[0]
+    assert f"(Holm {row['p_signflip_holm']:.3f})" in out and "nan" not in out
 
 
 def test_rank_columns_describe_the_ranks_trained_at_the_end(tmp_path):

@@ -13,6 +13,7 @@ from fimlora.errors import FimloraError
 from fimlora.results import collect_results
 from fimlora.stats import (
     bootstrap_ci,
+    holm,
     paired_comparison,
     paired_t_test,
     primary_metric,
@@ -223,3 +224,40 @@ def test_varying_learning_rate_splits_groups_and_pairs_like_with_like(tmp_path):
     fim = summary[summary["method"] == "fim-lora"]
     assert len(fim) == 2
     assert fim["diff_mean"].tolist() == pytest.approx([0.02, 0.02])
+
+
+# --------------------------------------------------------------------------------------------------
+# Holm's adjustment
+# --------------------------------------------------------------------------------------------------
+
+
+def test_holm_by_hand():
+    # Sorted: 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → running max 0.02, 0.03,
+    # 0.06, 0.06. A comparison without a p-value (NaN) is no member of the family.
+    adjusted = holm([0.01, math.nan, 0.04, 0.03, 0.005])
+    assert adjusted[[0, 2, 3, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert math.isnan(adjusted[1])
+    assert holm([0.5, 0.6]).tolist() == [1.0, 1.0]  # capped at 1, and never below an earlier one
+    assert holm([0.04]).tolist() == [0.04]  # a family of one needs no correction
+    assert all(math.isnan(v) for v in holm([math.nan, math.nan]))
+    with pytest.raises(FimloraError):
+        holm([0.5, 1.5])
+
+
+def test_summary_adjusts_each_tables_comparisons_together(tmp_path):
+    # Two budgets × two methods against lora: each metric's table holds 4 comparisons, one family.
+    write_sweep(tmp_path, seeds=(0, 1, 2, 3, 4), ranks=(2, 4), eval_losses=True)
+    summary = summarize(collect_results(tmp_path).frame, ["accuracy", "eval_loss"])
+    for _, table in summary.groupby("metric"):
+        compared = table[table["method"] != "lora"]
+        assert len(compared) == 4 and (compared["holm_family_size"] == 4).all()
+        for column in ("p_ttest", "p_signflip"):
+            # Differences that are all 0 have no t-test p; such a comparison counts as p = 1.
+            raw = compared[column].fillna(1.0).to_numpy()
+            assert compared[f"{column}_holm"].to_numpy() == pytest.approx(holm(raw))
+            assert (compared[f"{column}_holm"].to_numpy() >= raw - 1e-15).all()
+        assert table[table["method"] == "lora"]["p_ttest_holm"].isna().all()
+    # The families are per table: not the 8 comparisons of both metrics together.
+    accuracy = summary[(summary["metric"] == "accuracy") & (summary["method"] != "lora")]
+    smallest = accuracy["p_ttest"].min()
+    assert accuracy.loc[accuracy["p_ttest"].idxmin(), "p_ttest_holm"] == pytest.approx(min(1.0, 4 * smallest))

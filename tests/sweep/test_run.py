@@ -328,3 +328,28 @@ def test_output_dir_option_puts_the_same_runs_in_another_store(capsys, serial, t
     code, out, err = run_cli(capsys, "sweep", path, "--no-progress", "--output-dir", other)
     assert code == 0, err
     assert_same_results(store, other, runs)
+
+
+def test_a_data_file_edited_in_place_is_refused_before_anything_runs(
+    capsys, tiny_bert_dir, reviews_csv, defaults, tmp_path
+):
+    data = Path(shutil.copy(reviews_csv, tmp_path / "reviews.csv"))
+    grid = {"model": [str(tiny_bert_dir)], "dataset": [str(data)], "method": ["lora"], "seed": [0, 1]}
+    path = spec_file(tmp_path, grid, defaults)
+    spec = load_spec(path)
+    first, second = expand(spec)
+    # One run finished, one still to do: running the second on edited data would mix the two versions.
+    run_sweep(spec.model_copy(update={"grid": spec.grid.model_copy(update={"seed": [0]})}), progress=False,
+              log=lambda _: None)  # fmt: skip
+    assert first.run_directory.is_finished and not second.run_directory.path.exists()
+    store = spec.output_path
+    before = file_stamps(store)
+    data.write_text(data.read_text(encoding="utf-8").replace("film", "movie", 1), encoding="utf-8")
+    for argv in (["sweep", path], ["sweep", path, "--dry-run"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"data file {data} changed (sha256" in err and first.key in err and "--output-dir" in err
+    assert file_stamps(store) == before and not second.run_directory.path.exists()
+    # Another store takes the edited data whole: every run there reads the new version.
+    code, _, err = run_cli(capsys, "sweep", path, "--output-dir", tmp_path / "edited")
+    assert code == 0, err

@@ -4,8 +4,7 @@ cells without tuned settings refused."""
 from __future__ import annotations
 
 import pytest
-import yaml
-from tune_runs import write_spec
+from tune_runs import cell, tuned_file, write_spec
 
 from fimlora.cli import main
 from fimlora.config import parse_config
@@ -21,32 +20,6 @@ GRID = {
     "seed": [0, 1],
 }
 TUNE = {"trials": 4, "methods": {"fim-lora": {"allocation.tau": {"low": 0.5, "high": 2.0}}}}
-
-
-def tuned_file(path, cells):
-    document = {
-        "name": "tiny",
-        "split": "validation",
-        "seed": 0,
-        "trials_per_study": 4,
-        "storage": "sqlite:///x",
-        "cells": cells,
-    }
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def cell(method, params, trials=(3, 1, 0), model="some/model", dataset="movie-reviews"):
-    return {
-        "model": model,
-        "dataset": dataset,
-        "method": method,
-        "budget": {"uniform_rank": 2},
-        "params": params,
-        "metric": "accuracy",
-        "validation_score": 0.8 if params else None,
-        "trials": dict(zip(("complete", "pruned", "failed"), trials, strict=True)),
-    }
 
 
 def run_cli(capsys, *argv):
@@ -72,7 +45,7 @@ def test_tuned_settings_are_applied_per_cell_on_the_test_split(tmp_path):
         assert config.train.eval_split == "test"
         assert config.train.learning_rate == {"lora": 0.0123, "fim-lora": 0.0456}[run.method]
         assert config.allocation.tau == (1.5 if run.method == "fim-lora" else 1.0)
-        assert run.extras["tuning"]["trials"] == {"complete": 3, "pruned": 1, "failed": 0}
+        assert run.extras["tuning"]["trials"] == {"complete": 3, "pruned": 1, "failed": 0, "lost": 0}
         assert run.extras["tuning"]["trials_per_study"] == 4
         sources = run.extras["hyperparameter_sources"]
         assert sources["train.learning_rate"] == {"value": config.train.learning_rate, "source": "tuned"}

@@ -60,7 +60,8 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails_while_the_study_goes_on
     }
     (entry,) = document["cells"]
     assert list(entry) == [
-        "model", "dataset", "method", "budget", "params", "metric", "validation_score", "trials"
+        "model", "dataset", "method", "budget", "params", "metric", "validation_score", "seed_scores",
+        "seed_spread", "trials", "data"
     ]  # fmt: skip
     assert (entry["model"], entry["dataset"], entry["method"]) == (
         str(small_bert_dir),
@@ -68,6 +69,7 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails_while_the_study_goes_on
         "lora",
     )
     assert entry["budget"] == {"uniform_rank": 2} and entry["metric"] == "loss"
-    assert entry["trials"] == {"complete": 2, "pruned": 1, "failed": 1}
+    assert entry["trials"] == {"complete": 2, "pruned": 1, "failed": 1, "lost": 0}
+    assert entry["seed_scores"] == {0: entry["validation_score"]} and entry["seed_spread"] is None
     best = min((t for t in trials if trial_kind(t) == "complete"), key=lambda t: t.value)
     assert entry["params"] == best.params and entry["validation_score"] == best.value

@@ -1,5 +1,6 @@
-"""A killed tuning resumes: a real SIGKILL of `fimlora tune` loses only the trial that was running, and the
-rerun completes the study with the budget it was given; --trials extends it; workers share the budget."""
+"""A killed tuning resumes: a real SIGKILL of `fimlora tune` loses only the trial that was running, the
+rerun completes the study with the budget it was given and draws exactly what an uninterrupted tuning
+draws; --trials extends it; workers share the budget."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import sys
 import time
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from tune_runs import write_spec
 
 from fimlora.cli import main
 from fimlora.sweep import load_spec
-from fimlora.tune import TUNED_FILE, parse_tune, plan_cells
+from fimlora.tune import TRIALS_FILE, TUNED_FILE, parse_tune, plan_cells
 from fimlora.tune.storage import default_storage, kind_counts, trial_kind
 
 
@@ -38,22 +40,35 @@ def grid(model, data) -> dict:
     }
 
 
-TUNE = {"trials": 3, "metric": "loss", "eval_every": 2, "heartbeat_s": 1, "sampler": {"startup_trials": 2}}
+TUNE = {"trials": 4, "metric": "loss", "eval_every": 2, "heartbeat_s": 1, "sampler": {"startup_trials": 3}}
+# Every process alike (one thread): the same trial gives bit-identical scores in each of them.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_a_killed_tuning_resumes_and_loses_only_the_running_trial(
+def tune_command(path, *extra) -> list[str]:
+    return [sys.executable, "-m", "fimlora.cli", "tune", str(path), *map(str, extra)]
+
+
+def counted(study) -> list[tuple]:
+    """The trials that count against the budget, in order: their values, state and score."""
+    return [
+        (t.params, trial_kind(t), t.value, t.last_step)
+        for t in sorted(study.trials, key=lambda t: t.number)
+        if trial_kind(t) in ("complete", "pruned", "failed")
+    ]
+
+
+def test_a_killed_and_resumed_tuning_is_the_uninterrupted_one_trial_by_trial(
     capsys, small_bert_dir, split_dir, tmp_path
 ):
-    path = write_spec(tmp_path, grid(small_bert_dir, split_dir), TUNE)
+    plain_path = write_spec(_mkdir(tmp_path / "plain"), grid(small_bert_dir, split_dir), TUNE)
+    path = write_spec(_mkdir(tmp_path / "killed"), grid(small_bert_dir, split_dir), TUNE)
+    subprocess.run(tune_command(plain_path), check=True, env=ENV, capture_output=True)
+
     spec = load_spec(path)
     (cell,) = plan_cells(spec, parse_tune(spec))
     second = cell.directory / "trial-0001" / "lora" / "config.yaml"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fimlora.cli", "tune", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = subprocess.Popen(tune_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         deadline = time.monotonic() + 300
         while not second.exists():  # the first trial finished, the second is training
@@ -70,26 +85,41 @@ def test_a_killed_tuning_resumes_and_loses_only_the_running_trial(
     first_result = cell.directory / "trial-0000" / "lora" / "result.json"
     first_stamp = first_result.stat().st_mtime_ns
 
-    code, out, err = run_cli(capsys, "tune", path)
-    assert code == 0, out + err
+    subprocess.run(tune_command(path), check=True, env=ENV, capture_output=True)
     trials = optuna.load_study(study_name=cell.study_name, storage=storage).trials
     counts = kind_counts(trials)
-    assert counts["complete"] + counts["pruned"] + counts["failed"] == 3
     assert counts["lost"] == 1 and trial_kind(trials[1]) == "lost"  # only the trial that was running
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
     assert retry.params == trials[1].params and trial_kind(retry) != "lost"  # re-run, same values
     assert first_result.stat().st_mtime_ns == first_stamp  # the finished trial was not touched
+    # Trial by trial, the resumed study drew and scored what the uninterrupted one did: the learning
+    # rates of the random start-up trials and of TPE's, the verdicts, the validation losses.
+    plain = optuna.load_study(
+        study_name=cell.study_name, storage=default_storage(load_spec(plain_path).output_path)
+    )
+    assert counted(optuna.load_study(study_name=cell.study_name, storage=storage)) == counted(plain)
+    rates = [params["train.learning_rate"] for params, *_ in counted(plain)]
+    assert len(set(rates)) == 4  # and no trial's values were drawn twice
+    # The lost trial is counted and shown apart: tuned.yaml, the trial table.
     (entry,) = yaml.safe_load((spec.output_path / TUNED_FILE).read_text())["cells"]
-    assert sum(entry["trials"].values()) == 3
+    assert entry["trials"]["lost"] == 1
+    assert entry["trials"]["complete"] + entry["trials"]["pruned"] + entry["trials"]["failed"] == 4
+    table = pd.read_csv(spec.output_path / TRIALS_FILE)
+    assert table["state"].tolist().count("lost") == 1 and len(table) == 5
 
     # More trials extend the same study by exactly the difference.
-    code, out, err = run_cli(capsys, "tune", path, "--trials", "4")
+    code, out, err = run_cli(capsys, "tune", path, "--trials", "5")
     assert code == 0, out + err
-    assert out.count(" trial ") == 1
+    assert out.count(" trial ") == 1 and "1 lost and retried" in out
     counts = kind_counts(optuna.load_study(study_name=cell.study_name, storage=storage).trials)
-    assert counts["complete"] + counts["pruned"] + counts["failed"] == 4
+    assert counts["complete"] + counts["pruned"] + counts["failed"] == 5
     document = yaml.safe_load((spec.output_path / TUNED_FILE).read_text())
-    assert document["trials_per_study"] == 4 and sum(document["cells"][0]["trials"].values()) == 4
+    assert document["trials_per_study"] == 5
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
 
 
 @pytest.mark.slow
@@ -103,7 +133,7 @@ def test_worker_processes_share_each_study_budget_exactly(capsys, small_bert_dir
     study = optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path))
     counts = kind_counts(study.trials)
     # Two workers race for the last place; the loser's trial is surplus, never trained, not counted.
-    assert counts["complete"] + counts["pruned"] + counts["failed"] == 3
+    assert counts["complete"] + counts["pruned"] + counts["failed"] == TUNE["trials"]
     assert not counts["lost"] and not counts["running"]
     trained = {json.dumps(t.params) for t in study.trials if trial_kind(t) != "surplus"}
-    assert len(trained) == 3  # worker k samples with seed + k: no duplicate proposals
+    assert len(trained) == TUNE["trials"]  # each place draws its own values: no duplicate proposals

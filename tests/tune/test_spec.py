@@ -151,3 +151,23 @@ def test_a_spec_without_tune_section_is_refused_and_sweeps_ignore_the_section(tm
         parse_tune(spec_of(tune=None))
     path = write_spec(tmp_path, GRID, TUNE)
     assert load_spec(path).tune == TUNE  # the same file serves fimlora sweep
+
+
+def test_seeds_and_aggregate_name_new_studies_and_one_seed_keeps_the_old_names(capsys, tmp_path):
+    names = [c.study_name for c in plan_cells(spec_of(), parse_tune(spec_of()))]
+    # One seed: its mean is its worst, and studies made before tune.seeds existed keep their names.
+    worst_one = spec_of({**TUNE, "seeds": 1, "aggregate": "worst"})
+    assert [c.study_name for c in plan_cells(worst_one, parse_tune(worst_one))] == names
+    two = parse_tune(spec_of(), seeds=2)
+    cells = plan_cells(spec_of(), two)
+    assert all(c.seeds == (3, 4) and c.aggregate == "mean" for c in cells)  # from the grid's first seed
+    assert not {c.study_name for c in cells} & set(names)
+    worst = spec_of({**TUNE, "seeds": 2, "aggregate": "worst"})
+    assert not {c.study_name for c in plan_cells(worst, parse_tune(worst))} & {c.study_name for c in cells}
+    with pytest.raises(FimloraError, match="--seeds must be at least 1"):
+        parse_tune(spec_of(), seeds=0)
+    path = write_spec(
+        tmp_path, {**GRID, "model": [str(tmp_path / "no-model")]}, {**TUNE, "aggregate": "best"}
+    )
+    code, _, err = run_cli(capsys, "tune", path)
+    assert code == 2 and "tune.aggregate" in err and "Traceback" not in err

@@ -89,7 +89,7 @@ def _trial_results(store: Path) -> list[dict]:
 def test_the_test_split_is_never_read_while_tuning(tuned):
     # The tuning finished although test.csv cannot be parsed: it was never opened...
     assert all(s.entry.params is not None for s in tuned.report.summaries)
-    with pytest.raises(FimloraError, match="Could not read"):
+    with pytest.raises(FimloraError, match="is not UTF-8 text"):
         load_task_data(str(tuned.data), **COLUMNS)  # ...as loading it would have failed
     # ...and every trial was scored on the 32 rows of validation.csv.
     results = _trial_results(tuned.spec.output_path)
@@ -116,10 +116,11 @@ def test_tuned_yaml_lists_the_best_validation_settings_of_every_cell(tuned):
     trials = pd.read_csv(tuned.spec.output_path / TRIALS_FILE)
     for cell in document["cells"]:
         assert list(cell) == [
-            "model", "dataset", "method", "budget", "params", "metric", "validation_score", "trials"
+            "model", "dataset", "method", "budget", "params", "metric", "validation_score", "seed_scores",
+        "seed_spread", "trials", "data"
         ]  # fmt: skip
         assert cell["dataset"] == str(tuned.data) and cell["budget"] == {"uniform_rank": 2}
-        assert cell["metric"] == "loss" and set(cell["trials"]) == {"complete", "pruned", "failed"}
+        assert cell["metric"] == "loss" and set(cell["trials"]) == {"complete", "pruned", "failed", "lost"}
         assert sum(cell["trials"].values()) == TRIALS
         complete = trials[(trials["method"] == cell["method"]) & (trials["state"] == "complete")]
         assert cell["validation_score"] == pytest.approx(complete["value"].min())  # loss: lower is better

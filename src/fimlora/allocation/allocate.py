@@ -15,6 +15,10 @@ Every strategy returns ranks that satisfy, for all modules ``i``:
 1. ``sum_i r_i * cost_i <= budget``;
 2. ``r_min <= r_i <= cap_i``;
 3. the budget is spent: no module with ``r_i < cap_i`` has ``cost_i <= budget - num_params``.
+
+``r_min = 0`` is allowed: a module at rank 0 gets no adapter at all (it is left out of the PEFT
+config's ``target_modules``) and costs nothing. At least one module must then get a rank, so the budget
+must pay for one rank of the cheapest module.
 """
 
 from __future__ import annotations
@@ -96,12 +100,7 @@ def allocate_ranks(
     costs = np.array([rank_cost(shapes, rank_costs, n) for n in names], dtype=np.int64)
     caps = np.array([_rank_cap(shapes[n], r_max) for n in names], dtype=np.int64)
     _check_caps(names, caps, r_min)
-    min_budget = int(r_min * costs.sum())
-    if budget < min_budget:
-        raise FimloraError(
-            f"A budget of {budget} trainable parameters cannot give every module r_min={r_min}: "
-            f"that needs at least {min_budget}; raise the budget or lower r_min."
-        )
+    check_minimum_budget(budget, costs.tolist(), r_min)
 
     if strategy == "uniform":
         score_vec = np.ones(len(names))
@@ -320,10 +319,10 @@ def _check_hyperparameters(*, budget: int, r_min: int, r_max: int | None, tau: f
         )
     if budget <= 0:
         raise FimloraError(f"The budget must be a positive number of trainable parameters, but got {budget}.")
-    if not _is_int(r_min) or r_min < 1:
-        raise FimloraError(f"r_min must be an integer >= 1, but got {r_min!r}.")
-    if r_max is not None and (not _is_int(r_max) or r_max < r_min):
-        raise FimloraError(f"r_max must be None or an integer >= r_min={r_min}, but got {r_max!r}.")
+    if not _is_int(r_min) or r_min < 0:
+        raise FimloraError(f"r_min must be an integer >= 0, but got {r_min!r}.")
+    if r_max is not None and (not _is_int(r_max) or r_max < max(r_min, 1)):
+        raise FimloraError(f"r_max must be None or an integer >= max(r_min, 1), but got {r_max!r}.")
     if not _is_real(tau) or not math.isfinite(tau) or tau <= 0:
         raise FimloraError(f"tau must be a finite number > 0, but got {tau!r}.")
     if not _is_int(seed):
@@ -389,6 +388,21 @@ def _check_scores(
         raise FimloraError(
             "All scores are zero, so a score-driven allocation is undefined; "
             "check the Fisher estimate or use strategy='uniform'."
+        )
+
+
+def check_minimum_budget(budget: int, costs: list[int], r_min: int) -> None:
+    """The budget pays ``r_min`` ranks on every module and, with ``r_min = 0``, one rank somewhere."""
+    min_budget = r_min * sum(costs)
+    if budget < min_budget:
+        raise FimloraError(
+            f"A budget of {budget} trainable parameters cannot give every module r_min={r_min}: "
+            f"that needs at least {min_budget}; raise the budget or lower r_min."
+        )
+    if r_min == 0 and budget < min(costs):
+        raise FimloraError(
+            f"A budget of {budget} trainable parameters cannot pay one rank of any module (the cheapest "
+            f"costs {min(costs)}), so no module would get an adapter; raise the budget."
         )
 
 

@@ -38,7 +38,8 @@ class Allocation:
     """LoRA ranks per module, chosen under a budget of trainable parameters.
 
     Attributes:
-        ranks: rank per module, keyed by the module's name in the base model's ``named_modules()``.
+        ranks: rank per module, keyed by the module's name in the base model's ``named_modules()``;
+            0 means the module gets no adapter (``allocation.r_min: 0``).
         shapes: ``(d_out, d_in)`` per module (a ``torch.nn.Linear`` weight shape).
         budget: allowed trainable LoRA parameters; ``num_params <= budget``.
         strategy: the strategy that produced the ranks.
@@ -46,6 +47,8 @@ class Allocation:
         r_min, r_max, tau, seed: the allocation's settings, kept for provenance.
         rank_costs: trainable parameters one rank adds per module, when that is not ``d_in + d_out``
             (LoRA-FA trains only B: ``d_out``); None for plain LoRA. ``num_params`` counts with it.
+        source: what the scores were read from when that is another run (the ``hindsight`` rule: the
+            source run's path, method and identity); None otherwise.
     """
 
     ranks: dict[str, int]
@@ -58,6 +61,7 @@ class Allocation:
     tau: float = 1.0
     seed: int = 0
     rank_costs: dict[str, int] | None = None
+    source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.ranks = {str(n): int(r) for n, r in self.ranks.items()}
@@ -69,11 +73,13 @@ class Allocation:
         if set(self.ranks) != set(self.shapes):
             odd = sorted(set(self.ranks) ^ set(self.shapes))[:3]
             raise FimloraError(f"ranks and shapes name different modules (e.g. {odd}); they must match.")
-        bad = sorted(n for n, r in self.ranks.items() if r < 1)
+        bad = sorted(n for n, r in self.ranks.items() if r < 0)
         if bad:
             raise FimloraError(
-                f"Every rank must be >= 1, but module {bad[0]!r} has rank {self.ranks[bad[0]]}."
+                f"Every rank must be >= 0, but module {bad[0]!r} has rank {self.ranks[bad[0]]}."
             )
+        if not any(self.ranks.values()):
+            raise FimloraError("Every module has rank 0, so there is no adapter; give some module a rank.")
         if self.rank_costs is not None:
             self.rank_costs = {str(n): int(c) for n, c in self.rank_costs.items()}
             if set(self.rank_costs) != set(self.ranks):
@@ -102,9 +108,14 @@ class Allocation:
         return sum(r * self.rank_cost(n) for n, r in self.ranks.items())
 
     @property
+    def adapted_ranks(self) -> dict[str, int]:
+        """The modules that get an adapter (rank >= 1) and their ranks; a rank-0 module gets none."""
+        return {n: r for n, r in self.ranks.items() if r > 0}
+
+    @property
     def reference_rank(self) -> int:
-        """The most common rank (ties: the smaller); it becomes ``LoraConfig.r``."""
-        counts = Counter(self.ranks.values())
+        """The most common rank of the adapted modules (ties: the smaller); it becomes ``LoraConfig.r``."""
+        counts = Counter(self.adapted_ranks.values())
         return max(counts, key=lambda r: (counts[r], -r))
 
     def summary(self) -> dict[str, Any]:
@@ -115,9 +126,11 @@ class Allocation:
             "budget": self.budget,
             "num_params": self.num_params,
             "num_modules": len(ranks),
+            "num_adapted_modules": len(self.adapted_ranks),
             "min_rank": min(ranks),
             "max_rank": max(ranks),
             "mean_rank": sum(ranks) / len(ranks),
+            **({"source": self.source} if self.source is not None else {}),
         }
 
     # ----------------------------------------------------------------------------------------------
@@ -127,8 +140,9 @@ class Allocation:
     def to_lora_config(self, *, lora_alpha: float, scaling: str = "alpha_over_r", **kwargs: Any):
         """Build a ``peft.LoraConfig`` that puts exactly these ranks on exactly these modules.
 
-        ``target_modules`` is the sorted list of module names, ``r`` the most common rank (ties: the
-        smaller) and ``rank_pattern`` maps every module whose rank differs from ``r`` to its rank. Names
+        ``target_modules`` is the sorted list of the adapted module names (a module at rank 0 gets no
+        adapter and is left out), ``r`` their most common rank (ties: the smaller) and ``rank_pattern``
+        maps every adapted module whose rank differs from ``r`` to its rank. Names
         are those of the base model's ``named_modules()`` (no ``base_model.model.`` prefix), because that
         is what PEFT matches while it injects the adapters.
 
@@ -156,13 +170,14 @@ class Allocation:
 
         self._check_lora_kwargs(lora_alpha, scaling, kwargs)
         r_ref = self.reference_rank
+        adapted = self.adapted_ranks
         rank_pattern, alpha_pattern = peft_patterns(
-            self.ranks, reference_rank=r_ref, lora_alpha=lora_alpha, scaling=scaling
+            adapted, reference_rank=r_ref, lora_alpha=lora_alpha, scaling=scaling
         )
         config_kwargs: dict[str, Any] = {
             "r": r_ref,
             "lora_alpha": lora_alpha,
-            "target_modules": sorted(self.ranks),
+            "target_modules": sorted(adapted),
             "rank_pattern": rank_pattern,
         }
         if scaling == "constant":
@@ -199,7 +214,7 @@ class Allocation:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (shapes as ``[d_out, d_in]`` lists; ``num_params`` for readers;
-        ``rank_costs`` only when a rank does not cost ``d_in + d_out``)."""
+        ``rank_costs`` only when a rank does not cost ``d_in + d_out``; ``source`` only when set)."""
         names = sorted(self.ranks)
         data = {
             "strategy": self.strategy,
@@ -215,6 +230,8 @@ class Allocation:
         }
         if self.rank_costs is not None:
             data["rank_costs"] = {n: self.rank_costs[n] for n in names}
+        if self.source is not None:
+            data["source"] = self.source
         return data
 
     @classmethod

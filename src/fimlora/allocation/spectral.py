@@ -57,11 +57,12 @@ The optimisation problem
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Mapping, Sequence
 from functools import reduce
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,6 +74,7 @@ from fimlora.allocation.allocate import (
     _is_real,
     _quote,
     _rank_cap,
+    check_minimum_budget,
     rank_cost,
 )
 from fimlora.allocation.allocation import Allocation
@@ -84,6 +86,7 @@ if TYPE_CHECKING:
 # torch itself is imported where it is used, so `import fimlora.allocation` stays torch-free.
 
 SPECTRAL_STRATEGIES: tuple[str, ...] = ("spectral", "whitened-spectral")
+HINDSIGHT_STRATEGY = "hindsight"
 DEFAULT_DAMPING = 1e-3
 
 # Largest dynamic-programming table solved exactly; beyond it the greedy solver runs (see module doc).
@@ -175,12 +178,7 @@ def allocate_spectral(
     costs = [rank_cost(shapes, rank_costs, n) for n in names]
     caps = [_rank_cap(shapes[n], r_max) for n in names]
     _check_caps(names, np.array(caps), r_min)
-    min_budget = r_min * sum(costs)
-    if budget < min_budget:
-        raise FimloraError(
-            f"A budget of {budget} trainable parameters cannot give every module r_min={r_min}: "
-            f"that needs at least {min_budget}; raise the budget or lower r_min."
-        )
+    check_minimum_budget(budget, costs, r_min)
 
     gains = _gains(gradients, kfac, damping)
     if all(not gains[n].any() for n in names):
@@ -201,6 +199,36 @@ def allocate_spectral(
         r_max=None if r_max is None else int(r_max),
         rank_costs=None if rank_costs is None else {n: int(rank_costs[n]) for n in names},
     )
+
+
+def allocate_hindsight(
+    updates: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    budget: int,
+    source: Mapping[str, Any],
+    r_min: int = 1,
+    r_max: int | None = None,
+    rank_costs: Mapping[str, int] | None = None,
+) -> Allocation:
+    """The spectral knapsack on *trained updates*: ranks maximising ``Σ_i Σ_{k≤r_i} σ_k(ΔW_i)²``.
+
+    ``updates[name]`` is the update training made to module ``name``'s weight in a finished source run
+    (``W_trained − W`` for full fine-tuning, ``s·B·A`` for LoRA), ``(d_out, d_in)``; its dtype sets the
+    numerical-rank tolerance as for a gradient. The solver and its guarantee are :func:`allocate_spectral`'s;
+    the result has ``strategy="hindsight"``, ``scores`` = the captured ``Σ_{k≤r_i} σ_k²`` per module, and
+    ``source`` = the given record of the source run. Raises FimloraError when every update is zero.
+    """
+    _check_gradients(updates)
+    if all(not bool(u.detach().any()) for u in updates.values()):
+        raise FimloraError(
+            "Every update of the source run is zero (its weights did not move), so there is nothing to "
+            "allocate by; check that the source run trained."
+        )
+    allocation = allocate_spectral(
+        updates, shapes, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs
+    )
+    return dataclasses.replace(allocation, strategy=HINDSIGHT_STRATEGY, source=dict(source))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Analyses of the Fisher itself: ranking stability across calibration subsets and estimators."""
+"""Analyses of the Fisher itself: ranking stability across calibration subsets and estimators, and
+its movement during training (:mod:`fimlora.analysis.fisher_trajectory`, imported on use: it trains)."""
 
 from fimlora.analysis.calibration import (
     CalibrationStability,

@@ -11,6 +11,10 @@ Whatever the source, the result is a :class:`TaskData` with ``train``/``validati
 a ``text`` column and, for classification, a ``label`` column of ids ``0..K-1``. Asked for fewer splits
 (``splits=("train", "validation")`` while tuning), the others are sealed: local split files outside it
 are never opened, and reading a sealed split raises.
+
+Every load counts the evaluation rows whose text also occurs in an earlier split
+(:mod:`fimlora.data.duplicates`); what a dataset *is*, by content (file digests, a built-in's version),
+is :func:`data_identity` (:mod:`fimlora.data.identity`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 from fimlora.data import builtin as _builtin  # noqa: F401  (registers the built-in datasets)
+from fimlora.data.duplicates import with_duplicates
 from fimlora.data.files import (
     check_split_mapping,
     dataset_label,
@@ -26,6 +31,7 @@ from fimlora.data.files import (
     looks_like_file,
 )
 from fimlora.data.hub import load_hub_dataset
+from fimlora.data.identity import DataIdentity, data_changes, data_identity
 from fimlora.data.registry import (
     TASKS,
     SealedSplits,
@@ -45,11 +51,14 @@ from fimlora.errors import FimloraError
 
 __all__ = [
     "TASKS",
+    "DataIdentity",
     "SealedSplits",
     "Task",
     "TaskData",
     "available_datasets",
     "calibration_subset",
+    "data_changes",
+    "data_identity",
     "dataset_label",
     "load_task_data",
     "make_collator",
@@ -68,15 +77,41 @@ def load_task_data(
     hub_config: str | None = None,
     trust_remote_code: bool = False,
     splits: Collection[str] | None = None,
+    drop_eval_duplicates: bool = False,
 ) -> TaskData:
     """Load dataset ``name`` (built-in, local file or directory, split mapping, or hub id) as
-    :class:`TaskData` with seeded splits.
+    :class:`TaskData` with seeded splits, its cross-split duplicates counted (and with
+    ``drop_eval_duplicates`` dropped from validation and test; :mod:`fimlora.data.duplicates`).
 
     ``task`` defaults to the built-in's task, or for files/hub to classification when a label column
     exists and causal-lm otherwise. ``text_column``/``label_column`` name the user's columns;
     ``hub_config`` and ``trust_remote_code`` are passed to ``datasets.load_dataset`` for hub ids.
     ``splits``: the splits that may be loaded (must include train; None: all three); the rest are sealed.
     """
+    data = _load(
+        name,
+        seed=seed,
+        task=task,
+        text_column=text_column,
+        label_column=label_column,
+        hub_config=hub_config,
+        trust_remote_code=trust_remote_code,
+        splits=splits,
+    )
+    return with_duplicates(data, drop=drop_eval_duplicates)
+
+
+def _load(
+    name: str | Mapping[str, str],
+    *,
+    seed: int,
+    task: str | None,
+    text_column: str | None,
+    label_column: str | None,
+    hub_config: str | None,
+    trust_remote_code: bool,
+    splits: Collection[str] | None,
+) -> TaskData:
     if task is not None:
         check_task(task)
     if splits is not None:

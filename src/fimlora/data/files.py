@@ -15,6 +15,9 @@ called ``valid``, ``val`` or ``dev``. Missing validation/test splits are carved 
 split, 10% of train each (so 80/10/10 when both are missing). A provided split with no labels at all (e.g. a
 GLUE-style test set with label -1) counts as missing.
 
+Files must be UTF-8 (checked before ``datasets`` reads them: a file that is not is refused with its
+name, line and byte).
+
 Bringing your own splits: ``dataset`` may be a directory holding ``train.csv`` (or ``.json``/``.jsonl``)
 and optionally ``validation.csv`` (``valid``/``val``/``dev``) and ``test.csv``, or a mapping
 ``{train: a.csv, validation: b.csv, test: c.csv}`` (one format for all files). A split that is given is
@@ -26,6 +29,7 @@ the splits actually loaded.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -144,7 +148,8 @@ def load_file_dataset(
         raise FimloraError(
             f"{name!r} exists but is not a .csv, .json or .jsonl file; convert it to one of those formats."
         )
-    _check_file(path, name)
+    check_data_file(path, name)
+    check_utf8(path, name)
     raw = _load_raw(builder, {"train": path}, name)
     data = normalize_splits(
         raw, name=name, seed=seed, task=task, text_column=text_column, label_column=label_column
@@ -176,7 +181,8 @@ def load_split_files(
     allowed_set = set(SPLITS) if allowed is None else set(allowed)
     chosen = {split: Path(p).expanduser() for split, p in files.items() if split in allowed_set}
     for split, path in chosen.items():
-        _check_file(path, str(files[split]))
+        check_data_file(path, str(files[split]))
+        check_utf8(path, str(files[split]))
     raw = _load_raw(next(iter(builders.values())) or "csv", chosen, name)
     sealed = [split for split in files if split not in allowed_set]
     data = normalize_splits(
@@ -191,24 +197,67 @@ def load_split_files(
     return seal(data, allowed)
 
 
-def _check_file(path: Path, name: str) -> None:
+def check_data_file(path: Path, name: str) -> None:
+    """A FimloraError unless ``path`` (shown as ``name``) is a non-empty file."""
     if not path.is_file():
-        raise FimloraError(f"Data file {name!r} does not exist; check the path.")
+        where = "" if path.is_absolute() else f" (relative to the working directory, {Path.cwd()})"
+        raise FimloraError(f"Data file {name!r} does not exist{where}; check the path.")
     if path.stat().st_size == 0:
         raise FimloraError(f"Data file {name!r} is empty; it needs a header (CSV) or records (JSON).")
 
 
+def check_utf8(path: Path, name: str, chunk_bytes: int = 1 << 20) -> None:
+    """A FimloraError naming the file, line and byte unless ``path`` is UTF-8 text (``datasets`` reads
+    only UTF-8, and its own error names neither the file nor the problem)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                # The decoder may hold back a few bytes of an unfinished character from the last chunk.
+                held = len(exc.object) - len(chunk)
+                line += chunk[: max(exc.start - held, 0)].count(b"\n")
+                bad = exc.object[exc.start : exc.start + 1].hex()
+                raise FimloraError(
+                    f"Data file {name!r} is not UTF-8 text: byte 0x{bad} at line {line} (byte "
+                    f"{offset - held + exc.start}) is not valid UTF-8 ({exc.reason}); save the file as UTF-8."
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
 def _load_raw(builder: str, files: Mapping[str, Path], name: str) -> datasets.DatasetDict:
+    builder_logger = logging.getLogger("datasets")
+    level = builder_logger.level
+    # datasets logs a failed file at ERROR before raising; the error below says it once, in one line.
+    builder_logger.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files={s: str(p.resolve()) for s, p in files.items()})
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = _first_line(_root_cause(exc))
         if "corresponds to no data" in reason:
             # datasets' wording when the file parses but holds no records (e.g. a CSV with only a header).
             raise FimloraError(f"Data file {name!r} has no data rows; add some examples.") from exc
         raise FimloraError(
             f"Could not read {name!r} as {builder.upper()}: {reason}; fix the file's format."
         ) from exc
+    finally:
+        builder_logger.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of ``exc``: datasets wraps a parser's error in a generic one ("An error
+    occurred while generating the dataset") that says nothing about the file."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
 
 
 def normalize_splits(
@@ -334,11 +383,17 @@ def _pick_column(
 
 def _rename(ds: datasets.Dataset, mapping: dict[str, str]) -> datasets.Dataset:
     # A source column already called "text"/"label" that is *not* the chosen one would collide; it is
-    # dropped, since the user explicitly picked another column for that role.
-    clashes = [new for old, new in mapping.items() if new != old and new in ds.column_names]
+    # dropped, since the user explicitly picked another column for that role. A column that is itself
+    # chosen (text_column: label, label_column: text: the two swapped) is renamed, never dropped, via a
+    # temporary name so that the two renames cannot collide.
+    clashes = [
+        new for old, new in mapping.items() if new != old and new in ds.column_names and new not in mapping
+    ]
     if clashes:
         ds = ds.remove_columns(clashes)
-    return ds.rename_columns({old: new for old, new in mapping.items() if old != new})
+    moves = {old: new for old, new in mapping.items() if old != new}
+    temporary = {old: f"__fimlora_{new}" for old, new in moves.items()}
+    return ds.rename_columns(temporary).rename_columns({temporary[old]: new for old, new in moves.items()})
 
 
 def _require_string_text(ds: datasets.Dataset, source_column: str, name: str) -> None:

@@ -18,6 +18,7 @@ Built-in loaders are registered lm-evaluation-harness style::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def seal(data: TaskData, allowed: Collection[str] | None) -> TaskData:
     """``data`` with every split outside ``allowed`` sealed (``None``: all three kept)."""
     if allowed is None or set(SPLITS) <= set(allowed):
         return data
-    return TaskData(data.name, data.task, sealed_splits(data.splits, allowed), data.label_names)
+    return dataclasses.replace(data, splits=sealed_splits(data.splits, allowed))
 
 
 @dataclass
@@ -95,6 +96,10 @@ class TaskData:
     task: Task
     splits: datasets.DatasetDict
     label_names: list[str] | None = None
+    #: Evaluation rows whose text also occurs in an earlier split, per pair (``test_in_train``, …), and
+    #: those dropped per split; set by :func:`fimlora.data.load_task_data` (:mod:`fimlora.data.duplicates`).
+    duplicates: dict[str, int] | None = None
+    dropped_duplicates: dict[str, int] | None = None
 
     @property
     def sealed(self) -> frozenset[str]:
@@ -109,10 +114,32 @@ class TaskData:
         return len(self.label_names)
 
 
+def split_fingerprints(data: TaskData) -> dict[str, str]:
+    """A content hash per loaded split: sha256 of its texts (and label names, for classification), in row
+    order; sealed splits are left out. Two runs whose training splits have the same fingerprint were
+    trained on the same examples, whatever path or name the data came under."""
+    import hashlib
+    import json
+
+    out = {}
+    for split in SPLITS:
+        if split not in data.splits or split in data.sealed:
+            continue
+        columns = data.splits[split]
+        digest = hashlib.sha256()
+        digest.update(json.dumps(columns["text"][:], ensure_ascii=False).encode("utf-8"))
+        if data.task == "classification" and data.label_names is not None:
+            labels = [data.label_names[i] for i in columns["label"][:]]
+            digest.update(json.dumps(labels, ensure_ascii=False).encode("utf-8"))
+        out[split] = digest.hexdigest()[:16]
+    return out
+
+
 @dataclass(frozen=True)
 class _Entry:
     task: Task
     loader: Loader
+    version: str | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -125,9 +152,12 @@ def check_task(task: str) -> Task:
     return task  # type: ignore[return-value]
 
 
-def register_dataset(name: str, task: str) -> Callable[[Loader], Loader]:
+def register_dataset(name: str, task: str, *, version: str | None = None) -> Callable[[Loader], Loader]:
     """Decorator registering ``loader(*, seed: int) -> TaskData`` as the built-in dataset ``name``.
 
+    ``version`` names the content the loader produces (its asset and rule, e.g. ``vader-3.3.2``): finished
+    runs and cached Fishers of the dataset are reused only while it stays the same, so change it whenever
+    the rows change (see :mod:`fimlora.data.identity`). None: fimlora's own version stands in for it.
     Names are unique; registering one twice is an error (so a plugin cannot silently replace a built-in).
     """
     checked = check_task(task)
@@ -135,7 +165,7 @@ def register_dataset(name: str, task: str) -> Callable[[Loader], Loader]:
     def decorator(loader: Loader) -> Loader:
         if name in _REGISTRY:
             raise FimloraError(f"A dataset named {name!r} is already registered; choose another name.")
-        _REGISTRY[name] = _Entry(checked, loader)
+        _REGISTRY[name] = _Entry(checked, loader, version)
         return loader
 
     return decorator
@@ -157,6 +187,20 @@ def registered_task(name: str) -> Task | None:
     _ensure_builtins()
     entry = _REGISTRY.get(name)
     return entry.task if entry else None
+
+
+def registered_version(name: str) -> str | None:
+    """The content version of built-in dataset ``name`` (see :func:`register_dataset`); None if not
+    registered."""
+    _ensure_builtins()
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        return None
+    if entry.version is not None:
+        return entry.version
+    from fimlora import __version__
+
+    return f"fimlora-{__version__}"
 
 
 def load_builtin(name: str, *, seed: int) -> TaskData:

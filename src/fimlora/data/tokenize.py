@@ -3,7 +3,9 @@
 Conventions:
 
 - classification rows: ``input_ids`` and ``attention_mask`` truncated to ``max_length`` but not padded
-  (the collator pads each batch dynamically) and ``labels`` (int class id); nothing else.
+  (the collator pads each batch dynamically) and ``labels`` (int class id); nothing else. The share of
+  each split's examples that truncation cut is :attr:`Tokenized.truncated` (the run records it and warns
+  above :data:`TRUNCATION_WARN_SHARE`).
 - causal-LM rows: every document of a split is tokenized with the tokenizer's own special tokens and
   followed by EOS, the split is concatenated and cut into blocks of exactly ``max_length`` tokens (the
   tail shorter than a block is dropped); ``labels`` equals ``input_ids`` because HF causal-LM models shift
@@ -29,6 +31,7 @@ import torch
 
 from fimlora.data.registry import SPLITS, SealedSplits, TaskData, check_task
 from fimlora.errors import FimloraError
+from fimlora.runs import TRUNCATION_WARN_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,16 @@ _PROGRESS_MIN_ROWS = 20_000
 _PROGRESS_MIN_CHARS = 1_000_000
 # Small map batches for whole documents, so that the progress bar of a long corpus actually moves.
 _DOCUMENT_BATCH_SIZE = 32
+_TRUNCATED = "__fimlora_truncated"
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Tokenized splits, and per split the share of examples cut at ``max_length`` (classification only:
+    causal-LM text is packed into blocks, nothing is cut; empty then)."""
+
+    splits: datasets.DatasetDict
+    truncated: dict[str, float]
 
 
 @contextlib.contextmanager
@@ -60,6 +73,11 @@ def _is_large(ds: datasets.Dataset) -> bool:
 def tokenize_task_data(data: TaskData, tokenizer: Any, *, max_length: int) -> datasets.DatasetDict:
     """Tokenize every split of ``data`` for its task (see module docstring); returns a new DatasetDict
     (sealed splits stay sealed in it)."""
+    return tokenize_splits(data, tokenizer, max_length=max_length).splits
+
+
+def tokenize_splits(data: TaskData, tokenizer: Any, *, max_length: int) -> Tokenized:
+    """:func:`tokenize_task_data`, with the share of examples truncation cut per split."""
     if max_length < 1:
         raise FimloraError(f"max_length must be a positive number of tokens, got {max_length}.")
     model_max = getattr(tokenizer, "model_max_length", None)
@@ -67,14 +85,31 @@ def tokenize_task_data(data: TaskData, tokenizer: Any, *, max_length: int) -> da
         logger.warning("max_length=%d exceeds the tokenizer's model_max_length=%d", max_length, model_max)
     check_task(data.task)
     out = {}
+    truncated = {}
     for split in (s for s in SPLITS if s in data.splits):  # sealed splits stay sealed
         ds = data.splits[split]
         with _progress_only_if_large(ds):
             if data.task == "classification":
-                out[split] = _tokenize_classification(ds, tokenizer, max_length, split)
+                rows = _tokenize_classification(ds, tokenizer, max_length, split)
+                # A column of the map's own output, so a cached map brings it back too.
+                cut = rows[_TRUNCATED][:]
+                truncated[split] = sum(cut) / len(cut) if len(cut) else 0.0
+                out[split] = rows.remove_columns(_TRUNCATED)
             else:
                 out[split] = _tokenize_causal_lm(ds, tokenizer, max_length, split, data.name)
-    return SealedSplits(out, data.sealed) if data.sealed else datasets.DatasetDict(out)
+    splits = SealedSplits(out, data.sealed) if data.sealed else datasets.DatasetDict(out)
+    return Tokenized(splits, truncated)
+
+
+def truncation_warning(truncated: dict[str, float], max_length: int) -> str | None:
+    """One warning line when a split had more than :data:`TRUNCATION_WARN_SHARE` of its examples cut."""
+    if not any(share > TRUNCATION_WARN_SHARE for share in truncated.values()):
+        return None
+    shares = ", ".join(f"{share:.0%} of {split}" for split, share in truncated.items())
+    return (
+        f"warning: examples longer than train.max_length={max_length} tokens are cut: {shares}; the "
+        "model never sees their end (raise train.max_length if the model takes more)."
+    )
 
 
 def _tokenize_classification(
@@ -86,9 +121,20 @@ def _tokenize_classification(
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": batch["label"],
+            _TRUNCATED: _was_cut(enc, batch["text"], tokenizer, max_length),
         }
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+
+
+def _was_cut(enc: Any, texts: list[str], tokenizer: Any, max_length: int) -> list[bool]:
+    """Per text: whether truncation cut it. A fast tokenizer keeps what it cut (``overflowing``); any
+    other is asked for the untruncated length."""
+    encodings = getattr(enc, "encodings", None)
+    if encodings is not None:
+        return [bool(e.overflowing) for e in encodings]
+    full = tokenizer(texts, truncation=False, max_length=None, verbose=False)["input_ids"]
+    return [len(ids) > max_length for ids in full]
 
 
 def _document_separator(tokenizer: Any) -> int:

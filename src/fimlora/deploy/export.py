@@ -18,7 +18,9 @@ Three kinds of export, each checked before it is handed over (the check's number
   ``hydralora_loader.py``, a standalone loader needing torch, transformers and safetensors only. Check:
   that loader's logits equal the run's.
 * **adapter only** (``--adapter-only``, PEFT adapters): ``adapter/`` (``adapter_config.json`` +
-  ``adapter_model.safetensors``) and ``serving.json``, what a serving engine needs: the largest rank
+  ``adapter_model.safetensors``) and ``serving.json``, what a serving engine needs (and, for
+  classification, ``num_labels``/``id2label``/``label2id``: the base model's head must be built for the
+  run's classes before the adapter, which holds the trained head, loads onto it): the largest rank
   (vLLM's ``--max-lora-rank`` must be at least that), the target modules, and the features engines
   refuse. Serving engines apply one scaling to every module (vLLM computes ``lora_alpha / r`` from the
   config and ignores ``rank_pattern``/``alpha_pattern``), so a LoRA adapter whose modules have different
@@ -307,6 +309,20 @@ def fold_scalings(model: Any) -> dict[str, Any]:
     return {"scaling": target, "folded_modules": folded}
 
 
+def label_settings(task: str, label_names: list[str] | None) -> dict[str, Any]:
+    """What a classification adapter's base model must be built with (``task``, ``num_labels``,
+    ``id2label``, ``label2id``): the adapter holds the trained head, sized for these classes, and
+    ``from_pretrained`` without them builds a 2-class head the adapter does not fit."""
+    out: dict[str, Any] = {"task": task}
+    if task == "classification" and label_names:
+        out.update(
+            num_labels=len(label_names),
+            id2label={str(i): name for i, name in enumerate(label_names)},
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+    return out
+
+
 def _serving_note(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     config = model.peft_config["default"]
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
@@ -367,6 +383,7 @@ def _export_adapter(loaded: LoadedRun, out: Path) -> ExportResult:
             if folding is not None
             else None
         )
+        serving.update(label_settings(loaded.task, loaded.label_names))
         (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=2) + "\n", encoding="utf-8")
         fresh = load_base(loaded.config, loaded.task, loaded.label_names).model
         reloaded = PeftModel.from_pretrained(fresh, str(tmp / ADAPTER_DIR)).eval()
@@ -379,6 +396,14 @@ def _export_adapter(loaded: LoadedRun, out: Path) -> ExportResult:
     files = _write(out, fill, info)
     notes = [
         f"largest rank {serving['max_rank']} (vLLM: --max-lora-rank {serving['vllm_max_lora_rank']} or more)",
+        *(
+            [
+                f"{serving['num_labels']} classes ({', '.join(serving['label2id'])}): load the base with "
+                f"num_labels/id2label/label2id from {SERVING_FILE} (README, 'Deployment')"
+            ]
+            if "num_labels" in serving
+            else []
+        ),
         f"target modules: {', '.join(serving['target_modules'])} ({serving['num_target_modules']} modules)",
     ]
     if folding is not None and folding["folded_modules"]:

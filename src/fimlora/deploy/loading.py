@@ -73,7 +73,13 @@ def finished_run(path: str | Path) -> tuple[Path, dict[str, Any], Any, dict[str,
     if len(config.methods) != 1:
         raise FimloraError(f"{directory}/config.yaml names {len(config.methods)} methods; a run has one.")
     if not (directory / ADAPTER_DIR).is_dir():
-        raise FimloraError(f"{directory} has no {ADAPTER_DIR}/ directory; was it written by fimlora run?")
+        # The committed experiments keep every record of their runs but not the adapters (megabytes of
+        # weights each): say how to re-create this one rather than only that it is missing.
+        raise FimloraError(
+            f"{directory} holds the records of a finished run but not its trained {ADAPTER_DIR}/ (runs "
+            "committed to a repository leave adapters out); re-create it by running that method again: "
+            f"fimlora run {directory / 'config.yaml'} --output-dir {directory.parent} --overwrite"
+        )
     return directory, raw, config, run.read_result()
 
 

@@ -24,22 +24,25 @@ counts with the others before normalising, so all ranks return the same result.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from fimlora.errors import FimloraError
 from fimlora.fisher import blocks
 from fimlora.fisher.blocks import Tokens
 from fimlora.fisher.distributed import all_reduce_sum, rank_and_world_size
-from fimlora.fisher.losses import per_example_loss, sample_model_labels
+from fimlora.fisher.losses import CausalLMHead, per_example_loss, sample_model_labels
 from fimlora.fisher.result import STATISTICS, FisherResult
-from fimlora.models import linear_modules, resolve_target_modules
+from fimlora.models import linear_modules, resolve_target_modules, transformer_blocks
 from fimlora.quantization import keep_unpacked
 
 ESTIMATORS = ("empirical", "mc")
@@ -87,6 +90,8 @@ class _Accumulator:
         # first backward on does not add to the forward pass's peak (what a plain weight.grad costs).
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self.tokens = dict.fromkeys(self.modules, 0)
+        # True while a checkpointed block's forward pass is recomputed for its backward pass.
+        self.recomputing = False
 
     def _sum(self, kind: str, name: str) -> torch.Tensor:
         """The accumulator of ``kind`` for module ``name``, zero-filled when new (see ``_fresh_sum``)."""
@@ -138,8 +143,21 @@ class _Accumulator:
         self._waiting = {}
         self._tokens = {}
 
+    @contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """A checkpointed block's forward pass, run again to recompute what its backward pass needs."""
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
+
     def _forward_hook(self, name: str) -> Callable[..., torch.Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if self.recomputing:
+                # This call was counted and hooked when it first ran; the recomputation builds the same
+                # graph (the same leaf in place of an output that needs no gradient) and nothing more.
+                return None if output.requires_grad else output.detach().requires_grad_(True)
             activation = args[0].detach()
             repeat = self._attribute(name, activation.shape)
             self.calls[name] += 1
@@ -286,8 +304,97 @@ def _frozen_eval(model: nn.Module):
         model.train(was_training)
 
 
+@contextmanager
+def _checkpointed_blocks(model: nn.Module, accumulator: _Accumulator) -> Iterator[None]:
+    """Every transformer block's activations recomputed in the backward pass instead of kept.
+
+    Each block's forward runs under non-reentrant ``torch.utils.checkpoint`` (what transformers'
+    gradient checkpointing uses; transformers' own switch acts only in training mode, and the pass runs
+    in eval mode). The backward pass then holds each block's input, not its activations. The recomputed
+    activations are the same numbers (the same operations on the same inputs), so the statistics are
+    unchanged. The model's KV cache is off meanwhile: a recomputed block would append to it again.
+    """
+    _, stack = transformer_blocks(model)
+
+    def contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        return contextlib.nullcontext(), accumulator.recomputation()
+
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    own = [block.__dict__.get("forward") for block in stack]
+    for block in stack:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, context_fn=contexts)
+    if use_cache:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if use_cache:
+            config.use_cache = use_cache  # type: ignore[union-attr]
+        for block, forward in zip(stack, own, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 def _truncate(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
-    return {k: v[:keep] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+    return _slice(batch, 0, keep)
+
+
+def _slice(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Examples ``start:stop`` of ``batch`` (their padding kept: the same positions as in the batch)."""
+    return {k: v[start:stop] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def _backward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    accumulator: _Accumulator,
+    lm_head: CausalLMHead | None,
+    estimator: str,
+    two_passes: bool,
+    generator: torch.Generator,
+    batch_index: int,
+) -> None:
+    """One forward pass of ``batch`` and the backward pass(es) that add its share to ``accumulator``."""
+    labels = batch["labels"]
+    accumulator.start_batch(*_batch_shape(batch), batch.get("attention_mask"))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    losses = {}
+    if lm_head is None:
+        logits = model(**inputs).logits
+        if estimator == "empirical" or two_passes:
+            losses["gradient" if two_passes else "both"] = per_example_loss(logits, labels)
+        if estimator == "mc":
+            sampled = sample_model_labels(logits.detach(), labels, generator)
+            losses["statistic" if two_passes else "both"] = per_example_loss(logits, sampled)
+        # The logits can be as large as everything else together (B·T·V for an LM): let autograd
+        # free them as soon as the loss's backward has used them.
+        del logits
+    else:
+        with lm_head.hidden_states():
+            hidden = model(**inputs).logits
+        if estimator == "empirical" or two_passes:
+            losses["gradient" if two_passes else "both"] = lm_head.token_nll(hidden, labels)[0]
+        if estimator == "mc":
+            sampled = lm_head.sample_labels(hidden, labels, generator)
+            losses["statistic" if two_passes else "both"] = lm_head.token_nll(hidden, sampled)[0]
+        del hidden
+    for phase_losses in losses.values():
+        _check_finite(phase_losses, batch_index)
+    for i, (phase, phase_losses) in enumerate(losses.items()):
+        if accumulator.leaves:
+            accumulator.phase = phase
+            # autograd.grad, not backward: nothing is kept in the leaves' .grad.
+            torch.autograd.grad(
+                phase_losses.sum(),
+                accumulator.leaves,
+                retain_graph=i + 1 < len(losses),
+                allow_unused=True,
+            )
+            accumulator.end_backward()
+    accumulator.leaves = []
 
 
 def _batch_shape(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
@@ -320,6 +427,8 @@ def estimate_fisher(
     max_examples: int | None = None,
     seed: int = 0,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    examples_per_backward: int | None = None,
+    checkpoint_blocks: bool = False,
     progress: bool = True,
 ) -> FisherResult:
     """Fisher statistics of each target layer's weight, exact per example, from one batched pass.
@@ -375,6 +484,13 @@ def estimate_fisher(
             blocks, Gram blocks, float32 or gathered copies of token chunks (at least one row or token
             of a layer, see :mod:`fimlora.fisher.blocks`). The accumulators are the statistic's size
             and are allocated at the first backward pass.
+        examples_per_backward: back-propagate each batch this many examples at a time (``None``: the
+            whole batch). The activations a backward pass holds shrink in proportion (the pass takes
+            longer); the statistics are the same up to float round-off, since examples do not interact
+            and keep their padded positions.
+        checkpoint_blocks: recompute each transformer block's activations in the backward pass rather
+            than keep them (activation checkpointing; the same statistics): the pass then holds each
+            block's input and the target layers' inputs, one block's activations at a time.
         progress: show a progress bar (rank 0 only).
 
     Returns:
@@ -391,6 +507,8 @@ def estimate_fisher(
         raise FimloraError(f"max_examples must be at least 1, got {max_examples}.")
     if max_chunk_elements < 1:
         raise FimloraError(f"max_chunk_elements must be at least 1, got {max_chunk_elements}.")
+    if examples_per_backward is not None and examples_per_backward < 1:
+        raise FimloraError(f"examples_per_backward must be at least 1, got {examples_per_backward}.")
     names = resolve_target_modules(model, target_modules)
     # An eval-mode pass would repack a bitsandbytes NF4 base for a CPU-specific kernel (and break training).
     keep_unpacked(model)
@@ -407,8 +525,12 @@ def estimate_fisher(
     bar = tqdm(
         total=total, desc=f"Fisher {statistic} ({estimator})", unit="ex", disable=not progress or rank != 0
     )
+    # A causal LM's loss from its hidden states, its head applied to a chunk of tokens at a time (the
+    # batch's B·T·V logits are never held); checked before the hooks exist, so the check is not counted.
+    lm_head = CausalLMHead.of(model)
     accumulator = _Accumulator({n: linears[n] for n in names}, statistic, with_gradient, max_chunk_elements)
-    with _frozen_eval(model), accumulator, torch.enable_grad():
+    checkpointed = _checkpointed_blocks(model, accumulator) if checkpoint_blocks else contextlib.nullcontext()
+    with _frozen_eval(model), accumulator, checkpointed, torch.enable_grad():
         for batch_index, raw in enumerate(dataloader):
             if max_examples is not None and seen >= max_examples:
                 break
@@ -416,34 +538,15 @@ def estimate_fisher(
             if max_examples is not None:
                 batch = _truncate(batch, max_examples - seen)
             labels = batch["labels"]
-            accumulator.start_batch(*_batch_shape(batch), batch.get("attention_mask"))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            losses = {}
-            if estimator == "empirical" or two_passes:
-                losses["gradient" if two_passes else "both"] = per_example_loss(logits, labels)
-            if estimator == "mc":
-                sampled = sample_model_labels(logits.detach(), labels, generator)
-                losses["statistic" if two_passes else "both"] = per_example_loss(logits, sampled)
-            # The logits can be as large as everything else together (B·T·V for an LM): let autograd
-            # free them as soon as the loss's backward has used them.
-            del logits
-            for phase_losses in losses.values():
-                _check_finite(phase_losses, batch_index)
-            for i, (phase, phase_losses) in enumerate(losses.items()):
-                if accumulator.leaves:
-                    accumulator.phase = phase
-                    # autograd.grad, not backward: nothing is kept in the leaves' .grad.
-                    torch.autograd.grad(
-                        phase_losses.sum(),
-                        accumulator.leaves,
-                        retain_graph=i + 1 < len(losses),
-                        allow_unused=True,
-                    )
-                    accumulator.end_backward()
-            del losses
-            accumulator.leaves = []
-            seen += int(labels.shape[0])
-            bar.update(int(labels.shape[0]))
+            size = int(labels.shape[0])
+            step = size if examples_per_backward is None else examples_per_backward
+            # Examples do not interact in the pass, so a batch may be back-propagated a slice of
+            # examples at a time: the activations held for the backward shrink with the slice.
+            for start in range(0, size, step):
+                part = batch if step >= size else _slice(batch, start, start + step)
+                _backward(model, part, accumulator, lm_head, estimator, two_passes, generator, batch_index)
+            seen += size
+            bar.update(size)
     bar.close()
     num_examples, stats = accumulator.reduce_and_normalise(seen)
     metadata: dict[str, Any] = {"seed": seed}

@@ -18,12 +18,10 @@ How memory is measured (``PeakMemory.method`` says which):
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -31,10 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimlora import glibc_malloc
 from fimlora.fisher.estimator import DEFAULT_MAX_CHUNK_ELEMENTS, estimate_fisher
 from fimlora.fisher.losses import per_example_loss
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def _peak_bytes(fn: Callable[[], None], device: torch.device) -> tuple[int, str]
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return max(0, peak - start), "torch.cuda.max_memory_allocated − memory_allocated at start"
-    with _rss_follows_tensors() as exact:
+    with glibc_malloc.rss_follows_tensors() as exact:
         start = _rss_bytes()
         peak = start
         stop = threading.Event()
@@ -155,23 +152,3 @@ def _rss_bytes() -> int:
         import psutil
 
         return int(psutil.Process().memory_info().rss)
-
-
-@contextlib.contextmanager
-def _rss_follows_tensors() -> Iterator[bool]:
-    """glibc only: allocations ≥ 64 KiB get their own mapping and are returned when freed."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield False
-        return
-    mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-    malloc_trim(0)
-    try:
-        yield True
-    finally:
-        # glibc's own dynamic thresholds converge to these values.
-        mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)

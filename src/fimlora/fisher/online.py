@@ -81,12 +81,22 @@ def loss_normaliser(task: str) -> Callable[[Mapping[str, Any]], tuple[int, torch
     return normaliser
 
 
-class OnlineTrace:
-    """Hooks on PEFT LoRA layers that accumulate tr F of each layer's frozen weight during training.
+def _output_requires_grad(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and torch.is_tensor(output) and not output.requires_grad:
+        output.requires_grad_(True)
 
-    ``layers`` maps a module name (as in the base model) to its PEFT ``lora.Linear``; ``model`` is the
-    module the Trainer calls (a pre-hook on it reads the batch's loss normaliser and example count).
-    Call :meth:`attach` before training, :meth:`end_step` after each optimizer step and
+
+class OnlineTrace:
+    """Hooks on linear layers that accumulate tr F of each layer's frozen weight during training.
+
+    ``layers`` maps a module name (as in the base model) to its PEFT ``lora.Linear``, or to the frozen
+    ``nn.Linear`` itself (a LoRA layer's ``base_layer``, or a target without an adapter): the output's
+    gradient is the same δ either way (a LoRA layer adds its branch out of place). A bare frozen layer's
+    output needs a gradient even where nothing before it trains (the first block's attention under
+    ``r_min: 0``): ``inputs_require_grad`` makes the input embeddings' output require one while the
+    hooks are attached (no parameter's gradient changes; the backward only continues to the embeddings).
+    ``model`` is the module the Trainer calls (a pre-hook on it reads the batch's loss normaliser and
+    example count). Call :meth:`attach` before training, :meth:`end_step` after each optimizer step and
     :meth:`averaged` for the running average; :meth:`detach` removes every hook.
     """
 
@@ -99,6 +109,7 @@ class OnlineTrace:
         averaging: str = "ema",
         beta: float = 0.9,
         max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
+        inputs_require_grad: bool = False,
     ) -> None:
         if averaging not in AVERAGING:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
@@ -111,6 +122,7 @@ class OnlineTrace:
         self.averaging = averaging
         self.beta = beta
         self.max_chunk_elements = max_chunk_elements
+        self.inputs_require_grad = inputs_require_grad
         device = next(iter(self.layers.values())).weight.device
         # Σ_n ‖c·G_n^observed‖² of the current optimizer step, per module (float64, on the device).
         self._step = torch.zeros(len(self.names), dtype=torch.float64, device=device)
@@ -132,6 +144,9 @@ class OnlineTrace:
         if self.attached:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        if self.inputs_require_grad:
+            embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+            self._handles.append(embeddings.register_forward_hook(_output_requires_grad))
         for index, name in enumerate(self.names):
             self._handles.append(self.layers[name].register_forward_hook(self._layer_hook(index)))
 

@@ -29,6 +29,7 @@ _ALLOCATIONS = {
     "gora": "gora",
     "spectral": "spectral",
     "whitened-spectral": "spectral",
+    "hindsight": "hindsight",
     "adalora": "adalora",
     "fisher-online": "fisher_online",
     "eva": "eva",
@@ -158,6 +159,21 @@ def check_scaling(spec: MethodSpec, scaling: str) -> None:
             )
 
 
+def check_rank_zero(spec: MethodSpec) -> None:
+    """Refuse ``allocation.r_min: 0`` for a method whose components cannot leave a module without an
+    adapter, with the reason."""
+    components = (
+        ("allocation", spec.allocation, get_allocation(spec.allocation)),
+        ("adapter", spec.adapter, get_adapter(spec.adapter)),
+    )
+    for axis, value, component in components:
+        if component.refuses_rank_zero:
+            raise FimloraError(
+                f"Method {spec.name!r} cannot run with allocation.r_min: 0: {axis} {value!r} "
+                f"{component.refuses_rank_zero}; use r_min >= 1 for it"
+            )
+
+
 def check_quantized_base(spec: MethodSpec, quantization: str) -> None:
     """Refuse a method whose components cannot run on a quantised (``int8``/``nf4``) base, with the reason."""
     components = (
@@ -186,6 +202,7 @@ __all__ = [
     "OptimizerKind",
     "check_combination",
     "check_quantized_base",
+    "check_rank_zero",
     "check_scaling",
     "get_adapter",
     "get_allocation",

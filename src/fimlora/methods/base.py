@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from fimlora.config import ExperimentConfig
     from fimlora.fisher import FisherResult
 
-# What a calibration pass may have to provide for an allocation rule.
+# What a calibration pass may have to provide for an allocation rule. Scores (one Fisher importance
+# per module, ``FisherResult.scores``) come from the trace statistic, which holds no weight-sized
+# tensor; the diagonal itself (a float32 copy of every target weight's shape) only for a rule reading it.
+NEEDS_SCORES = "scores"
 NEEDS_DIAGONAL = "diagonal"
 NEEDS_GRADIENTS = "gradients"
 NEEDS_KFAC = "kfac"
@@ -79,6 +82,8 @@ class MethodContext:
     train_texts: Callable[[], list[str]] | None = None
     # Evaluation batches per domain, for datasets with a ``domain`` column (e.g. sentiment-domains).
     domain_batches: Callable[[], dict[str, Iterable[dict[str, torch.Tensor]]]] | None = None
+    # Content hash of each loaded split (fimlora.data.registry.split_fingerprints).
+    data_fingerprint: dict[str, str] = field(default_factory=dict)
     # Filled in while the method is built, for the result record.
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -130,6 +135,9 @@ class Component:
     #: Why this component cannot run on a quantised (int8/NF4) base model, completing "<axis> <name> …";
     #: None when it can. Checked when the config is read (:meth:`quantized_base_refusal`).
     refuses_quantized_base: str | None = None
+    #: Why this component cannot leave a module at rank 0 (no adapter, ``allocation.r_min: 0``),
+    #: completing "<axis> <name> …"; None when it can. Checked when the config is read.
+    refuses_rank_zero: str | None = None
 
     def quantized_base_refusal(self, quantization: str) -> str | None:
         """Why this component cannot run on a ``quantization`` (``int8``/``nf4``) base; None when it can."""
@@ -162,6 +170,8 @@ class AllocationRule(Component):
     static_ranks: bool = True
     #: The ``lora.scaling`` conventions this rule honours; None = whatever the adapter supports.
     scalings: frozenset[str] | None = None
+    #: True when the rule reads another, finished run (``hindsight``): the config must name that run.
+    reads_source_run: bool = False
 
     def allocate(
         self,

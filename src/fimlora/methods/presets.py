@@ -13,6 +13,7 @@ _TABLE: list[tuple[str, str, str, str, str]] = [
     ("gora-score", "gora-score", "lora", "adamw", "Control: GoRA's score, ranks ∝ mean |W ⊙ Ḡ|."),
     ("spectral-lora", "spectral", "lora", "adamw", "Ours: knapsack on σ_k² of the calibration gradient."),
     ("whitened-spectral-lora", "whitened-spectral", "lora", "adamw", "Ours: same, K-FAC-whitened gradient."),
+    ("hindsight-lora", "hindsight", "lora", "adamw", "Upper bound: knapsack on σ_k² of a run's trained ΔW."),
     ("adalora", "adalora", "lora", "adamw", "AdaLoRA (Zhang et al., 2023), pruned each step."),
     ("fim-lora-dynamic", "fisher-online", "lora", "adamw", "Ours: fim-lora, re-solved while training."),
     ("eva", "eva", "lora", "adamw", "EVA (Paischer et al., 2024), activation-SVD init."),

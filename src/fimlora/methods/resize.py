@@ -11,6 +11,10 @@ scaling). Changing r to r' replaces A and B by new tensors and sets the layer's 
   columns, so s'·B'A' = s·BA: the function is unchanged (up to float round-off in s/s', exact when the
   scaling does not move, as under ``constant``). Under ``alpha_over_r``, s' = α/r' ≠ s = α/r, hence the
   factor s/s' = r'/r on B.
+* **add** (0 → r', ``allocation.r_min: 0``): a module without an adapter gets PEFT's own ``lora.Linear``
+  around its frozen layer, A drawn as above and B = 0: the function is unchanged.
+* **remove** (r → 0): the LoRA layer is replaced by its frozen base layer; the whole update s·B·A is
+  lost (the best rank-0 approximation), its Frobenius norm the truncation error.
 * **shrink** (r' < r): the best rank-r' approximation of s·BA (Eckart–Young), from the SVD of the r × r
   core of the QR factors of B and Aᵀ (never a d_out × d_in matrix): s·BA = U Σ Vᵀ, then
   A' = κ·V_{r'}ᵀ and B' = U_{r'} Σ_{r'} / (s'·κ), with κ the RMS row norm of the current A. The
@@ -46,7 +50,8 @@ class RankChange:
     """One module's re-sizing: ranks, what was lost, and the tensors that replaced the old ones.
 
     ``truncation_error`` = ‖s'·B'A' − s·BA‖_F (0 for growth); ``update_norm`` = ‖s·BA‖_F before;
-    ``replaced`` = ((old A, new A), (old B, new B)).
+    ``replaced`` = ((old A, new A), (old B, new B)), with None for the old tensors of an added adapter
+    and for the new ones of a removed adapter.
     """
 
     name: str
@@ -54,7 +59,7 @@ class RankChange:
     new_rank: int
     truncation_error: float
     update_norm: float
-    replaced: tuple[tuple[nn.Parameter, nn.Parameter], ...]
+    replaced: tuple[tuple[nn.Parameter | None, nn.Parameter | None], ...]
 
 
 # PEFT's layers are typed loosely (attributes resolve to ``Tensor | Module``): they are ``Any`` here.
@@ -123,7 +128,7 @@ def resize_layer(
             new_a = (kappa * right.T).to(a.dtype)
             new_b = (left * (sigma[:new_rank] / (new_scaling * kappa))).to(b.dtype)
             error = float(sigma[new_rank:].square().sum().sqrt())
-    replaced: list[tuple[nn.Parameter, nn.Parameter]] = []
+    replaced: list[tuple[nn.Parameter | None, nn.Parameter | None]] = []
     for module, tensor in ((lora_a, new_a), (lora_b, new_b)):
         old = module.weight
         module.weight = nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
@@ -145,7 +150,9 @@ def set_ranks(
 ) -> list[RankChange]:
     """Re-size the LoRA layers of a ``PeftModel`` to ``ranks`` and rewrite its config's patterns.
 
-    ``ranks`` must name every LoRA layer (names as in the base model). ``scaling`` is the convention the
+    ``ranks`` must name every LoRA layer (names as in the base model); rank 0 removes a module's adapter,
+    and a rank above 0 for a frozen ``nn.Linear`` without one adds it (``target_modules`` follows).
+    ``scaling`` is the convention the
     adapter was built with (``alpha_over_r`` or ``constant``, as in ``Allocation.to_lora_config``);
     ``config.r`` and ``config.lora_alpha`` stay, so under ``constant`` every module keeps
     s = lora_alpha / r. Returns the modules whose rank changed (the others are not touched: same tensors).
@@ -158,40 +165,109 @@ def set_ranks(
     if config.init_lora_weights is not True:
         raise FimloraError("Ranks can only be re-sized for LoRA's default init (init_lora_weights=True).")
     layers = lora_layers(model)
-    if set(layers) != set(ranks):
-        odd = sorted(set(layers) ^ set(ranks))[:3]
-        raise FimloraError(f"The new ranks and the model's LoRA layers name different modules (e.g. {odd}).")
+    unnamed = sorted(set(layers) - set(ranks))
+    if unnamed:
+        raise FimloraError(f"The new ranks leave out LoRA layer(s) of the model (e.g. {unnamed[:3]}).")
+    adapted = {n: int(r) for n, r in ranks.items() if int(r) > 0}
+    if not adapted:
+        raise FimloraError("The new ranks are all 0: the model would have no adapter left.")
     changes = []
     for name in sorted(ranks):
-        layer, rank = layers[name], int(ranks[name])
+        layer, rank = layers.get(name), int(ranks[name])
+        if layer is None:
+            if rank > 0:
+                alpha = module_alpha(
+                    rank, reference_rank=config.r, lora_alpha=config.lora_alpha, scaling=scaling
+                )
+                changes.append(add_layer(model, name, adapter, rank, alpha, generator=generator))
+            continue
         if rank == layer.r[adapter]:
+            continue
+        if rank == 0:
+            changes.append(remove_layer(model, name, layer, adapter))
             continue
         alpha = module_alpha(rank, reference_rank=config.r, lora_alpha=config.lora_alpha, scaling=scaling)
         changes.append(resize_layer(layer, adapter, rank, alpha, generator=generator, name=name))
     rank_pattern, alpha_pattern = peft_patterns(
-        {n: int(r) for n, r in ranks.items()},
-        reference_rank=config.r,
-        lora_alpha=config.lora_alpha,
-        scaling=scaling,
+        adapted, reference_rank=config.r, lora_alpha=config.lora_alpha, scaling=scaling
     )
     config.rank_pattern = rank_pattern
     config.alpha_pattern = alpha_pattern
+    config.target_modules = set(adapted)
     return changes
 
 
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding base-model module ``name`` inside a ``PeftModel``, and its attribute name."""
+    parent, _, child = (_PREFIX + name).rpartition(".")
+    return model.get_submodule(parent), child
+
+
+def add_layer(
+    model: Any, name: str, adapter: str, rank: int, alpha: float, *, generator: torch.Generator | None = None
+) -> RankChange:
+    """Wrap the frozen ``nn.Linear`` ``name`` of a ``PeftModel`` in PEFT's ``lora.Linear`` of rank ``rank``
+    (A drawn as PEFT draws it, from ``generator``; B = 0, so the function does not change)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    parent, child = _parent(model, name)
+    base = getattr(parent, child)
+    if not isinstance(base, nn.Linear):
+        raise FimloraError(
+            f"{name}: only a plain nn.Linear can get a LoRA adapter, not {type(base).__name__}."
+        )
+    if not 1 <= rank <= min(base.in_features, base.out_features):
+        raise FimloraError(f"{name}: rank {rank} is outside [1, min(d_in, d_out)].")
+    config = model.peft_config[adapter]
+    # PEFT's layers are typed loosely (attributes resolve to ``Tensor | Module``): ``Any`` here.
+    layer: Any = LoraLinear(base, adapter, config=config, r=rank, lora_alpha=alpha)  # type: ignore[arg-type]
+    weight = base.weight
+    layer.to(device=weight.device, dtype=weight.dtype)
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        b.zero_()
+    layer.train(model.training)
+    setattr(parent, child, layer)
+    return RankChange(name, 0, rank, 0.0, 0.0, ((None, a), (None, b)))
+
+
+def remove_layer(model: Any, name: str, layer: Any, adapter: str) -> RankChange:
+    """Replace the LoRA layer ``name`` by its frozen base layer: the whole update s·B·A is dropped."""
+    norm = float(torch.linalg.matrix_norm(lora_update(layer, adapter)))
+    parent, child = _parent(model, name)
+    setattr(parent, child, layer.get_base_layer())
+    old_rank = int(layer.r[adapter])
+    return RankChange(
+        name,
+        old_rank,
+        0,
+        norm,
+        norm,
+        ((layer.lora_A[adapter].weight, None), (layer.lora_B[adapter].weight, None)),
+    )
+
+
 def replace_in_optimizer(
-    optimizer: torch.optim.Optimizer, replaced: Iterable[tuple[nn.Parameter, nn.Parameter]]
+    optimizer: torch.optim.Optimizer,
+    replaced: Iterable[tuple[nn.Parameter | None, nn.Parameter | None]],
+    *,
+    like: nn.Parameter | None = None,
 ) -> None:
     """Put each new tensor where the old one was (same param group) and drop the old one's state.
 
-    The new tensors start with no optimizer state: AdamW initialises their moments and step count at
-    their first update, as for a freshly built adapter. Parameters not in ``replaced`` keep theirs. The
+    ``(old, None)`` removes ``old`` (a removed adapter); ``(None, new)`` adds ``new`` to the group that
+    holds ``like`` (an added adapter goes where the other LoRA tensors are: same learning rate and weight
+    decay). The new tensors start with no optimizer state: AdamW initialises their moments and step count
+    at their first update, as for a freshly built adapter. Parameters not in ``replaced`` keep theirs. The
     groups' settings (learning rate, weight decay, the LR schedule's base rate) are not touched, so a
     scheduler that holds the optimizer keeps going.
     """
     while isinstance(inner := getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = inner  # accelerate's wrapper: work on the optimizer it wraps
-    mapping = {id(old): new for old, new in replaced}
+    pairs = list(replaced)
+    mapping = {id(old): new for old, new in pairs if old is not None}
+    added = [new for old, new in pairs if old is None and new is not None]
     found = set()
     for group in optimizer.param_groups:
         params = []
@@ -199,10 +275,18 @@ def replace_in_optimizer(
             if id(param) in mapping:
                 found.add(id(param))
                 optimizer.state.pop(param, None)
-                params.append(mapping[id(param)])
+                if mapping[id(param)] is not None:
+                    params.append(mapping[id(param)])
             else:
                 params.append(param)
         group["params"] = params
     missing = set(mapping) - found
     if missing:
         raise RuntimeError(f"{len(missing)} re-sized LoRA tensor(s) were not in the optimizer's param groups")
+    if added:
+        home = next((g for g in optimizer.param_groups if any(p is like for p in g["params"])), None)
+        if home is None:
+            raise RuntimeError(
+                "added LoRA tensors need a group: pass a LoRA tensor the optimizer holds as like"
+            )
+        home["params"].extend(added)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,9 +61,33 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _png(figure: Figure) -> bytes:
+    fit_titles(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def fit_titles(figure: Figure) -> None:
+    """Wrap every axes title and the suptitle onto as many lines as it takes to lie inside the figure:
+    matplotlib never wraps them, and a long dataset name (a split mapping's file paths) ran off both
+    edges of the image."""
+    titles = [ax.title for ax in figure.axes]
+    suptitle = getattr(figure, "_suptitle", None)  # where matplotlib keeps it; None when there is none
+    if suptitle is not None:
+        titles.append(suptitle)
+    for title in titles:
+        text = title.get_text()
+        # Constrained layout keeps a title inside the figure while it is narrower than the figure.
+        if not text or title.get_window_extent().width <= 0.9 * figure.bbox.width:
+            continue
+        columns = len(text)
+        while columns > 8:
+            figure.draw_without_rendering()  # lays the figure out, so the extent is where it will be drawn
+            box = title.get_window_extent()
+            if box.x0 >= 0 and box.x1 <= figure.bbox.width:
+                break
+            columns = max(8, int(columns * min(0.95, 0.98 * figure.bbox.width / max(box.width, 1.0))))
+            title.set_text(textwrap.fill(text, columns, break_long_words=True, break_on_hyphens=False))
 
 
 @dataclass
@@ -547,5 +572,47 @@ def memory_pareto_plot(
             ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
             ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
             ax.yaxis.set_major_formatter(ticker.ScalarFormatter(useOffset=False))
+        figure.suptitle(title, fontsize=10)
+        return _png(figure)
+
+
+@dataclass
+class TrajectoryLine:
+    """One line of :func:`trajectory_plot`: a statistic at fractions of training."""
+
+    label: str
+    fractions: np.ndarray
+    values: np.ndarray
+    dashed: bool = False
+
+
+def trajectory_plot(
+    tau: Sequence[TrajectoryLine], overlap: Sequence[TrajectoryLine], *, title: str, k: int
+) -> bytes:
+    """Kendall τ and top-k overlap of the Fisher ranking against references, vs the fraction of training."""
+    colours = ["#4c72b0", "#c44e52", *_PALETTE]
+    with matplotlib.rc_context(STYLE):
+        figure = _new_figure(11.0, 3.8)
+        axes = figure.subplots(1, 2, squeeze=False)[0]
+        for ax, lines, ylabel, low in (
+            (axes[0], tau, "Kendall τ between module rankings", -1.02),
+            (axes[1], overlap, f"top-{k} overlap", -0.02),
+        ):
+            for i, line in enumerate(lines):
+                ax.plot(
+                    line.fractions * 100,
+                    line.values,
+                    marker="o",
+                    markersize=4,
+                    linestyle="--" if line.dashed else "-",
+                    color=colours[i % len(colours)],
+                    label=line.label,
+                )
+            ax.axhline(0.0, color="#999999", linewidth=0.8)
+            ax.set_ylim(low, 1.02)
+            ax.set_xlim(-3, 103)
+            ax.set_xlabel("% of training steps done")
+            ax.set_ylabel(ylabel)
+            ax.legend(loc="lower left")
         figure.suptitle(title, fontsize=10)
         return _png(figure)

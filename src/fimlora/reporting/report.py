@@ -6,8 +6,10 @@ base, adapter size), a Pareto plot (metric vs trainable adapter parameters) and 
 the continuations of fixed prompts per method (causal LM; :mod:`fimlora.reporting.deployment`), rank
 heatmaps (layer × module type) of each non-uniform allocation, the ranks over training of methods that
 move them (AdaLoRA, fisher-online), the Fisher importance heatmap, and the training (and, where logged,
-evaluation) loss curves; then the calibration-size stability of the Fisher ranking when
-``calibration.json`` files (``fimlora calibration``) lie below DIR; then the definitions of the
+evaluation) loss curves, and where hindsight-lora runs are present, which source runs their ranks came
+from; then the calibration-size stability of the Fisher ranking when ``calibration.json`` files
+(``fimlora calibration``) lie below DIR, and the Fisher over training when ``fisher-trajectory.json``
+files (``fimlora fisher-trajectory``) do; then the definitions of the
 statistics and the list of unfinished runs. PNGs go to ``<out>/report_files/``; the Markdown links them,
 the HTML embeds them. Every file is written atomically and the output is deterministic.
 """
@@ -26,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from fimlora.analysis.calibration import EMPIRICAL_VS_MC, JSON_FILE, SUBSETS, load_calibration
+from fimlora.analysis.fisher_trajectory import JSON_FILE as TRAJECTORY_FILE
+from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, VERSUS_INIT, load_fisher_trajectory
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write, atomic_write_text
 from fimlora.reporting import deployment, plots, tuning
@@ -50,7 +54,7 @@ from fimlora.results import (
     RESULT_FILE,
     collect_results,
 )
-from fimlora.runs import rank_history, trained_ranks
+from fimlora.runs import TRUNCATION_WARN_SHARE, rank_history, trained_ranks
 from fimlora.stats import (
     BASELINE,
     CONFIDENCE,
@@ -107,6 +111,48 @@ def _fmt_p(p: Any) -> str:
     if not _finite(p):
         return "—"
     return "<0.001" if float(p) < 0.001 else f"{float(p):.3f}"
+
+
+def _fmt_p_holm(raw: Any, adjusted: Any) -> str:
+    """``0.012 (0.047)``: a raw p-value and its Holm adjustment; ``(1.000)`` alone where only the
+    adjustment exists (differences all 0: no t-test, counted as p = 1)."""
+    if not _finite(adjusted):
+        return _fmt_p(raw)
+    return f"{_fmt_p(raw)} ({_fmt_p(adjusted)})"
+
+
+def findings(summary: pd.DataFrame, metric: str, family: int, label: Any, alpha: float = 0.05) -> str:
+    """The sentence under a results table: which differences are findings, i.e. hold after Holm's
+    correction over the table (paired t-test) on at least ``MIN_SEEDS`` paired seeds."""
+    below = summary[pd.to_numeric(summary["p_ttest_holm"], errors="coerce") < alpha]
+    enough = pd.to_numeric(below["n_paired"], errors="coerce") >= MIN_SEEDS
+    where = (
+        f"at α = {alpha:g} after Holm's correction over this table's {family} comparison"
+        f"{'s' if family != 1 else ''} (paired t-test, ≥ {MIN_SEEDS} paired seeds)"
+    )
+    digits = _digits(metric)
+
+    def listed(rows: pd.DataFrame) -> str:
+        return "; ".join(
+            f"{r['budget_label']} {label(r)}: Δ {float(r['diff_mean']):+.{digits}f}, "
+            f"p {_fmt_p(r['p_ttest'])}, Holm {_fmt_p(r['p_ttest_holm'])}"
+            + (
+                f", sign-flip Holm {_fmt_p(r['p_signflip_holm'])}"
+                if _finite(r["p_signflip_holm"]) and float(r["p_signflip_holm"]) >= alpha
+                else ""
+            )
+            for _, r in rows.iterrows()
+        )
+
+    text = f"Findings on {metric} {where}: " + (
+        listed(below[enough]) if enough.any() else "none; no difference in this table is a finding"
+    )
+    if (~enough).any():
+        text += (
+            f". Below {alpha:g} after correction but on fewer than {MIN_SEEDS} paired seeds, so not "
+            f"findings: {listed(below[~enough])}"
+        )
+    return text + "."
 
 
 def _fmt_int(value: Any) -> str:
@@ -273,6 +319,7 @@ class _Builder:
             return
         primary = metrics[0]
         self.majority = _value_range(frame, "majority_rate")
+        self.data_notes(frame)
         self.blocks.append(Heading("Results over seeds", 3))
         for metric in metrics:
             self.results_table(summary[summary["metric"] == metric], metric, primary=metric == primary)
@@ -290,9 +337,52 @@ class _Builder:
         )
         deployment.generations(self, frame, self.root)
         self.rank_heatmaps(frame, dataset, model)
+        self.hindsight_sources(frame)
         self.rank_trajectories(frame, dataset, model)
         self.fisher_heatmap(frame, dataset, model)
         self.loss_curves(frame, dataset, model)
+
+    def data_notes(self, frame: pd.DataFrame) -> None:
+        """What the runs record about their data: several versions of it, examples cut at
+        ``train.max_length``, evaluation rows that also occur in an earlier split."""
+        versions = sorted({str(v) for v in frame.get("data_version", pd.Series(dtype=object)).dropna()})
+        if len(versions) > 1:
+            self.blocks.append(
+                Notice(
+                    f"These runs read {len(versions)} versions of the data ({', '.join(versions)}): each "
+                    "version is summarised and compared on its own (`data_version`)."
+                )
+            )
+        cut = {
+            column.removeprefix("truncated."): float(frame[column].max())
+            for column in frame.columns
+            if column.startswith("truncated.") and frame[column].notna().any()
+        }
+        if cut:
+            shares = ", ".join(f"{share:.0%} of {split}" for split, share in cut.items())
+            text = f"Examples cut at `train.max_length` (most in any run): {shares}."
+            if max(cut.values()) > TRUNCATION_WARN_SHARE:
+                self.blocks.append(Notice(text + " The model never saw the rest of those texts."))
+            else:
+                self.blocks.append(Paragraph(text))
+        found = {
+            column.removeprefix("duplicates."): int(frame[column].max())
+            for column in frame.columns
+            if column.startswith("duplicates.") and frame[column].notna().any() and frame[column].max() > 0
+        }
+        if found:
+            dropped = {
+                column.removeprefix("dropped_duplicates."): int(frame[column].max())
+                for column in frame.columns
+                if column.startswith("dropped_duplicates.") and frame[column].notna().any()
+            }
+            listed = ", ".join(f"{n} {pair.replace('_in_', ' rows also in ')}" for pair, n in found.items())
+            after = (
+                f"dropped from the evaluation splits ({', '.join(f'{n} {s}' for s, n in dropped.items())})"
+                if dropped
+                else "kept (`dataset_options.drop_eval_duplicates: true` drops them)"
+            )
+            self.blocks.append(Notice(f"Same text in two splits (normalised): {listed}; {after}."))
 
     def results_table(self, summary: pd.DataFrame, metric: str, *, primary: bool) -> None:
         digits = _digits(metric)
@@ -307,8 +397,8 @@ class _Builder:
             f"Δ vs {self.baseline}",
             f"{CONFIDENCE:.0%} CI of Δ",
             f"{CONFIDENCE:.0%} t-CI of Δ",
-            "p (paired t)",
-            "p (sign-flip)",
+            "p (paired t), raw (Holm)",
+            "p (sign-flip), raw (Holm)",
             "note",
         ]
         rows: list[list[Any]] = []
@@ -338,8 +428,8 @@ class _Builder:
                     f"[{float(r['diff_t_ci_low']):+.{digits}f}, {float(r['diff_t_ci_high']):+.{digits}f}]"
                     if _finite(r.get("diff_t_ci_low"))
                     else "—",
-                    _fmt_p(r["p_ttest"]),
-                    _fmt_p(r["p_signflip"])
+                    _fmt_p_holm(r["p_ttest"], r["p_ttest_holm"]),
+                    _fmt_p_holm(r["p_signflip"], r["p_signflip_holm"])
                     + (" (MC)" if _finite(r["p_signflip"]) and not bool(r["signflip_exact"]) else ""),
                     note,
                 ]
@@ -351,7 +441,15 @@ class _Builder:
             caption += f"; always predicting the split's most frequent class scores {self.majority}"
         if metric == "forgetting":
             caption = deployment.FORGETTING_CAPTION
+        family = int(summary["holm_family_size"].max()) if len(summary) else 0
+        if family:
+            caption += (
+                f"; Holm's adjustment in brackets, over this table's {family} comparison"
+                f"{'s' if family != 1 else ''} with {self.baseline}"
+            )
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
+        if family:
+            self.blocks.append(Paragraph(findings(summary, metric, family, self.series_label)))
 
     def per_class(self, frame: pd.DataFrame) -> None:
         """Recall and precision per class (mean over seeds) and the confusion matrices (summed over
@@ -782,6 +880,138 @@ class _Builder:
                 )
             )
 
+    def hindsight_sources(self, frame: pd.DataFrame) -> None:
+        """Which finished runs the hindsight allocations read their trained updates from."""
+        rows = []
+        for _, run in frame.sort_values(["method", "seed", "run_dir"], kind="stable").iterrows():
+            if run.get("alloc_strategy") != "hindsight":
+                continue
+            result = _read_json(self.root / run["run_dir"] / RESULT_FILE)
+            allocation = result.get("allocation") if isinstance(result, dict) else None
+            source = allocation.get("source") if isinstance(allocation, dict) else None
+            if not isinstance(source, dict):
+                continue
+            kind = str(source.get("kind"))
+            if source.get("rank") is not None:
+                kind += f" r={source['rank']}"
+            rows.append(
+                [
+                    str(run["method"]),
+                    str(run["budget_label"]),
+                    int(run["seed"]),
+                    f"{source.get('method')} ({kind})",
+                    source.get("seed"),
+                    "yes" if source.get("tuned") else "no",
+                    f"`{_rel(Path(str(source.get('path'))), self.root)}`",
+                ]
+            )
+        if not rows:
+            return
+        self.blocks.append(Heading("Hindsight sources", 3))
+        self.blocks.append(
+            Paragraph(
+                "hindsight allocations spend the budget on the largest singular values of the updates a "
+                "finished run trained (full fine-tuning: W_trained − W; uniform LoRA: s·B·A, whose rank "
+                "caps every module), then train from scratch: an upper bound for any allocation made "
+                "before training. Each row is one hindsight run and the run it read."
+            )
+        )
+        self.blocks.append(
+            Table(
+                ["method", "budget", "seed", "source (kind)", "source seed", "source tuned", "source run"],
+                rows,
+                caption="hindsight runs and their source runs",
+                numeric={2, 4},
+            )
+        )
+
+    def fisher_trajectories(self) -> None:
+        found = []
+        for path in sorted(self.root.rglob(TRAJECTORY_FILE)):
+            result = load_fisher_trajectory(path)
+            if result is not None and result.records:
+                found.append((path, result))
+        if not found:
+            return
+        self.blocks.append(Heading("Does the Fisher move during training?", 2, anchor="fisher-trajectory"))
+        self.blocks.append(
+            Paragraph(
+                "The per-module Fisher of the frozen weights, estimated on the same calibration examples "
+                "at fractions of one LoRA run's training, through the adapter trained so far; each "
+                "snapshot's ranking of the modules is compared with the one at initialisation (what "
+                "fim-lora allocates by) and with the hindsight ranking (the energy ‖ΔW‖² of the update "
+                "training made to each module, from the named source run). τ ≈ 1 against init: the "
+                "Fisher at init already ranks modules as later; τ against hindsight: whether the Fisher "
+                "ranks modules as training ends up using them."
+            )
+        )
+        for path, result in found:
+            info = result.info
+            aggregation = str(info.get("aggregation", "mean"))
+            k = int(info.get("k", 1))
+            rel = path.parent.relative_to(self.root) if path.is_relative_to(self.root) else path.parent
+            name = f"{info.get('model', '?')} / {info.get('dataset', '?')}, {info.get('method', '?')}"
+            self.blocks.append(Heading(f"{name}, seed {info.get('seed', '?')} (`{rel}`)", 3))
+            frame = pd.DataFrame(result.records)
+            chosen = frame[frame["aggregation"] == aggregation].sort_values(["versus", "step"])
+            source = info.get("hindsight_source") or {}
+            labels = {
+                VERSUS_INIT: "vs the Fisher at init",
+                VERSUS_HINDSIGHT: f"vs hindsight ({source.get('kind', '?')})",
+            }
+            lines_tau: list[plots.TrajectoryLine] = []
+            lines_overlap: list[plots.TrajectoryLine] = []
+            for versus in (VERSUS_INIT, VERSUS_HINDSIGHT):
+                sub = chosen[chosen["versus"] == versus]
+                for lines, column in ((lines_tau, "kendall_tau"), (lines_overlap, "top_k_overlap")):
+                    lines.append(
+                        plots.TrajectoryLine(
+                            labels[versus],
+                            sub["fraction"].to_numpy(float),
+                            sub[column].to_numpy(float),
+                            dashed=versus == VERSUS_INIT,
+                        )
+                    )
+            png = plots.trajectory_plot(
+                lines_tau, lines_overlap, title=f'{name}: Fisher ranking over training ("{aggregation}")', k=k
+            )
+            self.image(
+                f"fisher-trajectory-{_slug(str(rel))}.png",
+                png,
+                f"{info.get('num_modules', '?')} modules, {info.get('num_examples', '?')} calibration "
+                f"examples ({info.get('estimator', '?')} Fisher), {info.get('steps', '?')} training "
+                f"steps; hindsight source `{source.get('path', '?')}`.",
+                alt="Fisher ranking over training",
+            )
+            rows = [
+                [
+                    f"{r['fraction']:.0%}",
+                    int(r["step"]),
+                    labels[str(r["versus"])],
+                    _fmt(r["kendall_tau"], 3),
+                    _fmt_p(r.get("kendall_p")),
+                    _fmt(r["spearman"], 3),
+                    _fmt(r["top_k_overlap"], 2),
+                ]
+                for _, r in chosen.sort_values(["step", "versus"], ascending=[True, False]).iterrows()
+            ]
+            self.blocks.append(
+                Table(
+                    [
+                        "training",
+                        "step",
+                        "comparison",
+                        "Kendall τ",
+                        "p (τ)",
+                        "Spearman ρ",
+                        f"top-{k} overlap",
+                    ],
+                    rows,
+                    caption=f'agreement of per-module Fisher scores ("{aggregation}") along training',
+                    numeric={1},
+                )
+            )
+
     def definitions(self, n_resamples: int) -> None:
         self.blocks += [
             Heading("How to read the statistics", 2, anchor="statistics"),
@@ -806,8 +1036,14 @@ class _Builder:
                     f"n = {MAX_EXACT_SIGN_FLIP}, Monte Carlo beyond, marked MC). No distributional "
                     "assumption, but coarse: its smallest possible value is 2/2ⁿ — with 5 seeds 0.0625, so "
                     "5 seeds can never give p < 0.05 by this test.",
-                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds. p-values are not corrected for "
-                    "multiple comparisons (several methods, budgets and metrics are tested at once).",
+                    "Multiple comparisons: next to each raw p-value, in brackets, its Holm adjustment over "
+                    "the family of its table — every budget × method (× varying setting) compared with "
+                    f"{self.baseline} on one dataset, model and metric, each test separately (Holm's "
+                    "step-down: the i-th smallest of m p-values times m − i + 1, never below a smaller "
+                    "one's, capped at 1). A difference is called a finding only when its Holm-adjusted "
+                    "paired-t p is below 0.05; the sentence under each table lists them. Families are "
+                    "per table, not across metrics or datasets.",
+                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds.",
                 ]
             ),
         ]
@@ -918,6 +1154,7 @@ def build_report(
     for dataset, model in pairs:
         builder.dataset_model(dataset, model)
     builder.calibration()
+    builder.fisher_trajectories()
     builder.definitions(n_resamples)
     builder.unfinished(table.unfinished)
 

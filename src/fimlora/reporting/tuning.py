@@ -2,7 +2,9 @@
 
 For runs of ``fimlora sweep --tuned`` (their ``result.json`` carries ``tuning``), a table next to the
 results gives per budget and method the trials its study ran (complete / pruned / failed of the trials
-every study was given), its best validation score and the settings it chose; a comparison whose
+every study was given, and the lost ones its process died in, retried), its best validation score (with
+several tuning seeds: their aggregate, each seed's score and the spread) and the settings it chose; a
+comparison whose
 methods ran unequal numbers of trials, or completed unequal numbers, is flagged. From the trial tables
 of ``fimlora tune`` (``tuning-trials.csv`` next to ``tuned.yaml``), one plot per budget: validation
 score against learning rate, one curve per method.
@@ -56,9 +58,14 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
                 "complete": trials.get("complete"),
                 "pruned": trials.get("pruned"),
                 "failed": trials.get("failed"),
+                "lost": trials.get("lost", 0),
+                "seed_scores": record.get("seed_scores") or {},
+                "seed_spread": record.get("seed_spread"),
+                "aggregate": record.get("aggregate", "mean"),
                 "trials_per_study": record.get("trials_per_study"),
                 "params": record.get("params") or {},
                 "file": record.get("file"),
+                "shared_from": record.get("shared_from"),
             }
         )
     return pd.DataFrame(rows)
@@ -72,15 +79,27 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
     """The tuning-budget table and its flags (empty when no run was tuned)."""
     if tuning.empty:
         return []
-    header = ["budget", "method", "trials given", "complete", "pruned", "failed", "best validation", "tuned"]
+    header = [
+        "budget",
+        "method",
+        "trials given",
+        "complete",
+        "pruned",
+        "failed",
+        "lost, retried",
+        "best validation",
+        "tuned",
+    ]
     rows: list[list[Any]] = []
     warn: set[int] = set()
     notices = []
     ordered = tuning.assign(_later=tuning["method"] != baseline).sort_values(["budget", "_later", "method"])
     for _, sub in ordered.groupby("budget", sort=True):
         label = sub["budget_label"].iloc[0]
-        totals = {r["method"]: int(r["complete"] + r["pruned"] + r["failed"]) for _, r in sub.iterrows()}
-        completes = {r["method"]: int(r["complete"]) for _, r in sub.iterrows()}
+        # A control of tune.share ran no study: its row repeats its reference's, not a second effort.
+        studied = [r for _, r in sub.iterrows() if not isinstance(r.get("shared_from"), str)]
+        totals = {r["method"]: int(r["complete"] + r["pruned"] + r["failed"]) for r in studied}
+        completes = {r["method"]: int(r["complete"]) for r in studied}
         unequal = len(set(totals.values())) > 1
         if unequal:
             listed = ", ".join(f"{m} {n}" for m, n in totals.items())
@@ -102,18 +121,17 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
         for _, r in sub.iterrows():
             if unequal:
                 warn.add(len(rows))
-            score = r["validation_score"]
+            shared = r.get("shared_from")
             rows.append(
                 [
                     label,
-                    r["method"],
+                    f"{r['method']} (shares {shared}'s settings)" if isinstance(shared, str) else r["method"],
                     r["trials_per_study"] if r["trials_per_study"] is not None else "—",
                     int(r["complete"]),
                     int(r["pruned"]),
                     int(r["failed"]),
-                    f"{r['metric']} {score:.4f}"
-                    if isinstance(score, int | float) and math.isfinite(score)
-                    else "—",
+                    int(r["lost"] or 0),
+                    _best_validation(r),
                     ", ".join(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in r["params"].items()),
                 ]
             )
@@ -123,9 +141,26 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
         caption="the tuning behind these settings: one Optuna study per method and budget on the validation "
         "split (test never loaded), the same trials, seeded sampler and search space for every method",
         warn_rows=warn,
-        numeric={2, 3, 4, 5},
+        numeric={2, 3, 4, 5, 6},
     )
     return [Heading("Tuning budget", 3), table, *notices]
+
+
+def _best_validation(row: Mapping[str, Any]) -> str:
+    """``accuracy 0.7500``; with several tuning seeds ``accuracy 0.5100 (worst of seed 0 0.7700, seed 1
+    0.5100; spread 0.2600)``: the chosen setting's score at each seed and their max − min."""
+    score = row["validation_score"]
+    if not (isinstance(score, int | float) and math.isfinite(score)):
+        return "—"
+    text = f"{row['metric']} {score:.4f}"
+    seeds = row.get("seed_scores") or {}
+    if len(seeds) > 1:
+        listed = ", ".join(f"seed {seed} {float(value):.4f}" for seed, value in seeds.items())
+        spread = row.get("seed_spread")
+        text += f" ({row.get('aggregate', 'mean')} of {listed}" + (
+            f"; spread {float(spread):.4f})" if isinstance(spread, int | float) else ")"
+        )
+    return text
 
 
 def trial_tables(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
@@ -165,6 +200,9 @@ def sensitivity_images(trials: pd.DataFrame, dataset: str, model: str) -> list[t
         metric = str(by_budget["metric"].iloc[0])
         series: dict[str, list[plots.TrialPoint]] = {}
         higher = METRICS.get(metric, True)
+        lost = int((by_budget["state"] == "lost").sum())
+        per_seed = [c for c in by_budget.columns if c.startswith("score.seed") and by_budget[c].notna().any()]
+        by_budget = by_budget[by_budget["state"] != "lost"]  # no score: shown in the caption
         for method, sub in by_budget.groupby("method", sort=True):
             complete = sub[(sub["state"] == "complete") & sub["value"].notna()]
             # The chosen trial, by the rule of tuned.yaml: the best score, ties to the lowest number.
@@ -200,6 +238,18 @@ def sensitivity_images(trials: pd.DataFrame, dataset: str, model: str) -> list[t
             f"Every trial of the tuning (trials: {counts}), scored on the validation split. Line and filled "
             "dots: completed trials, in order of learning rate; hollow: pruned trials at their last "
             "validation score; ×: failed trials (e.g. a diverging loss); star: each method's best trial."
+            + (
+                f" Each trial trained at {len(per_seed)} seeds; its score is their aggregate (tuned.yaml: "
+                "aggregate), a pruned trial's the score of the seed it was stopped at; per-seed scores are "
+                f"in {TRIALS_FILE}."
+                if len(per_seed) > 1
+                else ""
+            )
+            + (
+                f" Not shown: {lost} trial(s) lost with their process and retried with the same values."
+                if lost
+                else ""
+            )
             + (
                 f" Trials also varied {', '.join(others)}, so neighbouring points may differ in those too."
                 if others

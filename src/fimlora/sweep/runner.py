@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,42 @@ def plan_lines(spec: SweepSpec, runs: list[PlannedRun]) -> list[str]:
     return lines
 
 
+def check_finished_data(runs: list[PlannedRun], store: Path) -> None:
+    """Refuse a sweep whose finished runs were made on other data than their dataset holds now (an edited
+    file): re-running the rest would put two versions of the data into one table. The data is compared
+    by content (:mod:`fimlora.data.identity`), each dataset hashed once."""
+    from fimlora.data import DataIdentity, data_changes
+
+    identities: dict[str, DataIdentity] = {}
+    stale: dict[str, list[str]] = {}
+    for run in runs:
+        if not run.run_directory.is_finished:
+            continue
+        config = run.config
+        token = json.dumps([config.dataset, config.dataset_options.hub_config], sort_keys=True)
+        if token not in identities:
+            identities[token] = config.data_identity()
+        try:
+            recorded = run.run_directory.read_result().get("data")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        changed = data_changes(recorded, identities[token])
+        if changed:
+            stale.setdefault(changed, []).append(run.key)
+    if not stale:
+        return
+    count = sum(len(keys) for keys in stale.values())
+    parts = []
+    for reason, keys in list(stale.items())[:3]:
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        parts.append(f"{reason} (run {shown})")
+    raise FimloraError(
+        f"{count} finished run(s) in {store} were made on other data than the spec names now: "
+        f"{'; '.join(parts)}. Restore the data, or give the sweep another store (--output-dir): one "
+        "table must not mix two versions of the data."
+    )
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -155,6 +192,7 @@ def run_sweep(
         from fimlora.tune.apply import expand_tuned
 
         runs = expand_tuned(spec, Path(tuned))
+    check_finished_data(runs, store)
     if preflight:
         from fimlora.preflight import check_runs
 

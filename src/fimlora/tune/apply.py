@@ -7,8 +7,10 @@ and ``train.eval_split: test``; its ``result.json`` gains
   ``budget`` and ``method_options``, its value and where it came from: ``tuned`` (chosen on validation
   by ``fimlora tune``), ``spec`` (written in the sweep spec), ``default`` (fimlora's default) or
   ``--tuned`` (the evaluation split, set to test by this command);
-- ``tuning``: the tuning behind it: the file, the metric, the best validation score, the trials the
-  study ran (complete / pruned / failed) and the trials every study was given.
+- ``tuning``: the tuning behind it (for a control of ``tune.share``, its reference's, named in
+  ``shared_from``): the file, the metric, the best validation score (the aggregate over
+  the tuning seeds), its score at each tuning seed and their spread, the trials the study ran
+  (complete / pruned / failed, and lost ones retried) and the trials every study was given.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from fimlora.config import ExperimentConfig, parse_config
 from fimlora.errors import FimloraError
 from fimlora.sweep.expand import PlannedRun, budget_label, deep_merge, expand
 from fimlora.sweep.spec import SweepSpec
-from fimlora.tune.cells import with_values
+from fimlora.tune.cells import TUNING_SPLITS, with_values
 from fimlora.tune.output import TunedCell, TunedFile, cell_key, load_tuned
+from fimlora.tune.preparation import refusal
 from fimlora.tune.spec import parse_tune
 
 #: Config sections whose settings a result records the source of.
@@ -68,16 +71,32 @@ def hyperparameter_sources(
     return sources
 
 
-def tuning_record(path: Path, tuned: TunedFile, entry: TunedCell) -> dict[str, Any]:
+def tuning_record(
+    path: Path, tuned: TunedFile, entry: TunedCell, shared_from: str | None = None
+) -> dict[str, Any]:
     return {
+        "shared_from": shared_from,
         "file": str(path.resolve()),
         "metric": entry.metric,
         "validation_score": entry.validation_score,
+        "seed_scores": {str(k): v for k, v in entry.seed_scores.items()} if entry.seed_scores else None,
+        "seed_spread": entry.seed_spread,
         "params": entry.params,
         "trials": entry.trials.model_dump(),
         "trials_per_study": tuned.trials_per_study,
         "seed": tuned.seed,
+        "seeds": tuned.seeds or [tuned.seed],
+        "aggregate": tuned.aggregate,
     }
+
+
+def _changed(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """Which part of a data fingerprint differs: the files by split, else the dataset's version."""
+    if before.get("source") == now.get("source") == "files":
+        old, new = before.get("sha256") or {}, now.get("sha256") or {}
+        splits = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "the " + ", ".join(splits) + " file's content" + ("s" if len(splits) > 1 else "")
+    return f"{before.get('name')} {before.get('revision')} then, {now.get('name')} {now.get('revision')} now"
 
 
 def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
@@ -87,29 +106,46 @@ def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
     a completed trial.
     """
     tuned = load_tuned(path)
-    if spec.tune is not None:
-        parse_tune(spec)  # the same checks as fimlora tune (e.g. no learning-rate axis when it is tuned)
+    # The same checks as fimlora tune (e.g. no learning-rate axis when it is tuned), and the controls.
+    share = parse_tune(spec).share if spec.tune is not None else {}
     index = {cell.key(): cell for cell in tuned.cells}
 
     def adjust(settings: dict[str, Any], config: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         method = config.method_names[0]
+        reference = share.get(method)
         budget = config.budget.model_dump(mode="json")
-        entry = index.get(cell_key(config.model, config.dataset, method, budget))
+        entry = index.get(cell_key(config.model, config.dataset, reference or method, budget))
         where = f"{method} {budget_label(budget)} ({config.model}, {config.dataset_label})"
         if entry is None:
+            whose = f"{reference} (whose settings {method} shares, tune.share)" if reference else where
             raise FimloraError(
-                f"{path} has no tuned settings for {where}; run `fimlora tune` on this spec first."
+                f"{path} has no tuned settings for {whose}; run `fimlora tune` on this spec first."
             )
         if entry.params is None:
             raise FimloraError(
                 f"{path}: no trial of {where} completed (trials: {entry.trials.model_dump()}); "
                 "there are no tuned settings to run it with."
             )
+        for key in entry.params:
+            reason = refusal(key)
+            if reason is not None:
+                raise FimloraError(
+                    f"{path}: {where} has a tuned {key}: {reason} and cannot be searched; "
+                    "remove it (the final runs must use the data, model and budget of the tuning)."
+                )
+        if entry.data is not None:
+            now = config.data_identity(splits=TUNING_SPLITS).fingerprint()
+            if now != entry.data:
+                raise FimloraError(
+                    f"{path}: the data of {where} changed since it was tuned ({_changed(entry.data, now)}); "
+                    "its tuned settings were chosen on other data. Tune again (fimlora tune starts new "
+                    "studies for the new data), or restore the data."
+                )
         final = deep_merge(with_values(settings, entry.params), {"train": {"eval_split": "test"}})
         resolved = parse_config(final, source=f"tuned run of {where}")
         extras = {
             "hyperparameter_sources": hyperparameter_sources(settings, resolved, entry.params),
-            "tuning": tuning_record(path, tuned, entry),
+            "tuning": tuning_record(path, tuned, entry, shared_from=reference),
         }
         return final, extras
 

@@ -7,7 +7,8 @@ pruner settings), so a changed setting starts a new study instead of mixing tria
 (``--trials``) extend the same one.
 
 Trial directories live in ``<store>/.tuning/<study>/`` (hidden, so that ``fimlora results``/``report``
-never take a trial for a final run): ``fisher/`` (shared by the cell's trials) and ``trial-0003/<method>/``.
+never take a trial for a final run): ``fisher/`` (shared by the cell's trials) and ``trial-0003/<method>/``;
+with several seeds per trial (``tune.seeds``) ``seed-1/fisher/`` and ``trial-0003/seed-1/<method>/``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fimlora.config import ExperimentConfig, parse_config
 from fimlora.data import dataset_label
 from fimlora.data.registry import registered_task
 from fimlora.errors import FimloraError
-from fimlora.sweep.expand import _slug, budget_label, deep_merge, expand
+from fimlora.sweep.expand import PlannedRun, _slug, budget_label, deep_merge, expand
 from fimlora.sweep.spec import SweepSpec
 from fimlora.tune.spec import Param, TuneSettings
 
@@ -42,6 +43,8 @@ class Cell:
     space: tuple[Param, ...]
     metric: str
     study_name: str
+    seeds: tuple[int, ...]  # every trial trains at each of them (config.seed is the first)
+    aggregate: str  # a trial's score over its seeds: mean or worst
 
     @property
     def directory(self) -> Path:
@@ -64,10 +67,18 @@ class Cell:
             "budget": {k: v for k, v in self.budget.items() if v is not None},
         }
 
-    def trial_config(self, params: dict[str, Any], number: int) -> ExperimentConfig:
-        """The config of trial ``number`` with ``params`` (dotted keys) written into the base config."""
+    def seed_directory(self, seed: int) -> Path:
+        """Where the trials at ``seed`` share their Fisher (the cell's directory for a single seed)."""
+        return self.directory if len(self.seeds) == 1 else self.directory / f"seed-{seed}"
+
+    def trial_config(self, params: dict[str, Any], number: int, seed: int | None = None) -> ExperimentConfig:
+        """The config of trial ``number`` at ``seed`` (default: the first) with ``params`` (dotted keys)
+        written into the base config."""
+        seed = self.seeds[0] if seed is None else seed
         data = with_values(self.config.model_dump(mode="json"), params)
-        data["output_dir"] = str(self.directory / f"trial-{number:04d}")
+        data["seed"] = seed
+        trial = self.directory / f"trial-{number:04d}"
+        data["output_dir"] = str(trial if len(self.seeds) == 1 else trial / f"seed-{seed}")
         return parse_config(data, source=f"trial {number} of {self.describe()}")
 
 
@@ -94,6 +105,12 @@ def tuning_seed(spec: SweepSpec, settings: TuneSettings) -> int:
     return int(spec.defaults.get("seed", 0))
 
 
+def tuning_seeds(spec: SweepSpec, settings: TuneSettings) -> list[int]:
+    """The seeds every trial trains at: ``tune.seeds`` consecutive seeds from :func:`tuning_seed`."""
+    first = tuning_seed(spec, settings)
+    return [first + k for k in range(settings.seeds)]
+
+
 def _metric(settings: TuneSettings, config: ExperimentConfig) -> str:
     if settings.metric is not None:
         return settings.metric
@@ -116,9 +133,25 @@ def _study_name(method: str, budget: dict[str, Any], fingerprint: dict[str, Any]
     return f"{_slug(method)}-{budget_label(budget)}-{digest}"
 
 
+def _check_shared_space(run: PlannedRun, settings: TuneSettings) -> None:
+    """A control must accept every value its reference's study may choose (``tune.share``)."""
+    reference = settings.share[run.method]
+    data = run.config.model_dump(mode="json")
+    for param in settings.space(reference):
+        for value in param.extremes():
+            try:
+                parse_config(with_values(data, {param.key: value}), source=f"{run.method}")
+            except FimloraError as exc:
+                raise FimloraError(
+                    f"Invalid tune section: tune.share.{run.method} gives it {reference}'s {param.key}, but "
+                    f"{value!r} does not make a valid run of it: {exc}"
+                ) from None
+
+
 def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
-    """Every cell of the grid, validated: each trial config at the bounds (and every choice) of its
-    search space must be a valid experiment, or a FimloraError names the cell and the dimension."""
+    """Every cell of the grid that gets a study (not the methods of ``tune.share``), validated: each
+    trial config at the bounds (and every choice) of its search space must be a valid experiment, or a
+    FimloraError names the cell and the dimension."""
     seed = tuning_seed(spec, settings)
     defaults = {k: v for k, v in spec.defaults.items() if k != "seed"}
     grid = spec.grid.model_copy(update={"seed": [seed]})
@@ -126,6 +159,9 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
     store = spec.output_path / TUNING_DIR
     cells = []
     for run in runs:
+        if run.method in settings.share:
+            _check_shared_space(run, settings)
+            continue
         base = run.config
         steps = base.train.steps
         train = {
@@ -139,13 +175,17 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
         metric = _metric(settings, config)
         fingerprint = {
             "config": config.model_dump(mode="json", exclude={"output_dir"}),
+            # The data by content (the test file, sealed while tuning, is not read): an edited file
+            # starts new studies instead of mixing trials on two versions of the data.
+            "data": config.data_identity(splits=TUNING_SPLITS).fingerprint(),
             "space": [p.describe() for p in space],
             "metric": metric,
             "protocol": settings.protocol(),
         }
         name = _study_name(run.method, run.axes["budget"], fingerprint)
         config = config.model_copy(update={"output_dir": str(store / name)})
-        cell = Cell(run.method, run.axes["budget"], config, space, metric, name)
+        seeds = tuple(tuning_seeds(spec, settings))
+        cell = Cell(run.method, run.axes["budget"], config, space, metric, name, seeds, settings.aggregate)
         for param in space:
             for value in param.extremes():
                 try:

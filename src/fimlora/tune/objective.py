@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,16 @@ from fimlora.experiment import Prepared, calibrate, prepare, run_method
 from fimlora.methods import get_allocation, resolve_method
 from fimlora.runs import RunDirectory
 from fimlora.tune.cells import TUNING_SPLITS, Cell
-from fimlora.tune.storage import FAILURE_ATTR, SURPLUS_ATTR, taken
+from fimlora.tune.preparation import preparation_key
+from fimlora.tune.spec import METRIC_DIRECTIONS, aggregate_scores
+from fimlora.tune.storage import (
+    FAILURE_ATTR,
+    SEED_SCORES_ATTR,
+    SURPLUS_ATTR,
+    WORKER_ATTR,
+    taken,
+    trial_step,
+)
 
 RUN_DIR_ATTR = "run_dir"
 
@@ -41,36 +53,30 @@ class SetupError(Exception):
 
 
 class PreparedCache:
-    """The last prepared data and model of this process, reused by trials that would prepare the same."""
+    """The prepared data and models of this process, reused by trials that would prepare the same
+    (:func:`fimlora.tune.preparation.preparation_key`); up to ``capacity`` of them (one per tuning
+    seed: each seed initialises its own task head), the least recently used dropped first."""
 
-    def __init__(self) -> None:
-        self._key: str | None = None
-        self._prepared: Prepared | None = None
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = max(1, capacity)
+        self._entries: OrderedDict[str, Prepared] = OrderedDict()
 
     def get(self, config: ExperimentConfig) -> Prepared:
-        key = json.dumps(_prepare_inputs(config), sort_keys=True)
-        if key != self._key or self._prepared is None:
-            self._prepared = None  # free the previous model first
-            self._prepared = prepare(config, splits=TUNING_SPLITS)
-            self._key = key
-        return self._prepared
+        key = prepared_data_key(config)
+        prepared = self._entries.pop(key, None)
+        if prepared is None:
+            while len(self._entries) >= self.capacity:  # free the oldest model first
+                self._entries.popitem(last=False)
+            prepared = prepare(config, splits=TUNING_SPLITS)
+        self._entries[key] = prepared
+        return prepared
 
 
-def _prepare_inputs(config: ExperimentConfig) -> dict[str, Any]:
-    """Everything :func:`fimlora.experiment.prepare` reads from a config."""
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        "task": config.task,
-        "dataset_options": config.dataset_options.model_dump(mode="json"),
-        "seed": config.seed,
-        "target_modules": config.target_modules,
-        "trust_remote_code": config.trust_remote_code,
-        "budget": config.budget.model_dump(mode="json"),
-        "r_min": config.allocation.r_min,
-        "r_max": config.allocation.r_max,
-        "max_length": config.train.max_length,
-    }
+def prepared_data_key(config: ExperimentConfig) -> str:
+    """What a trial's prepared data and model depend on: every preparation input
+    (:func:`fimlora.tune.preparation.preparation_key`) and the tuning splits' content."""
+    data = config.data_identity(splits=TUNING_SPLITS).fingerprint()
+    return json.dumps([preparation_key(config), data], sort_keys=True)
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -104,14 +110,23 @@ class Objective:
             study.stop()
             raise SurplusTrial(f"trial {trial.number}: the study's {self.trials} trials are taken")
         params = {param.key: param.suggest(trial) for param in self.cell.space}
-        what = f"{self.cell.describe()} trial {trial.number} [{format_params(params)}]"
+        cell = self.cell
+        what = f"{cell.describe()} trial {trial.number} [{format_params(params)}]"
         started = time.perf_counter()
+        # A retry inherits the lost trial's attributes: start its record afresh.
+        trial.set_user_attr(SEED_SCORES_ATTR, {})
+        trial.set_user_attr(WORKER_ATTR, worker_name())
+        scores: dict[int, float] = {}
+        seed = cell.seeds[0]
         try:
-            config = self.cell.trial_config(params, trial.number)
-            trial.set_user_attr(RUN_DIR_ATTR, str(Path(config.output_dir) / self.cell.method))
-            value = self._run(trial, config, params)
+            for index, seed in enumerate(cell.seeds):
+                config = cell.trial_config(params, trial.number, seed)
+                if index == 0:
+                    trial.set_user_attr(RUN_DIR_ATTR, str(Path(config.output_dir) / cell.method))
+                scores[seed] = self._run(trial, config, params, index)
+                trial.set_user_attr(SEED_SCORES_ATTR, {str(s): v for s, v in scores.items()})
         except optuna.TrialPruned as exc:
-            self.log(f"{what}: pruned, {exc} ({time.perf_counter() - started:.0f} s)")
+            self.log(f"{what}: pruned{self._at(seed)}, {exc} ({time.perf_counter() - started:.0f} s)")
             raise
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another worker took this trial for lost (no heartbeat within the grace period) and
@@ -120,11 +135,21 @@ class Objective:
             raise
         except (FimloraError, RuntimeError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            trial.set_user_attr(FAILURE_ATTR, f"{type(exc).__name__}: {reason}")
-            self.log(f"{what}: failed: {reason} ({time.perf_counter() - started:.0f} s)")
+            trial.set_user_attr(FAILURE_ATTR, f"{type(exc).__name__}{self._at(seed)}: {reason}")
+            self.log(f"{what}: failed{self._at(seed)}: {reason} ({time.perf_counter() - started:.0f} s)")
             raise
-        self.log(f"{what}: {self.cell.metric} {value:.4f} ({time.perf_counter() - started:.0f} s)")
+        higher = METRIC_DIRECTIONS[cell.metric]
+        value = aggregate_scores(list(scores.values()), cell.aggregate, higher_is_better=higher)
+        per_seed = (
+            f" ({cell.aggregate} of seeds {', '.join(f'{s}: {v:.4f}' for s, v in scores.items())})"
+            if len(scores) > 1
+            else ""
+        )
+        self.log(f"{what}: {cell.metric} {value:.4f}{per_seed} ({time.perf_counter() - started:.0f} s)")
         return value
+
+    def _at(self, seed: int) -> str:
+        return f" at seed {seed}" if len(self.cell.seeds) > 1 else ""
 
     def setup(self) -> None:
         """Prepare the cell (data, model, Fisher) before any trial: a cell that cannot run at all fails
@@ -132,13 +157,14 @@ class Objective:
         self._prepared(self.cell.config)
 
     def _prepared(self, config: ExperimentConfig) -> Prepared:
-        """The trial's prepared experiment: cached data and model, the cell's Fisher."""
+        """The trial's prepared experiment: cached data and model, the Fisher of the cell at its seed."""
         base = self.cache.get(config)
         prepared = dataclasses.replace(base, config=config)
-        # The cell's Fisher lives in the cell's directory, shared by its trials.
+        # The Fisher lives in the cell's directory (one per seed), shared by its trials.
         needs = get_allocation(resolve_method(config.methods[0]).allocation).needs
         calibration = dataclasses.replace(
-            prepared, config=config.model_copy(update={"output_dir": str(self.cell.directory)})
+            prepared,
+            config=config.model_copy(update={"output_dir": str(self.cell.seed_directory(config.seed))}),
         )
         calibrate(calibration, set(needs), progress=False, log=_silent)
         prepared.fisher, prepared.fisher_dir, prepared.kfac = (
@@ -148,7 +174,7 @@ class Objective:
         )
         return prepared
 
-    def _run(self, trial: Any, config: ExperimentConfig, params: dict[str, Any]) -> float:
+    def _run(self, trial: Any, config: ExperimentConfig, params: dict[str, Any], seed_index: int) -> float:
         import optuna
 
         cell, metric = self.cell, self.cell.metric
@@ -156,10 +182,11 @@ class Objective:
             prepared = self._prepared(config)
         except (FimloraError, RuntimeError, OSError) as exc:
             raise SetupError(f"{cell.describe()}: {exc}") from exc
+        steps = config.train.steps
 
         def on_validation(step: int, metrics: dict[str, float]) -> None:
             value = float(metrics[metric])
-            trial.report(value, step)
+            trial.report(value, trial_step(seed_index, step, steps))
             if trial.should_prune():
                 raise optuna.TrialPruned(f"step {step}: validation {metric} {value:.4f}")
 
@@ -170,13 +197,23 @@ class Objective:
             progress=False,
             on_validation=on_validation,
             result_extras={
-                "tuning_trial": {"study": cell.study_name, "number": trial.number, "params": params}
+                "tuning_trial": {
+                    "study": cell.study_name,
+                    "number": trial.number,
+                    "params": params,
+                    "seed": config.seed,
+                }
             },
         )
         value = outcome.result.get("metrics", {}).get(metric)
         if not isinstance(value, int | float):
             raise FimloraError(f"The run records no validation {metric}; choose another tune.metric.")
         return float(value)
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, recorded with each trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _silent(_: str) -> None:

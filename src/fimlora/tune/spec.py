@@ -5,6 +5,8 @@
     tune:
       trials: 8                      # per cell (model × dataset × method × budget); --trials overrides
       seed: 0                        # experiment seed of every trial (default: the grid's first seed)
+      seeds: 2                       # each trial trains at seed, seed + 1, …; --seeds overrides (default 1)
+      aggregate: worst               # a trial's score over its seeds: mean (default) or worst
       metric: accuracy               # scored on validation; default accuracy (classification) or perplexity
       eval_every: 10                 # validation every N steps for the pruner (default: train.steps // 4)
       eval_examples: 256             # validation examples (default: train.eval_examples)
@@ -18,6 +20,19 @@
       sampler: {seed: 0, startup_trials: 4}        # TPE; random trials before it models (default trials // 2)
       pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
       heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
+      share:                         # controls run at their reference method's tuned settings
+        random-rank: fim-lora        # (no study of their own; the final runs say whose settings)
+
+A *control* isolates one ingredient of a method: ``random-rank`` is fim-lora with random instead of
+Fisher ranks, ``hindsight-lora`` fim-lora with ranks read off a finished run. Tuned separately, a
+control's difference from its reference would mix the ingredient with the two studies' luck; sharing
+the reference's tuned settings (``tune.share``) keeps everything else equal. A shared method gets no
+study, and the final runs record ``tuning.shared_from``.
+
+With several seeds a trial's score is the ``aggregate`` of its seeds' validation scores: ``mean``, or
+``worst`` (the lowest accuracy, the highest loss), which prefers settings that hold on every seed to
+settings with the best peak. Its seeds run one after another; the pruner judges each seed's validation
+scores against the completed trials' scores at the same seed and step (see :mod:`fimlora.tune.search`).
 
 A parameter is a dotted path into the experiment config with ``{low, high}`` (uniform; ``log: true`` for
 log-uniform, ``integer: true`` for integers) or ``{choices: [...]}``. Every method gets the same number
@@ -27,6 +42,7 @@ of trials: a method entry may repeat ``trials`` only with the same value, anythi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,13 +51,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fimlora.config import format_validation_error
 from fimlora.errors import FimloraError
 from fimlora.sweep.spec import SweepSpec, method_name
+from fimlora.tune.preparation import refusal
 
 LEARNING_RATE = "train.learning_rate"
 #: Metrics a study can optimise, and whether larger is better.
 METRIC_DIRECTIONS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
-# Settings that define a cell or the tuning protocol itself: never a search dimension.
-_FIXED_KEYS = ("model", "dataset", "task", "methods", "seed", "output_dir", "target_modules")
-_FIXED_PREFIXES = ("budget.", "dataset_options.", "train.eval_", "train.report_to")
 
 
 class _Strict(BaseModel):
@@ -74,7 +88,7 @@ class ChoiceSpec(_Strict):
 
 
 class SamplerSettings(_Strict):
-    seed: int = Field(0, description="Seed of every study's TPE sampler (worker k uses seed + k).")
+    seed: int = Field(0, description="Seed of every study's TPE sampler (per trial: with its place).")
     startup_trials: int | None = Field(
         None, ge=1, description="Random trials before TPE models the results (default: trials // 2, ≥ 1)."
     )
@@ -92,6 +106,8 @@ class TuneSettings(_Strict):
 
     trials: int = Field(ge=1, description="Trials per study; the same for every cell.")
     seed: int | None = None
+    seeds: int = Field(1, ge=1, description="Seeds every trial trains at: seed, seed + 1, …")
+    aggregate: Literal["mean", "worst"] = "mean"
     metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] | None = None
     eval_every: int | None = Field(None, ge=1)
     eval_examples: int | None = Field(None, ge=1)
@@ -100,6 +116,11 @@ class TuneSettings(_Strict):
     sampler: SamplerSettings = SamplerSettings()
     pruner: PrunerSettings = PrunerSettings()
     heartbeat_s: int = Field(30, ge=1)
+    share: dict[str, str] = Field(
+        default_factory=dict,
+        description="Methods run at another method's tuned settings instead of a study of their own: "
+        "{control: reference}.",
+    )
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -124,8 +145,12 @@ class TuneSettings(_Strict):
 
     def protocol(self) -> dict[str, Any]:
         """Everything a study's trials depend on besides the cell (hashed into study names); not the
-        number of trials (more trials extend a study) nor the heartbeat."""
-        return self.model_dump(mode="json", exclude={"trials", "heartbeat_s", "methods"})
+        number of trials (more trials extend a study) nor the heartbeat. One seed leaves ``seeds`` and
+        ``aggregate`` out (its mean is its worst), so that studies of one seed keep their names."""
+        exclude = {"trials", "heartbeat_s", "methods", "share"}
+        if self.seeds == 1:
+            exclude |= {"seeds", "aggregate"}
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 @dataclass(frozen=True)
@@ -170,8 +195,9 @@ class Param:
 
 def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
     where = f"tune.methods.{method}.{key}"
-    if key in _FIXED_KEYS or key.startswith(_FIXED_PREFIXES):
-        raise FimloraError(f"{where}: {key} defines the cell or the tuning protocol and cannot be searched.")
+    reason = refusal(key)
+    if reason is not None:
+        raise FimloraError(f"{where}: {reason} and cannot be searched; trials would not be the final runs.")
     if key == LEARNING_RATE:
         raise FimloraError(
             f"{where}: the learning rate is searched for every method alike; set its range in "
@@ -186,8 +212,34 @@ def _dimension(method: str, key: str, value: Any) -> RangeSpec | ChoiceSpec:
         raise FimloraError(f"{where}: {format_validation_error(exc, root='range')}.") from None
 
 
-def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
-    """The spec's ``tune:`` section, validated against its grid; ``trials`` overrides every count.
+def _check_share(settings: TuneSettings, grid_methods: list[str], source: str) -> None:
+    for control, reference in sorted(settings.share.items()):
+        where = f"Invalid {source}: tune.share.{control}"
+        if control not in grid_methods:
+            raise FimloraError(f"{where}: {control} is not in the grid ({', '.join(grid_methods)}).")
+        if reference not in grid_methods:
+            raise FimloraError(
+                f"{where}: its reference {reference} is not in the grid, so it is never tuned."
+            )
+        if reference == control or reference in settings.share:
+            raise FimloraError(f"{where}: {reference} shares settings itself; name a method that is tuned.")
+        if control in settings.methods:
+            raise FimloraError(
+                f"{where}: {control} takes {reference}'s settings, so tune.methods.{control} would never be "
+                "searched; remove one of them."
+            )
+
+
+def aggregate_scores(scores: Sequence[float], how: str, *, higher_is_better: bool) -> float:
+    """A trial's score from its seeds' scores: their mean, or the worst of them."""
+    if how == "mean":
+        return float(sum(scores) / len(scores))
+    return float(min(scores) if higher_is_better else max(scores))
+
+
+def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None = None) -> TuneSettings:
+    """The spec's ``tune:`` section, validated against its grid; ``trials`` overrides every count,
+    ``seeds`` the seeds per trial.
 
     Refused: no section; per-method trial counts that differ from ``tune.trials`` (every method gets
     the same tuning effort); a method the grid does not have; a learning-rate grid axis while the
@@ -209,6 +261,7 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
             f"Invalid {source}: tune.methods names {', '.join(unknown)}, not in the grid "
             f"({', '.join(grid_methods)})."
         )
+    _check_share(settings, grid_methods, source)
     counts = {m: entry.get("trials") for m, entry in settings.methods.items() if isinstance(entry, dict)}
     unequal = {m: n for m, n in counts.items() if n is not None and n != settings.trials}
     if unequal:
@@ -238,9 +291,13 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None) -> TuneSettings:
         if trials < 1:
             raise FimloraError(f"--trials must be at least 1, got {trials}.")
         updated["trials"] = trials
+    if seeds is not None:
+        if seeds < 1:
+            raise FimloraError(f"--seeds must be at least 1, got {seeds}.")
+        updated["seeds"] = seeds
     settings = settings.model_copy(update=updated)
     for method in grid_methods:
-        if not settings.space(method):
+        if method not in settings.share and not settings.space(method):
             raise FimloraError(
                 f"Invalid {source}: nothing to search for {method} (tune.learning_rate is null and "
                 "tune.methods gives it no dimension)."

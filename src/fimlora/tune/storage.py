@@ -1,7 +1,9 @@
 """Where the studies live (Optuna's RDB storage) and how their trials count against the budget.
 
 Default storage: ``sqlite:///<store>/tuning.db``, an embedded file, nothing to start. ``--storage URL``
-(e.g. ``postgresql://host/db``) lets workers on several machines share the studies.
+(e.g. ``postgresql://user@host/db``, driver: ``pip install 'fimlora[postgres]'``, psycopg 3) lets
+workers on several machines share the studies. ``tuned.yaml`` records the storage without a password,
+and a SQLite file relative to the spec's directory (:func:`recorded_storage`).
 
 Every trial ends in one of these kinds (the Optuna state, refined by the trial's user attributes):
 
@@ -18,6 +20,8 @@ surplus trials do not count; running and waiting ones hold a place until they en
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +29,10 @@ from typing import Any, Literal
 
 FAILURE_ATTR = "failure"
 SURPLUS_ATTR = "surplus"
+#: The validation score of each seed the trial finished, ``{"0": 0.77, "1": 0.51}``.
+SEED_SCORES_ATTR = "seed_scores"
+#: ``host:pid`` of the process that ran the trial.
+WORKER_ATTR = "worker"
 DB_FILE = "tuning.db"
 
 TrialKind = Literal["complete", "pruned", "failed", "lost", "surplus", "running", "waiting"]
@@ -38,22 +46,55 @@ def default_storage(store: Path) -> str:
     return f"sqlite:///{(store / DB_FILE).resolve()}"
 
 
-def open_storage(url: str, *, heartbeat_s: int) -> Any:
+def engine_url(url: str) -> str:
+    """``url`` with the PostgreSQL driver named: SQLAlchemy's plain ``postgresql://`` means psycopg2,
+    fimlora's ``postgres`` extra installs psycopg 3; a URL that names its driver is kept."""
+    if url.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def open_storage(url: str, *, heartbeat_s: int, attempts: int = 5) -> Any:
     """An ``optuna.storages.RDBStorage`` with heartbeats: a trial whose process died is failed after
-    ``2 × heartbeat_s`` seconds of silence and retried (at most twice) with the same parameters."""
+    ``2 × heartbeat_s`` seconds of silence and retried (at most twice) with the same parameters.
+
+    Processes that start together on an empty database race to create its tables; the loser's error
+    is transient, so opening is retried (``attempts`` times).
+    """
     import optuna
+    import sqlalchemy.exc
 
     engine: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock rather than fail at once.
         engine["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine,
-        heartbeat_interval=heartbeat_s,
-        grace_period=2 * heartbeat_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                engine_url(url),
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def recorded_storage(url: str, spec_dir: Path) -> str:
+    """The storage as ``tuned.yaml`` records it: without a password, and a SQLite file as a path
+    relative to the spec's directory (``sqlite:///runs-tuned/tuning.db``), not of this machine."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.removeprefix("sqlite:///"))
+        if path.is_absolute():
+            return f"sqlite:///{Path(os.path.relpath(path, spec_dir.resolve())).as_posix()}"
+    return public_url(url)
 
 
 def trial_kind(trial: Any) -> TrialKind:
@@ -82,6 +123,17 @@ def taken(trials: Iterable[Any], *, before: int | None = None) -> int:
     return sum(
         1 for t in trials if (before is None or t.number < before) and trial_kind(t) in (*COUNTED, *PENDING)
     )
+
+
+def trial_step(seed_index: int, step: int, steps: int) -> int:
+    """The step under which a trial reports its ``seed_index``-th seed's validation score at training
+    ``step`` (its seeds train one after another, ``steps`` steps each)."""
+    return seed_index * (steps + 1) + step
+
+
+def seed_and_step(reported: int, steps: int) -> tuple[int, int]:
+    """The inverse of :func:`trial_step`: ``(seed index, training step)``."""
+    return divmod(reported, steps + 1)
 
 
 def public_url(url: str) -> str:

@@ -1,11 +1,13 @@
 """Running the studies: Optuna's own ``study.optimize`` in each worker process, coordinated by the storage.
 
-Every study gets a TPE sampler with the same seed (worker k of ``--workers N`` uses seed + k, so that
-parallel workers do not propose the same first values), the same number of random start-up trials, the
-same median pruner and the same budget of ``trials`` trials (see :mod:`fimlora.tune.storage` for what
-counts). Each worker walks the cells in order and, for each, optimises until the budget is taken; when
-the last places are held by running trials (another worker's, or a dead worker's that the heartbeat will
-fail and retry), it waits for them. Running ``fimlora tune`` again resumes every study where it stopped.
+Every study gets a TPE sampler with the same seed, whose randomness for each trial is derived from that
+seed and the trial's place in the budget (so a resumed study draws what an uninterrupted one would, and
+parallel workers do not propose the same values), the same number of random start-up trials, the same
+seed-by-seed median pruner (:mod:`fimlora.tune.search`) and the same budget of ``trials`` trials (see
+:mod:`fimlora.tune.storage` for what counts). Each worker walks the cells in order and, for each,
+optimises until the budget is taken; when the last places are held by running trials (another worker's,
+or a dead worker's that the heartbeat will fail and retry), it waits for them. Running ``fimlora tune``
+again resumes every study where it stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fimlora.errors import FimloraError
 from fimlora.processes import launched_world_size
 from fimlora.sweep.local import init_worker, threads_per_worker
 from fimlora.sweep.spec import SweepSpec
-from fimlora.tune.cells import Cell, plan_cells, tuning_seed
+from fimlora.tune.cells import Cell, plan_cells, tuning_seeds
 from fimlora.tune.objective import Objective, PreparedCache, SetupError, SurplusTrial
 from fimlora.tune.output import TuningSummary, summarize_study, write_outputs
 from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
@@ -35,6 +37,7 @@ from fimlora.tune.storage import (
     kind_counts,
     open_storage,
     public_url,
+    recorded_storage,
     taken,
     trial_kind,
 )
@@ -46,22 +49,6 @@ def _quiet_optuna() -> None:
     # fimlora logs one line per trial itself; heartbeats and the retry callback are "experimental".
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def sampler(settings: TuneSettings, worker: int = 0) -> Any:
-    import optuna
-
-    return optuna.samplers.TPESampler(
-        seed=settings.sampler.seed + worker, n_startup_trials=settings.sampler_startup
-    )
-
-
-def pruner(settings: TuneSettings) -> Any:
-    import optuna
-
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=settings.pruner.startup_trials, n_warmup_steps=settings.pruner.warmup_steps
-    )
 
 
 def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> None:
@@ -81,6 +68,8 @@ def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> N
             study.set_user_attr("cell", cell.record())
             study.set_user_attr("metric", cell.metric)
             study.set_user_attr("space", [p.describe() for p in cell.space])
+            study.set_user_attr("seeds", list(cell.seeds))
+            study.set_user_attr("aggregate", cell.aggregate)
 
 
 def tune_cell(
@@ -89,17 +78,18 @@ def tune_cell(
     storage: Any,
     cache: PreparedCache,
     *,
-    worker: int = 0,
     log: Callable[[str], None] = print,
 ) -> None:
     """Optimise ``cell``'s study until ``settings.trials`` trials ran to a verdict."""
     import optuna
 
+    from fimlora.tune.search import pruner, sampler
+
     study = optuna.load_study(
         study_name=cell.study_name,
         storage=storage,
-        sampler=sampler(settings, worker),
-        pruner=pruner(settings),
+        sampler=sampler(settings),
+        pruner=pruner(settings, cell.config.train.steps),
     )
     budget = settings.trials
     objective = Objective(cell, budget, cache, log)
@@ -160,10 +150,10 @@ def tune_worker(task: WorkerTask, log: Callable[[str], None] = print) -> None:
     """Tune every cell in order (a worker process's whole job)."""
     _quiet_optuna()
     storage = open_storage(task.url, heartbeat_s=task.settings.heartbeat_s)
-    cache = PreparedCache()
+    cache = PreparedCache(capacity=task.settings.seeds)
     for cell in task.cells:
         try:
-            tune_cell(cell, task.settings, storage, cache, worker=task.worker, log=log)
+            tune_cell(cell, task.settings, storage, cache, log=log)
         except SetupError as exc:
             raise FimloraError(f"Tuning stopped: {exc}") from None
 
@@ -237,13 +227,15 @@ def run_tuning(
     spec: SweepSpec,
     *,
     trials: int | None = None,
+    seeds: int | None = None,
     workers: int = 1,
     storage: str | None = None,
     log: Callable[[str], None] = print,
 ) -> TuningReport:
     """Tune every cell of ``spec`` (resuming studies already in the storage), then write ``tuned.yaml``
-    and ``tuning-trials.csv`` into its store. ``trials`` overrides the spec's count for every study;
-    ``storage`` is an Optuna RDB URL (default: ``sqlite:///<store>/tuning.db``)."""
+    and ``tuning-trials.csv`` into its store. ``trials`` overrides the spec's count for every study,
+    ``seeds`` its seeds per trial; ``storage`` is an Optuna RDB URL (default:
+    ``sqlite:///<store>/tuning.db``)."""
     import optuna
 
     if launched_world_size() > 1:
@@ -251,14 +243,20 @@ def run_tuning(
             "fimlora tune was started by a multi-process launcher (WORLD_SIZE > 1): every process would "
             "run the whole tuning. Use --workers, or start fimlora tune on each machine with --storage."
         )
-    settings = parse_tune(spec, trials=trials)
+    settings = parse_tune(spec, trials=trials, seeds=seeds)
     cells = plan_cells(spec, settings)
     store = spec.output_path
     store.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(store)
+    seed_list = tuning_seeds(spec, settings)
+    at = (
+        f"seeds {', '.join(map(str, seed_list))}, scored by their {settings.aggregate}"
+        if len(seed_list) > 1
+        else f"seed {seed_list[0]}"
+    )
     log(
-        f"tune {spec.name}: {len(cells)} studies × {settings.trials} trials on the validation split "
-        f"(storage {public_url(url)}, {workers} worker{'s' if workers != 1 else ''})"
+        f"tune {spec.name}: {len(cells)} studies × {settings.trials} trials on the validation split, "
+        f"trials at {at} (storage {public_url(url)}, {workers} worker{'s' if workers != 1 else ''})"
     )
     for cell in cells:
         dims = ", ".join(
@@ -277,9 +275,10 @@ def run_tuning(
     tuned_file, trials_file = write_outputs(
         store,
         name=spec.name,
-        seed=tuning_seed(spec, settings),
+        seeds=seed_list,
+        aggregate=settings.aggregate,
         trials=settings.trials,
-        url=url,
+        storage=recorded_storage(url, spec.base_dir),
         summaries=summaries,
     )
     return TuningReport(summaries, tuned_file, trials_file, url)

@@ -13,6 +13,10 @@ class Dora(PeftLora):
     description = "DoRA (Liu et al., 2024): magnitude vector m and direction W + s·BA, normalised per column."
     optimizers = frozenset({"adamw", "loraplus", "riemannian"})
     lora_options = {"use_dora": True}  # noqa: RUF012
+    refuses_rank_zero = (
+        "pays each module's magnitude vector out of the budget before any rank is allocated, so a module "
+        "left without an adapter would still be charged for one"
+    )
 
     def quantized_base_refusal(self, quantization: str) -> str | None:
         if quantization == "int8" and not torch.cuda.is_available():

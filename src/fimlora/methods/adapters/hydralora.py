@@ -716,6 +716,10 @@ class HydraLoraAdapter(AdapterKind):
         "is not a PEFT adapter, and transformers' Trainer trains a quantised model only through PEFT "
         "adapters (its layers also read the float weight's shape and dtype)"
     )
+    refuses_rank_zero = (
+        "pays each module's router out of the budget before any rank is allocated, so a module left "
+        "without an adapter would still be charged for one"
+    )
     unmergeable_reason = (
         "HydraLoRA cannot be merged into the base weights: its router mixes the k B heads with weights "
         "g(x) that depend on each token's input, so s·Σ_i g_i(x)·B_i·A is not one fixed matrix."

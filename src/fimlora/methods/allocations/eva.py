@@ -22,8 +22,8 @@ r_min top components, then each next component is taken if its module is below i
 (min(round(ρ·r_i), d_in, d_out, r_max)) and one more rank of it (d_in + d_out, or what a rank trains
 under the method's optimizer) fits in what is left; a component that does not fit is skipped and the
 next one tried. The pass ends when nothing fits, so at most one module-rank of the budget is left over,
-and the adapter never trains more than the budget. Ranks never fall below ``allocation.r_min`` (PEFT's
-EVA may drop a layer to rank 0).
+and the adapter never trains more than the budget. Ranks never fall below ``allocation.r_min``; with
+``r_min: 0`` a module may end at rank 0 and get no adapter, as PEFT's EVA may drop a layer.
 
 Scaling: as PEFT's ``adjust_scaling_factors`` (EVA's default), a module's lora_alpha is multiplied by
 its final rank over its starting rank r_i, so under α/r scaling it keeps α / r_i whatever rank it ends
@@ -251,7 +251,9 @@ class Eva(AllocationRule):
         start = ctx.record[_START]
         alpha = lora_kwargs["lora_alpha"]
         # PEFT's adjust_scaling_factors: alpha_i = alpha · r_i / r_start, so alpha_i / r_i = alpha / r_start.
-        alphas = {n: alpha if r == start[n] else alpha * r / start[n] for n, r in allocation.ranks.items()}
+        alphas = {
+            n: alpha if r == start[n] else alpha * r / start[n] for n, r in allocation.adapted_ranks.items()
+        }
         kwargs = {**lora_kwargs, "alpha_pattern": _resolvable_pattern(alphas, default=alpha)}
         eva_config = EvaConfig(
             rho=opts.rho,

@@ -1,18 +1,21 @@
 """fisher-online (ours, preset ``fim-lora-dynamic``): ranks re-solved during training, at a fixed budget.
 
 The adapter starts from fim-lora's static Fisher allocation (``start: fisher``) or from uniform ranks
-(``start: uniform``). While it trains, hooks on every LoRA layer accumulate tr F of the layer's frozen
-weight from the training step's own forward and backward pass (:mod:`fimlora.fisher.online`: exact per
-example, training examples only, no extra pass). After the optimizer steps listed by ``reallocate_at``
-(fractions of ``train.steps``; default 10 % and 30 %) the allocation is solved again by the same allocator
-as fim-lora (:func:`fimlora.allocation.allocate_ranks`, proportional, with the experiment's
-``allocation`` settings tau, r_min, r_max) on the running average of that trace, aggregated like the
-static Fisher (``fisher.aggregation``: ``mean`` = tr F / (d_out·d_in), ``trace`` = tr F), under the
-same budget in trainable parameters. The modules whose rank changes are re-sized in place
-(:mod:`fimlora.methods.resize`): a shrinking module keeps the best rank-r' approximation of its
-current update s·B·A, a growing one gets new directions with B = 0 on the new columns (the function does
-not change). After the last re-allocation the hooks are removed, so the remaining steps cost what
-fim-lora's do.
+(``start: uniform``). While it trains, hooks on every target's frozen linear layer (inside its LoRA
+layer, or bare where the module has rank 0) accumulate tr F of that weight from the training step's own
+forward and backward pass (:mod:`fimlora.fisher.online`: exact per example, training examples only, no
+extra pass); the input embeddings' output requires a gradient meanwhile, so even a first-block layer
+without an adapter gets its output gradient (no parameter's gradient changes). After the optimizer steps
+listed by ``reallocate_at`` (fractions of ``train.steps``; default 10 % and 30 %) the allocation is
+solved again by the same allocator as fim-lora (:func:`fimlora.allocation.allocate_ranks`, proportional,
+with the experiment's ``allocation`` settings tau, r_min, r_max) on the running average of that trace,
+aggregated like the static Fisher (``fisher.aggregation``: ``mean`` = tr F / (d_out·d_in), ``trace`` = tr
+F), under the same budget in trainable parameters. The modules whose rank changes are re-sized in place
+(:mod:`fimlora.methods.resize`): a shrinking module keeps the best rank-r' approximation of its current
+update s·B·A, a growing one gets new directions with B = 0 on the new columns (the function does not
+change). With ``allocation.r_min: 0`` a module may drop to rank 0 (its adapter is removed, its update
+lost) and one at rank 0 may get an adapter again (PEFT's ``lora.Linear``, B = 0). After the last
+re-allocation the hooks are removed, so the remaining steps cost what fim-lora's do.
 
 Optimizer state. The re-sized tensors of a changed module start with fresh AdamW state (no moments,
 step count 0: bias correction starts again, as for a new adapter); every unchanged module keeps its
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
@@ -43,12 +47,21 @@ from fimlora.allocation import Allocation, allocate_ranks
 from fimlora.errors import FimloraError
 from fimlora.fisher.online import OnlineTrace
 from fimlora.methods.allocations._scored import fisher_scores
-from fimlora.methods.base import NEEDS_DIAGONAL, AllocationRule, MethodContext
+from fimlora.methods.base import NEEDS_SCORES, AllocationRule, MethodContext
 from fimlora.methods.resize import adapter_parameter_count, lora_layers, replace_in_optimizer, set_ranks
 from fimlora.processes import launched_world_size, world_size
 
+_PEFT_PREFIX = "base_model.model."
+
 _PLAN = "_fisher_online_plan"
 _CALLBACK = "_fisher_online_callback"
+
+
+def frozen_linear(model: nn.Module, name: str) -> nn.Module:
+    """The frozen ``nn.Linear`` of target ``name`` in a ``PeftModel``: its LoRA layer's base layer, or the
+    layer itself where the module has no adapter (rank 0)."""
+    module = model.get_submodule(_PEFT_PREFIX + name)
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 
 def reallocation_steps(fractions: list[float], steps: int) -> list[int]:
@@ -84,15 +97,25 @@ class ReallocationCallback(TrainerCallback):
         self.ctx = ctx
         self.plan = plan
         self.adapter = model.active_adapter
-        self.layers = {name: layer for name, layer in lora_layers(model).items() if name in plan.shapes}
+        self.layers = self.current_layers()
+        # The trace hooks the frozen nn.Linear of every target (inside its LoRA layer, or bare at rank 0):
+        # the same objects whatever ranks the modules get, so a module can be scored with no adapter.
         self.trace = OnlineTrace(
-            model, self.layers, task=ctx.task, averaging=opts.averaging, beta=opts.ema_beta
+            model,
+            {name: frozen_linear(model, name) for name in plan.shapes},
+            task=ctx.task,
+            averaging=opts.averaging,
+            beta=opts.ema_beta,
+            inputs_require_grad=True,
         )
         self.reallocations: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = [{"step": 0, "ranks": dict(plan.initial.ranks)}]
         self.budget_checks = 0
         self.peak_adapter_params = 0
         self.head_params = 0
+
+    def current_layers(self) -> dict[str, Any]:
+        return {name: layer for name, layer in lora_layers(self.model).items() if name in self.plan.shapes}
 
     def adapter_params(self) -> int:
         return adapter_parameter_count(self.layers.values(), self.adapter)
@@ -159,7 +182,16 @@ class ReallocationCallback(TrainerCallback):
             adapter=self.adapter,
             generator=generator,
         )
-        replace_in_optimizer(optimizer, [pair for change in changes for pair in change.replaced])
+        self.layers = self.current_layers()
+        kept = next(
+            (layer for name, layer in sorted(self.layers.items()) if name not in {c.name for c in changes}),
+            None,
+        )
+        replace_in_optimizer(
+            optimizer,
+            [pair for change in changes for pair in change.replaced],
+            like=None if kept is None else kept.lora_A[self.adapter].weight,
+        )
         self.check_budget(step)
         shrunk = [c for c in changes if c.new_rank < c.old_rank]
         self.reallocations.append(
@@ -180,13 +212,17 @@ class ReallocationCallback(TrainerCallback):
         self.history.append({"step": step, "ranks": dict(allocation.ranks)})
 
     def final_ranks(self) -> dict[str, int]:
-        return {name: int(layer.r[self.adapter]) for name, layer in sorted(self.layers.items())}
+        """Every target's rank at the end (0: no adapter)."""
+        return {
+            name: int(self.layers[name].r[self.adapter]) if name in self.layers else 0
+            for name in sorted(self.plan.shapes)
+        }
 
 
 class FisherOnline(AllocationRule):
     name = "fisher-online"
     description = "Fisher ranks re-solved during training on the training pass's own Fisher, same budget."
-    needs = frozenset({NEEDS_DIAGONAL})
+    needs = frozenset({NEEDS_SCORES})
     adapters = frozenset({"lora"})
     optimizers = frozenset({"adamw"})
 

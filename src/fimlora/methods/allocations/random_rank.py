@@ -7,13 +7,13 @@ carry information; if it only beats uniform LoRA, non-uniformity alone may expla
 from __future__ import annotations
 
 from fimlora.methods.allocations._scored import ScoredAllocation, fisher_scores
-from fimlora.methods.base import NEEDS_DIAGONAL, MethodContext
+from fimlora.methods.base import NEEDS_SCORES, MethodContext
 
 
 class RandomRank(ScoredAllocation):
     name = "random"
     description = "Fisher allocation's ranks shuffled among same-shape modules (same budget and histogram)."
-    needs = frozenset({NEEDS_DIAGONAL})
+    needs = frozenset({NEEDS_SCORES})
     strategy = "random"
 
     def scores(self, ctx: MethodContext) -> dict[str, float]:

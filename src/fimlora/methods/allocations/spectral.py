@@ -13,13 +13,11 @@ from fimlora.allocation import Allocation, allocate_spectral
 from fimlora.methods.base import NEEDS_GRADIENTS, NEEDS_KFAC, AllocationRule, MethodContext
 
 # A rank must be one rank of the weight whose gradient is decomposed (not HydraLoRA's k heads).
-_PLAIN_RANK_ADAPTERS = frozenset(
-    {"lora", "dora", "rslora", "pissa", "olora", "lora-ga", "gora", "delta-lora"}
-)
+PLAIN_RANK_ADAPTERS = frozenset({"lora", "dora", "rslora", "pissa", "olora", "lora-ga", "gora", "delta-lora"})
 
 
 class Spectral(AllocationRule):
-    adapters = _PLAIN_RANK_ADAPTERS
+    adapters = PLAIN_RANK_ADAPTERS
 
     def __init__(self, whitened: bool) -> None:
         self.whitened = whitened

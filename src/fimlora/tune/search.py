@@ -1,0 +1,120 @@
+"""The sampler and the pruner every study gets.
+
+**Sampler.** Optuna's TPE, with each trial's randomness derived from the sampler seed and the trial's
+*place*: its position among the trials that count against the budget (:func:`fimlora.tune.storage.taken`
+of the trials numbered before it). A sampler seeded once per process would draw trial 0's values again
+after a restart; a per-place seed makes a resumed study draw what an uninterrupted one would (a killed
+trial is retried with its own values at its own place, and lost trials hold no place), and it keeps
+workers that share a study from proposing the same values (they hold different places).
+
+**Pruner.** A trial's seeds train one after another, and it reports the validation score of its k-th
+seed at step s as the *trial step* ``k · (train.steps + 1) + s`` (:func:`trial_step`). The pruner is
+Optuna's median rule made seed by seed: at a trial step, the trial's best score so far on the current
+seed against the median of the completed trials' scores at the same trial step, i.e. the same seed
+(same head initialisation and data order) at the same training step. Like is compared with like, and a
+setting that collapses on any one seed is stopped there. An aggregate over seeds at each step would
+need every seed of a trial in training at once (one model per seed in memory); with one seed both
+rules are Optuna's ``MedianPruner``. ``pruner.warmup_steps`` counts training steps within each seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from fimlora.tune.spec import TuneSettings
+from fimlora.tune.storage import seed_and_step, taken
+
+
+def place_seed(seed: int, place: int) -> int:
+    """The sampler seed of the trial at ``place`` (independent streams for different places)."""
+    return int(np.random.SeedSequence([seed, place]).generate_state(1)[0])
+
+
+class PlaceSeededSampler(BaseSampler):
+    """TPE whose randomness for each trial is seeded by ``(seed, place)`` (see the module docstring)."""
+
+    def __init__(self, seed: int, startup_trials: int) -> None:
+        self.seed = seed
+        self.startup_trials = startup_trials
+        self._by_trial: dict[int, TPESampler] = {}
+
+    def _for(self, study: optuna.Study, trial: FrozenTrial) -> TPESampler:
+        sampler = self._by_trial.get(trial.number)
+        if sampler is None:
+            place = taken(study.get_trials(deepcopy=False), before=trial.number)
+            sampler = TPESampler(seed=place_seed(self.seed, place), n_startup_trials=self.startup_trials)
+            self._by_trial[trial.number] = sampler
+        return sampler
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._by_trial.pop(trial.number, None)
+
+
+class SeedwiseMedianPruner(BasePruner):
+    """Optuna's median rule, seed by seed (see the module docstring)."""
+
+    def __init__(self, *, steps: int, startup_trials: int, warmup_steps: int) -> None:
+        self.steps = steps
+        self.startup_trials = startup_trials
+        self.warmup_steps = warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        reported = trial.last_step
+        if not completed or len(completed) < self.startup_trials or reported is None:
+            return False
+        seed_index, step = seed_and_step(reported, self.steps)
+        if step < self.warmup_steps:
+            return False
+        maximize = study.direction == StudyDirection.MAXIMIZE
+        own = [
+            value
+            for at, value in trial.intermediate_values.items()
+            if seed_and_step(at, self.steps)[0] == seed_index and at <= reported and not math.isnan(value)
+        ]
+        if not own:
+            return True  # only NaN on this seed so far: diverged
+        best = max(own) if maximize else min(own)
+        others = np.array(
+            [t.intermediate_values[reported] for t in completed if reported in t.intermediate_values],
+            dtype=float,
+        )
+        if others.size == 0 or np.isnan(others).all():
+            return False
+        median = float(np.nanmedian(others))
+        return best < median if maximize else best > median
+
+
+def sampler(settings: TuneSettings) -> PlaceSeededSampler:
+    return PlaceSeededSampler(settings.sampler.seed, settings.sampler_startup)
+
+
+def pruner(settings: TuneSettings, steps: int) -> SeedwiseMedianPruner:
+    return SeedwiseMedianPruner(
+        steps=steps, startup_trials=settings.pruner.startup_trials, warmup_steps=settings.pruner.warmup_steps
+    )
