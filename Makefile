@@ -14,6 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export NO_MKDOCS_2_WARNING ?= 1
 
 .PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot experiment docs docs-serve
 
@@ -40,7 +41,7 @@ demo: setup
 # What CI runs: lint, type-check, the documentation site (strict: a broken link or reference fails), then
 # every test not marked slow (the worked notebook among them, at tiny settings).
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
 	$(BIN)/mypy
 	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -57,8 +58,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
+	$(BIN)/ruff format --check src tests benchmarks docs/hooks
 
 typecheck: setup
 	$(BIN)/mypy

@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Before mkdocs-jupyter's own on_files, which turns the .ipynb files it sees into pages.
+@event_priority(100)
 def on_files(files: Files, config: Any, **_: Any) -> Files:
     for notebook in sorted((ROOT / "examples").glob("*.ipynb")):
         files.append(

@@ -10,6 +10,7 @@ the reference cannot drift from what the code accepts. ``config_fields`` and ``c
 from __future__ import annotations
 
 import enum
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -202,3 +203,12 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
         if marker in markdown:
             markdown = markdown.replace(marker, build())
     return markdown
+
+
+_SPHINX_ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):(?=<code>)")
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    # Docstrings cross-reference in Sphinx roles (:func:`x`); rendered as Markdown they leave the role's
+    # name in front of the code span.
+    return _SPHINX_ROLE.sub("", html)

@@ -83,7 +83,12 @@ def test_the_site_builds_strictly(tmp_path):
     assert (site / "index.html").exists()
     configuration = (site / "reference" / "configuration" / "index.html").read_text(encoding="utf-8")
     assert "train.learning_rate" in configuration
-    assert "fisher_allocation" in " ".join(p.name for p in (site / "examples").iterdir())
+    # the notebook is a rendered page of the site (with its committed outputs), not a file to download
+    notebook = (site / "examples" / "fisher_allocation" / "index.html").read_text(encoding="utf-8")
+    assert "Fisher-guided rank allocation, step by step" in notebook and "<img" in notebook
+    # the home page is the README, its links into docs/ rewritten for the site
+    home = (site / "index.html").read_text(encoding="utf-8")
+    assert "Your own data in ten lines" in home and 'href="getting-started/' in home
 
 
 @pytest.mark.integration
