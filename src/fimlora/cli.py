@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before torch loads OpenMP (nothing above imports torch): idle OpenMP threads sleep instead of
     # spinning at a barrier. On a shared CPU a spinning thread waits for its descheduled sibling; MiniLM
     # training steps took about 4x as long with the default policy on the 2-core reference machine under
-    # load, with bit-identical results (README, "Speed on a shared CPU"). A policy set by the user wins;
+    # load, with bit-identical results (docs/experiments.md). A policy set by the user wins;
     # sweep and tuning workers inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).
