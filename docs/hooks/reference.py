@@ -114,7 +114,8 @@ def config_fields(model: type[BaseModel], prefix: str = "") -> Iterator[FieldDoc
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    # "<output_dir>" would be read as an HTML tag and vanish from the page
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _table(fields: list[FieldDoc]) -> str:

@@ -289,7 +289,9 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None 
     """
     source = f"tune section of sweep {spec.name!r}"
     if spec.tune is None:
-        raise FimloraError(f"Sweep spec {spec.name!r} has no tune: section; add one (see README, 'Tuning').")
+        raise FimloraError(
+            f"Sweep spec {spec.name!r} has no tune: section; add one (see docs/experiments.md, 'Tuning')."
+        )
     try:
         settings = TuneSettings.model_validate(spec.tune)
     except ValidationError as exc:
