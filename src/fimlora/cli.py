@@ -46,7 +46,7 @@ def _target_spec(value: str | None) -> str | list[str] | None:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML (see README, 'Configuration').")],
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see docs/reference/configuration.md).")],
     output_dir: Annotated[str | None, typer.Option(help="Override the config's output_dir.")] = None,
     overwrite: Annotated[
         bool,
@@ -398,7 +398,7 @@ def fisher_trajectory(
 
 @app.command()
 def sweep(
-    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see README, 'Sweeps').")],
+    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see docs/experiments.md).")],
     dry_run: Annotated[bool, typer.Option(help="List the runs and which are done; run nothing.")] = False,
     backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
     workers: Annotated[
@@ -449,7 +449,9 @@ def sweep(
 
 @app.command()
 def tune(
-    spec: Annotated[Path, typer.Argument(help="Sweep spec with a tune: section (see README, 'Tuning').")],
+    spec: Annotated[
+        Path, typer.Argument(help="Sweep spec with a tune: section (see docs/experiments.md, 'Tuning').")
+    ],
     trials: Annotated[int | None, typer.Option(help="Trials per study, for every study.")] = None,
     seeds: Annotated[
         int | None, typer.Option(help="Seeds every trial trains at (tune.seeds), scored by tune.aggregate.")
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before torch loads OpenMP (nothing above imports torch): idle OpenMP threads sleep instead of
     # spinning at a barrier. On a shared CPU a spinning thread waits for its descheduled sibling; MiniLM
     # training steps took about 4x as long with the default policy on the 2-core reference machine under
-    # load, with bit-identical results (README, "Speed on a shared CPU"). A policy set by the user wins;
+    # load, with bit-identical results (docs/experiments.md). A policy set by the user wins;
     # sweep and tuning workers inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A command imports bitsandbytes only when its config quantises (fimlora.lazy_bitsandbytes).

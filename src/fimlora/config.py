@@ -39,8 +39,16 @@ class _Strict(BaseModel):
 
 
 class DatasetSettings(_Strict):
-    text_column: str | None = None
-    label_column: str | None = None
+    text_column: str | None = Field(
+        None,
+        description="Text column of a local file or hub dataset; default: the first of text, sentence, "
+        "content that exists. Not for built-in datasets.",
+    )
+    label_column: str | None = Field(
+        None,
+        description="Label column of a local file or hub dataset; default: label or labels if present, else "
+        "none (the task then defaults to causal-lm). Not for built-in datasets.",
+    )
     hub_config: str | None = Field(None, description="Configuration name of a Hugging Face dataset.")
     drop_eval_duplicates: StrictBool = Field(
         False,
@@ -60,16 +68,31 @@ class ProbeSettings(_Strict):
 
 
 class FisherSettings(_Strict):
-    estimator: Literal["empirical", "mc"] = "empirical"
+    estimator: Literal["empirical", "mc"] = Field(
+        "empirical",
+        description="Labels of each example's loss: empirical = the data's; mc = sampled (seeded) from the "
+        "model's own predictive distribution, per token for a causal LM.",
+    )
     num_examples: int = Field(256, ge=1, description="Calibration examples, drawn from the training split.")
-    batch_size: int = Field(16, ge=1)
-    aggregation: Literal["mean", "trace"] = "mean"
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Calibration examples per forward/backward pass (also the probe's feature batches): a "
+        "memory setting, each example's gradient is exact whatever the batch.",
+    )
+    aggregation: Literal["mean", "trace"] = Field(
+        "mean",
+        description="Per-module score of the Fisher-scored allocations: mean = tr F / (d_out·d_in), the mean "
+        "diagonal entry; trace = tr F, which favours large modules.",
+    )
     head: Literal["random", "probe"] = Field(
         "random",
         description="The classification head every method starts from (and the Fisher is taken through): "
         "random = its seeded initialisation; probe = fitted first on frozen features of the training split.",
     )
-    probe: ProbeSettings = ProbeSettings()
+    probe: ProbeSettings = Field(
+        ProbeSettings(), description="How head: probe fits the head; unused with head: random."
+    )
 
 
 class AllocationSettings(_Strict):
@@ -79,14 +102,29 @@ class AllocationSettings(_Strict):
         ge=0,
         description="Smallest rank of any module; 0 lets a module get no adapter at all (rank 0).",
     )
-    r_max: int | None = Field(None, ge=1)
+    r_max: int | None = Field(
+        None,
+        ge=1,
+        description="Largest rank of any module (each is capped at min(d_in, d_out) anyway); "
+        "default: no further cap.",
+    )
 
 
 class BudgetSettings(_Strict):
     """Exactly one of ``uniform_rank`` (default 8) or ``params``."""
 
-    uniform_rank: int | None = Field(None, ge=1)
-    params: int | None = Field(None, ge=1)
+    uniform_rank: int | None = Field(
+        None,
+        ge=1,
+        description="The budget as what uniform LoRA of this rank costs on the target modules, also the "
+        "reference rank (lora.alpha's default, AdaLoRA, GoRA); default 8 when params is unset too.",
+    )
+    params: int | None = Field(
+        None,
+        ge=1,
+        description="The budget in trainable adapter parameters, Σ r_i·(d_in + d_out); the reference rank "
+        "is then 8. Not together with uniform_rank.",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> BudgetSettings:
@@ -101,7 +139,13 @@ class BudgetSettings(_Strict):
 
 class LoraSettings(_Strict):
     alpha: float | None = Field(None, gt=0, description="Default: 2 × the budget's reference rank.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout probability on the adapter's input (PEFT's lora_dropout; also VeRA's and "
+        "HydraLoRA's); 0 = none. Delta-LoRA needs 0.",
+    )
     scaling: Literal["alpha_over_r", "constant", "alpha_over_sqrt_r"] = Field(
         "alpha_over_r",
         description="Module scaling: alpha/r_i (PEFT's default), alpha/r of the reference rank "
@@ -118,8 +162,12 @@ class AdaLoraSettings(_Strict):
         0.2, ge=0, lt=1, description="Final steps at the target budget, as a fraction."
     )
     delta_t: int = Field(1, ge=1, description="Steps between two re-allocations.")
-    beta1: float = Field(0.85, gt=0, lt=1)
-    beta2: float = Field(0.85, gt=0, lt=1)
+    beta1: float = Field(
+        0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity smoothing (PEFT's)."
+    )
+    beta2: float = Field(
+        0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty quantification (PEFT's)."
+    )
     orth_reg_weight: float = Field(
         0.1,
         ge=0,
@@ -191,7 +239,11 @@ class RiemannianSettings(_Strict):
 
 class VeraSettings(_Strict):
     rank: int = Field(256, ge=1, description="Rank of the shared random projections (capped by layer dims).")
-    d_initial: float = Field(0.1, gt=0)
+    d_initial: float = Field(
+        0.1,
+        gt=0,
+        description="Initial value of every entry of the trainable scaling vector d (b starts at 0).",
+    )
 
 
 class DeltaLoraSettings(_Strict):
@@ -210,7 +262,12 @@ class HydraLoraSettings(_Strict):
     num_heads: int | Literal["auto"] = Field(
         "auto", description="Number of B heads k, or 'auto': cluster the training texts (k ≤ k_max)."
     )
-    k_max: int = Field(8, ge=2)
+    k_max: int = Field(
+        8,
+        ge=2,
+        description="With num_heads: auto, the largest k tried (k = 2..k_max, also capped by what the "
+        "budget pays for).",
+    )
     balance_weight: float = Field(0.0, ge=0, description="Weight of the router load-balance loss.")
 
 
@@ -263,37 +320,82 @@ class FullFtSettings(_Strict):
 class MethodOptions(_Strict):
     """Knobs of individual methods; each applies only to the methods that use it."""
 
-    adalora: AdaLoraSettings = AdaLoraSettings()
-    fisher_online: FisherOnlineSettings = FisherOnlineSettings()
-    eva: EvaSettings = EvaSettings()
-    lora_ga: LoraGaSettings = LoraGaSettings()
-    gora: GoraSettings = GoraSettings()
-    loraplus: LoraPlusSettings = LoraPlusSettings()
-    riemannian: RiemannianSettings = RiemannianSettings()
-    vera: VeraSettings = VeraSettings()
-    delta_lora: DeltaLoraSettings = DeltaLoraSettings()
-    hydralora: HydraLoraSettings = HydraLoraSettings()
-    spectral: SpectralSettings = SpectralSettings()
-    hindsight: HindsightSettings = HindsightSettings()
-    full_ft: FullFtSettings = FullFtSettings()
+    adalora: AdaLoraSettings = Field(AdaLoraSettings(), description="AdaLoRA (allocation adalora).")
+    fisher_online: FisherOnlineSettings = Field(
+        FisherOnlineSettings(), description="fim-lora-dynamic (allocation fisher-online)."
+    )
+    eva: EvaSettings = Field(EvaSettings(), description="EVA (allocation eva).")
+    lora_ga: LoraGaSettings = Field(
+        LoraGaSettings(), description="LoRA-GA's initialisation (adapter lora-ga)."
+    )
+    gora: GoraSettings = Field(GoraSettings(), description="GoRA (allocation and adapter gora).")
+    loraplus: LoraPlusSettings = Field(LoraPlusSettings(), description="LoRA+ (optimizer loraplus).")
+    riemannian: RiemannianSettings = Field(
+        RiemannianSettings(), description="Riemannian preconditioned LoRA (optimizer riemannian)."
+    )
+    vera: VeraSettings = Field(VeraSettings(), description="VeRA (adapter vera).")
+    delta_lora: DeltaLoraSettings = Field(DeltaLoraSettings(), description="Delta-LoRA (adapter delta-lora).")
+    hydralora: HydraLoraSettings = Field(HydraLoraSettings(), description="HydraLoRA (adapter hydralora).")
+    spectral: SpectralSettings = Field(
+        SpectralSettings(), description="The K-FAC-whitened spectral allocation (whitened-spectral)."
+    )
+    hindsight: HindsightSettings = Field(
+        HindsightSettings(), description="The source runs of the hindsight allocation (hindsight-lora)."
+    )
+    full_ft: FullFtSettings = Field(FullFtSettings(), description="Full fine-tuning (adapter full).")
 
 
 class MethodEntry(_Strict):
     """A method given by its axes; unspecified axes come from the preset of that name, if any."""
 
-    name: str
-    allocation: str | None = None
-    adapter: str | None = None
-    optimizer: str | None = None
+    name: str = Field(
+        description="The method's name in runs and results (its run directory); a preset's name starts "
+        "from that preset's axes."
+    )
+    allocation: str | None = Field(
+        None,
+        description="Rank allocation rule (uniform, fisher, adalora, …; none for adapters without ranks); "
+        "default: the preset's, else uniform.",
+    )
+    adapter: str | None = Field(
+        None, description="Adapter (lora, dora, vera, full, …); default: the preset's, else lora."
+    )
+    optimizer: str | None = Field(
+        None,
+        description="Optimizer (adamw, loraplus, lora-fa, riemannian); default: the preset's, else adamw.",
+    )
 
 
 class TrainSettings(_Strict):
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    lr_scheduler: str = "linear"
+    steps: int = Field(
+        100, ge=1, description="Optimizer steps of training, each on train.batch_size examples."
+    )
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="Training examples per optimizer step, over all processes (it must split evenly "
+        "among them).",
+    )
+    learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        description="Peak learning rate, after warm-up; full fine-tuning trains at this × "
+        "method_options.full_ft.lr_scale.",
+    )
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        description="AdamW's decoupled weight decay, on all trained weights but biases and normalisation "
+        "weights (the Trainer's rule, also applied by LoRA+, LoRA-FA and Riemannian).",
+    )
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Linear warm-up over int(ratio × train.steps) steps."
+    )
+    lr_scheduler: str = Field(
+        "linear",
+        description="Learning-rate schedule: a transformers lr_scheduler_type (linear, cosine, "
+        "constant_with_warmup, …).",
+    )
     max_length: int = Field(64, ge=2, description="Tokens per example (causal LM: block length).")
     eval_split: Literal["validation", "test"] = Field(
         "validation", description="Split of the run's final evaluation; final numbers say test explicitly."
@@ -302,7 +404,12 @@ class TrainSettings(_Strict):
     eval_every: int | None = Field(
         None, ge=1, description="Optimiser steps between validation evaluations during training; None = none."
     )
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(
+        64,
+        ge=1,
+        description="Examples per batch when evaluating (and timing classification inference, and "
+        "forgetting): memory and speed, not the scores.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (transformers' own, non-reentrant)."
     )
@@ -350,32 +457,69 @@ class ExperimentConfig(_Strict):
         description="Built-in name, local .csv/.json/.jsonl file, directory of split files, hub dataset id, "
         "or a mapping split → file."
     )
-    task: Literal["classification", "causal-lm"] | None = None
-    dataset_options: DatasetSettings = DatasetSettings()
+    task: Literal["classification", "causal-lm"] | None = Field(
+        None,
+        description="Default: the built-in dataset's task (no other is allowed), else classification when "
+        "the data has a label column and causal-lm otherwise.",
+    )
+    dataset_options: DatasetSettings = Field(
+        DatasetSettings(),
+        description="How the dataset is read: columns and hub configuration (local and hub data), and "
+        "whether evaluation rows that repeat an earlier split are dropped.",
+    )
     methods: list[str | MethodEntry] = Field(
         default_factory=lambda: list[str | MethodEntry](["lora", "fim-lora", "random-rank"]),
         min_length=1,
         description="Preset names or {name, allocation, adapter, optimizer} mappings.",
     )
-    target_modules: list[str] | str | None = None
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="Linear layers in the transformer blocks that get adapters: names (a layer matches when "
+        "its full name is or ends with .name, as in PEFT) or one regex matched against full names; "
+        "default: every linear layer in the blocks.",
+    )
     seed: int = Field(
         0,
         description="Training randomness: head init, adapter init, data order, dropout, calibration subset.",
     )
     data_seed: int = Field(0, description="The train/validation/test split (and the eval_examples subset).")
-    output_dir: str = "runs/experiment"
-    # A security switch: only a real YAML boolean turns it on, never a string such as 'yes' or 'false'.
-    trust_remote_code: StrictBool = False
+    output_dir: str = Field(
+        "runs/experiment",
+        description="Where the runs go, one directory per method named after it, with the cached Fisher; "
+        "relative to the working directory. A sweep sets it per run.",
+    )
+    trust_remote_code: StrictBool = Field(
+        False,
+        description="Run code shipped with a hub model or dataset. A security switch: only a real YAML "
+        "boolean turns it on, never a string such as 'yes' or 'false'.",
+    )
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="Base model's transformer blocks in int8 or NF4 (bitsandbytes; QLoRA)."
     )
-    budget: BudgetSettings = BudgetSettings()
-    fisher: FisherSettings = FisherSettings()
-    allocation: AllocationSettings = AllocationSettings()
-    lora: LoraSettings = LoraSettings()
-    train: TrainSettings = TrainSettings()
-    method_options: MethodOptions = MethodOptions()
-    evaluate: EvaluateSettings = EvaluateSettings()
+    budget: BudgetSettings = Field(
+        BudgetSettings(),
+        description="Trainable parameters every method is held to: uniform_rank or params (default: "
+        "uniform_rank 8).",
+    )
+    fisher: FisherSettings = Field(
+        FisherSettings(),
+        description="The calibration pass on the frozen weights, and the classification head every "
+        "method starts from.",
+    )
+    allocation: AllocationSettings = Field(
+        AllocationSettings(), description="Rank bounds and the exponent of the methods that allocate ranks."
+    )
+    lora: LoraSettings = Field(LoraSettings(), description="Alpha, dropout and scaling of the adapters.")
+    train: TrainSettings = Field(TrainSettings(), description="Training and evaluation of every run.")
+    method_options: MethodOptions = Field(
+        MethodOptions(),
+        description="Knobs of individual methods; each applies only to the methods that use it.",
+    )
+    evaluate: EvaluateSettings = Field(
+        EvaluateSettings(),
+        description="What a run measures after training besides the held-out metric: inference time, "
+        "forgetting, prompt continuations.",
+    )
 
     @field_validator("methods")
     @classmethod

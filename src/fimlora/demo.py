@@ -12,7 +12,7 @@ from fimlora.experiment import run_experiment
 from fimlora.io import atomic_write_text
 from fimlora.reporting.tables import experiment_report, rank_table, results_table
 
-# Sized to finish in under five minutes on two CPU cores after set-up (see README, "The demo").
+# Sized to finish in under five minutes on two CPU cores after set-up (docs/getting-started.md).
 DEMO_CONFIG: dict[str, Any] = {
     "model": "minilm",
     "dataset": "movie-reviews",

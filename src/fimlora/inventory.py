@@ -1,4 +1,4 @@
-"""What each method trains at an experiment's budget, without training: the README's method table."""
+"""What each method trains at an experiment's budget, without training: docs/methods.md's table."""
 
 from __future__ import annotations
 

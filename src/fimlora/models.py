@@ -1,6 +1,6 @@
 """Load a model and tokenizer by name, and decide which weight matrices LoRA may adapt.
 
-Built-in names resolve to the offline assets (see README, "Offline assets"); anything else is a local
+Built-in names resolve to the offline assets (docs/getting-started.md); anything else is a local
 directory or a Hugging Face hub id, loaded with ``trust_remote_code`` off unless the user turns it on.
 """
 

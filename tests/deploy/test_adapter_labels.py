@@ -1,5 +1,5 @@
-"""An adapter-only export of a classifier carries its label names, and the README's recipe loads it with
-plain transformers + PEFT into the run's model; a run without its adapter (the committed experiments)
+"""An adapter-only export of a classifier carries its label names, and the Deployment page's recipe loads
+it with plain transformers + PEFT into the run's model; a run without its adapter (the committed experiments)
 says how to re-create it."""
 
 from __future__ import annotations
@@ -54,12 +54,11 @@ def test_an_adapter_only_export_loads_with_plain_peft_as_the_readme_says(three_c
     assert serving["label2id"] == {"food": 0, "music": 1, "sport": 2}
     assert any("3 classes (food, music, sport)" in note for note in result.notes)
 
-    # The README's recipe, as written there (Deployment), on this export.
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Deployment") :]
-    recipe = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    # The Deployment page's recipe, as written there, on this export.
+    page = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
+    recipe = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     namespace: dict = {}
-    exec(compile(recipe.replace("deploy/adapter", str(result.out)), "README.md", "exec"), namespace)
+    exec(compile(recipe.replace("deploy/adapter", str(result.out)), "docs/deployment.md", "exec"), namespace)
     model = namespace["model"]
     assert isinstance(model, PeftModel) and model.config.id2label == {0: "food", 1: "music", 2: "sport"}
     tokenizer = AutoTokenizer.from_pretrained(serving["base_model_name_or_path"])
@@ -81,8 +80,8 @@ def test_a_run_without_its_adapter_says_how_to_recreate_it(three_classes, tmp_pa
 
 
 def test_the_committed_smollm2_runs_name_a_command_that_recreates_their_adapters():
-    """The README's `fimlora generate` experiment commits its records, not its adapters: the command the
-    error names re-runs exactly that method into exactly that directory."""
+    """The Deployment page's `fimlora generate` experiment commits its records, not its adapters: the
+    command the error names re-runs exactly that method into exactly that directory."""
     runs = REPO / "experiments" / "smollm2-brown-fiction" / "runs"
     for method in ("lora", "fim-lora"):
         directory = runs / method

@@ -1,6 +1,7 @@
-"""The README's own-data example (three hand-split CSV files and their config) is valid as written and
-loads the way the README says; its path rules hold: a spec's store is relative to the spec file, the
-dataset and model paths in it to the working directory."""
+"""The own-data examples are valid as written: Getting started's (three hand-split CSV files and their
+config) loads the way the page says, and the README front page's ten lines pass the same checks. The
+path rules hold: a spec's store is relative to the spec file, the dataset and model paths in it to the
+working directory."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from fimlora.sweep import expand, load_spec
 
 pytestmark = pytest.mark.integration
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parents[2]
+GETTING_STARTED = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def own_data_section() -> str:
-    start = README.index("### Your own CSV or JSONL")
-    return README[start : README.index("### Paths: relative to what")]
+    start = GETTING_STARTED.index("## Your own CSV or JSONL")
+    return GETTING_STARTED[start : GETTING_STARTED.index("## Paths: relative to what")]
 
 
 def test_the_own_data_example_runs_as_written(tmp_path, monkeypatch):
@@ -40,6 +43,20 @@ def test_the_own_data_example_runs_as_written(tmp_path, monkeypatch):
     assert data.label_names == ["negative", "neutral", "positive"]  # sorted, as the README says
     assert {s: len(data.splits[s]) for s in data.splits} == {"train": 3, "validation": 3, "test": 3}
     assert data.duplicates == {"validation_in_train": 3, "test_in_train": 3, "test_in_validation": 3}
+
+
+def test_the_front_page_example_passes_the_checks_of_fimlora_methods(tmp_path, monkeypatch):
+    section = README[README.index("## Your own data in ten lines") :]
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    (tmp_path / "tweets").mkdir()
+    rows = ["tweet,sentiment", *(f"tweet {i},{('negative', 'positive')[i % 2]}" for i in range(12))]
+    for split in ("train", "validation", "test"):
+        (tmp_path / "tweets" / f"{split}.csv").write_text("\n".join(rows), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    parsed = parse_config(config)
+    check_config(parsed)
+    assert parsed.methods == ["lora", "fim-lora", "random-rank"]
+    assert config_data(parsed).label_names == ["negative", "positive"]
 
 
 def test_a_spec_store_is_relative_to_the_spec_and_its_data_paths_to_the_working_directory(

@@ -399,7 +399,7 @@ def _export_adapter(loaded: LoadedRun, out: Path) -> ExportResult:
         *(
             [
                 f"{serving['num_labels']} classes ({', '.join(serving['label2id'])}): load the base with "
-                f"num_labels/id2label/label2id from {SERVING_FILE} (README, 'Deployment')"
+                f"num_labels/id2label/label2id from {SERVING_FILE} (docs/deployment.md)"
             ]
             if "num_labels" in serving
             else []

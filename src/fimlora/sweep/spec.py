@@ -44,14 +44,20 @@ class SweepGrid(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: list[str] | None = Field(None, min_length=1)
+    model: list[str] | None = Field(
+        None, min_length=1, description="Models (as the config's model key); absent: from defaults."
+    )
     dataset: list[str | dict[str, str]] | None = Field(
         None, min_length=1, description="Dataset names, paths, or split → file mappings."
     )
     method: list[str | dict[str, Any]] = Field(min_length=1, description="Method names or mappings.")
     budget: list[dict[str, Any]] | None = Field(None, min_length=1, description="BudgetSettings mappings.")
-    seed: list[int] | None = Field(None, min_length=1)
-    learning_rate: list[float] | None = Field(None, min_length=1)
+    seed: list[int] | None = Field(
+        None, min_length=1, description="Experiment seeds (the config's seed); absent: from defaults."
+    )
+    learning_rate: list[float] | None = Field(
+        None, min_length=1, description="Values of train.learning_rate; absent: from defaults."
+    )
 
     @field_validator("method")
     @classmethod
@@ -71,15 +77,29 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1)
+    name: str = Field(
+        min_length=1,
+        description="The sweep's name, in its progress lines, each run's sweep.json and tuned.yaml; run "
+        "keys do not depend on it.",
+    )
     output_dir: str = Field("runs", description="Relative paths are relative to the spec file's directory.")
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    grid: SweepGrid
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Experiment config keys every run starts from; not methods, output_dir, nor a key a "
+        "grid axis sets.",
+    )
+    grid: SweepGrid = Field(
+        description="The runs are the Cartesian product of its axes; method is required, the others optional."
+    )
     tune: dict[str, Any] | None = Field(
         None, description="The hyperparameter search of `fimlora tune` (fimlora.tune.spec); sweeps ignore it."
     )
-    # Where relative paths of the spec are resolved from; set by load_spec, not part of the file.
-    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    base_dir: Path = Field(
+        default_factory=Path.cwd,
+        exclude=True,
+        description="Not a key of the file (refused there): where the spec's relative paths are resolved "
+        "from, its file's directory, set by load_spec.",
+    )
 
     @property
     def output_path(self) -> Path:

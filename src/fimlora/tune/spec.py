@@ -65,10 +65,12 @@ class _Strict(BaseModel):
 class RangeSpec(_Strict):
     """A numeric dimension: uniform on [low, high], or log-uniform; integers with ``integer: true``."""
 
-    low: float
-    high: float
-    log: bool = False
-    integer: bool = False
+    low: float = Field(description="Lower bound, included.")
+    high: float = Field(description="Upper bound, included; above low.")
+    log: bool = Field(
+        False, description="Draw log-uniformly (needs low > 0); tune.learning_rate defaults to true."
+    )
+    integer: bool = Field(False, description="Draw integers (the bounds must be integers).")
 
     @model_validator(mode="after")
     def _valid(self) -> RangeSpec:
@@ -84,7 +86,9 @@ class RangeSpec(_Strict):
 class ChoiceSpec(_Strict):
     """A categorical dimension."""
 
-    choices: list[str | int | float | bool] = Field(min_length=1)
+    choices: list[str | int | float | bool] = Field(
+        min_length=1, description="The values to choose from (strings, numbers or booleans)."
+    )
 
 
 class SamplerSettings(_Strict):
@@ -105,17 +109,55 @@ class TuneSettings(_Strict):
     """The validated ``tune:`` section (see the module docstring)."""
 
     trials: int = Field(ge=1, description="Trials per study; the same for every cell.")
-    seed: int | None = None
+    seed: int | None = Field(
+        None,
+        description="Experiment seed of every trial (the first of its seeds); default: the grid's first "
+        "seed, else defaults.seed, else 0.",
+    )
     seeds: int = Field(1, ge=1, description="Seeds every trial trains at: seed, seed + 1, …")
-    aggregate: Literal["mean", "worst"] = "mean"
-    metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] | None = None
-    eval_every: int | None = Field(None, ge=1)
-    eval_examples: int | None = Field(None, ge=1)
-    learning_rate: RangeSpec | None = RangeSpec(low=1e-4, high=3e-2, log=True)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    sampler: SamplerSettings = SamplerSettings()
-    pruner: PrunerSettings = PrunerSettings()
-    heartbeat_s: int = Field(30, ge=1)
+    aggregate: Literal["mean", "worst"] = Field(
+        "mean",
+        description="A trial's score over its seeds: their mean, or the worst (lowest accuracy, highest "
+        "loss), which prefers settings that hold on every seed.",
+    )
+    metric: Literal["accuracy", "macro_f1", "loss", "perplexity"] | None = Field(
+        None,
+        description="Validation metric a study optimises (accuracy and macro_f1 maximised, loss and "
+        "perplexity minimised); default: accuracy for classification, perplexity for causal LM.",
+    )
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Training steps between the validation evaluations the pruner judges; default: "
+        "train.steps // 4 (at least 1).",
+    )
+    eval_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Validation examples a trial is scored on; default: train.eval_examples (all if unset).",
+    )
+    learning_rate: RangeSpec | None = Field(
+        RangeSpec(low=1e-4, high=3e-2, log=True),
+        description="Range of train.learning_rate searched for every method, log-uniform unless log: "
+        "false; null: not searched.",
+    )
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per method: its extra dimensions, {dotted config key: {low, high} or {choices}}; a "
+        "trials key may only repeat tune.trials.",
+    )
+    sampler: SamplerSettings = Field(SamplerSettings(), description="The TPE sampler of every study.")
+    pruner: PrunerSettings = Field(
+        PrunerSettings(),
+        description="The median pruner: a trial's seed is judged against completed trials at that seed "
+        "and step.",
+    )
+    heartbeat_s: int = Field(
+        30,
+        ge=1,
+        description="Seconds between a running trial's heartbeats; one silent for 2 × this is taken as "
+        "lost (its worker died) and retried, at most twice, with the same parameters.",
+    )
     share: dict[str, str] = Field(
         default_factory=dict,
         description="Methods run at another method's tuned settings instead of a study of their own: "
@@ -247,7 +289,9 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None 
     """
     source = f"tune section of sweep {spec.name!r}"
     if spec.tune is None:
-        raise FimloraError(f"Sweep spec {spec.name!r} has no tune: section; add one (see README, 'Tuning').")
+        raise FimloraError(
+            f"Sweep spec {spec.name!r} has no tune: section; add one (see docs/experiments.md, 'Tuning')."
+        )
     try:
         settings = TuneSettings.model_validate(spec.tune)
     except ValidationError as exc:
