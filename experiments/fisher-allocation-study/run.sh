@@ -19,9 +19,13 @@ sweep $E/movie-reviews-r1.yaml --tuned $E/runs/movie-reviews-r1/tuned.yaml
 "$FIMLORA" tune $E/movie-reviews-r4.yaml --workers "$WORKERS"
 sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 
-# Task 2, MiniLM × brown-genre: its convergence curve first; its tuning and final specs take the step
-# count chosen from that curve (README, "Task 2"), and are added here once it is measured.
+# Task 2, MiniLM × brown-genre: its convergence curve (which chose 1,000 steps), its hindsight sources,
+# then tuning (lora, fim-lora) and the final runs at uniform rank 1.
 sweep $E/brown-genre-convergence.yaml
+"$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
+sweep $E/brown-genre-source-full-ft.yaml
+sweep $E/brown-genre-source-lora-r8.yaml
+sweep $E/brown-genre-r1.yaml --tuned $E/runs/brown-genre-r1/tuned.yaml
 
 "$FIMLORA" results $E/runs --out $E/results
 "$FIMLORA" report $E/runs --out $E/report
