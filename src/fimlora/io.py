@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""File I/O: atomic writes (a reader sees the old file or the complete new one, never half of one),
+digests, and reading the JSON files fimlora writes."""
 
 from __future__ import annotations
 
@@ -81,3 +82,13 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json_of_kind(path: str | os.PathLike[str], kind: str) -> dict[str, Any] | None:
+    """The JSON object at ``path`` if it declares ``"kind": kind``; None if it is missing, unreadable or
+    another kind of file (the analysis outputs name their kind so that a reader can tell them apart)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == kind else None

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from fimlora.errors import FimloraError
-from fimlora.io import atomic_write, atomic_write_json
+from fimlora.io import atomic_write, atomic_write_json, read_json_of_kind
 
 KIND = "fimlora-calibration-stability"
 JSON_FILE = "calibration.json"
@@ -232,13 +232,8 @@ class CalibrationStability:
 
 def load_calibration(path: str | Path) -> CalibrationStability | None:
     """Read a ``calibration.json`` written by :meth:`CalibrationStability.write`; None if it is not one."""
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
+    data = read_json_of_kind(path, KIND)
+    if data is None:
         return None
     info = {k: v for k, v in data.items() if k not in {"kind", "records", "summary", "scores"}}
     return CalibrationStability(info=info, records=list(data.get("records", [])))

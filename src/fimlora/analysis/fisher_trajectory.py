@@ -33,7 +33,6 @@ hindsight selector over a run store does not take it for one of the store's runs
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +47,7 @@ from transformers import TrainerCallback
 
 from fimlora.analysis.calibration import agreement, default_k
 from fimlora.errors import FimloraError
-from fimlora.io import atomic_write, atomic_write_json
+from fimlora.io import atomic_write, atomic_write_json, read_json_of_kind
 
 KIND = "fimlora-fisher-trajectory"
 JSON_FILE = "fisher-trajectory.json"
@@ -210,11 +209,8 @@ def comparison_records(
 
 def load_fisher_trajectory(path: str | Path) -> FisherTrajectory | None:
     """Read a ``fisher-trajectory.json``; None if it is not one."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
+    data = read_json_of_kind(path, KIND)
+    if data is None:
         return None
     info = {k: v for k, v in data.items() if k not in {"kind", "snapshots", "hindsight_scores", "records"}}
     snapshots = {int(s["step"]): s["scores"] for s in data.get("snapshots", [])}
