@@ -5,16 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import get_pattern_key
-from safetensors.torch import load_file, save_file
+from pipeline.test_experiment import _fresh_process_logits
 from tiny_models import NO_DEPLOYMENT_FIGURES, make_tiny_bert, make_tiny_llama
 
 from fimlora.allocation import allocate_ranks
@@ -380,28 +377,6 @@ def test_the_learning_rate_schedule_and_the_new_tensors_keep_training(prepared, 
     for layer in lora_layers(outcomes["fim-lora-dynamic"].model).values():
         b = layer.lora_B["default"].weight
         assert bool((b.abs().sum(dim=0) > 0).all())
-
-
-def _fresh_process_logits(model_class, base_dir, adapter_dir, inputs, tmp_path):
-    """Plain transformers + PEFT, nothing from fimlora, in a new interpreter."""
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    out = tmp_path / "logits.safetensors"
-    code = textwrap.dedent(
-        f"""
-        import torch
-        from peft import PeftModel
-        from safetensors.torch import load_file, save_file
-        from transformers import {model_class}
-        base = {model_class}.from_pretrained({str(base_dir)!r})
-        model = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
-        inputs = load_file({str(tmp_path / "inputs.safetensors")!r})
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        save_file({{"logits": logits.contiguous()}}, {str(out)!r})
-        """
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
-    return load_file(str(out))["logits"]
 
 
 def test_the_final_adapter_is_peft_native_and_reloads_in_a_fresh_process(prepared, outcomes, tmp_path):
