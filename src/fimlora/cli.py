@@ -358,6 +358,13 @@ def fisher_trajectory(
         Path | None, typer.Option(help="Output directory (default: <output_dir>/fisher-trajectory).")
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="k of the top-k overlap (default: modules / 4).")] = None,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(
+            help="tuned.yaml from `fimlora tune`: train the method with its cell's tuned settings "
+            "(evaluation stays on the config's split)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
 ) -> None:
     """Does the Fisher move during training? Its per-module scores along a LoRA run vs init and hindsight."""
@@ -370,6 +377,11 @@ def fisher_trajectory(
     except ValueError:
         raise FimloraError(f"--fractions must be comma-separated numbers, got {fractions!r}.") from None
     cfg = load_config(config)
+    tuning = None
+    if tuned is not None:
+        from fimlora.tune.apply import with_tuned
+
+        cfg, tuning = with_tuned(cfg, tuned, method=method)
     target = ensure_directory(
         out or Path(cfg.output_dir) / "fisher-trajectory", "--out" if out else "output_dir"
     )
@@ -381,6 +393,7 @@ def fisher_trajectory(
         fractions=fraction_list,
         source=source,
         k=top_k,
+        tuning=tuning,
         progress=progress,
         log=_echo,
     )

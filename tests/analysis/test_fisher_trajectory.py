@@ -180,3 +180,38 @@ def test_cli_and_report(tiny_bert_dir, reviews_csv, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: The fractions must include 0")
     assert yaml.safe_load(path.read_text())["methods"] == ["lora"]
+
+
+def test_tuned_settings_train_the_final_runs_rate(tiny_bert_dir, reviews_csv, tmp_path, capsys):
+    from tune_runs import cell, tuned_file
+
+    config = _config(tiny_bert_dir, reviews_csv, tmp_path / "runs", ["fim-lora", "lora"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    budget = config.budget.model_dump(mode="json")
+
+    def entry(method, rate):
+        return {
+            **cell(method, {"train.learning_rate": rate}, model=config.model, dataset=config.dataset),
+            "budget": budget,
+        }
+
+    tuned = tuned_file(tmp_path / "tuned.yaml", [entry("fim-lora", 3e-2), entry("lora", 1.23e-2)])
+    argv = ["fisher-trajectory", str(path), "--method", "lora", "--fractions", "0,1", "--tuned", str(tuned)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0, capsys.readouterr().out
+    loaded = load_fisher_trajectory(tmp_path / "runs" / "fisher-trajectory" / JSON_FILE)
+    assert loaded is not None
+    assert loaded.info["learning_rate"] == 1.23e-2  # lora's tuned rate, not the config's or fim-lora's
+    assert loaded.info["tuning"]["params"] == {"train.learning_rate": 1.23e-2}
+    trained = yaml.safe_load(
+        (tmp_path / "runs" / "fisher-trajectory" / RUN_DIR / "lora" / "config.yaml").read_text()
+    )
+    assert trained["train"]["learning_rate"] == 1.23e-2
+    assert trained["train"]["eval_split"] == config.train.eval_split  # an analysis, not a final number
+    only_fim = tuned_file(tmp_path / "fim.yaml", [entry("fim-lora", 3e-2)])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-1], str(only_fim)])
+    assert exit_info.value.code == 2
+    assert "has no tuned settings for lora" in capsys.readouterr().err

@@ -227,6 +227,7 @@ def fisher_trajectory(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     source: str | Path | None = None,
     k: int | None = None,
+    tuning: Mapping[str, Any] | None = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> FisherTrajectory:
@@ -234,7 +235,8 @@ def fisher_trajectory(
 
     ``prepared`` is :func:`fimlora.experiment.prepare`'s result. The method must train a PEFT LoRA
     adapter of fixed ranks. Raises FimloraError for bad fractions, another kind of method, or a source
-    the hindsight rule would refuse.
+    the hindsight rule would refuse. ``tuning``, when the run takes tuned settings (``fimlora
+    fisher-trajectory --tuned``), is recorded as the result's ``tuning``.
     """
     from fimlora.experiment import calibrate, calibration_loader, method_context, run_method
     from fimlora.methods import get_allocation, resolve_method
@@ -307,6 +309,8 @@ def fisher_trajectory(
         "budget": prepared.budget,
         "final_metrics": {m: v for m, v in outcome.result["metrics"].items() if isinstance(v, int | float)},
         "seconds_per_snapshot": {str(s): t for s, t in sorted(snapshots.seconds.items())},
+        "learning_rate": config.train.learning_rate,
+        "tuning": dict(tuning) if tuning is not None else None,
     }
     records = comparison_records(snapshots.scores, hindsight, steps, kk)
     return FisherTrajectory(info, dict(snapshots.scores), hindsight, records)

@@ -99,6 +99,48 @@ def _changed(before: dict[str, Any], now: dict[str, Any]) -> str:
     return f"{before.get('name')} {before.get('revision')} then, {now.get('name')} {now.get('revision')} now"
 
 
+def tuned_entry(
+    tuned: TunedFile, path: Path, config: ExperimentConfig, *, reference: str | None = None
+) -> TunedCell:
+    """The entry of ``tuned`` (read from ``path``) for the cell of ``config``'s first method, or of the
+    method ``reference`` whose settings it shares (``tune.share``).
+
+    Raises :class:`FimloraError` when the cell has no entry, no completed trial, a tuned setting that
+    cannot be searched, or was tuned on other data than ``config`` names now.
+    """
+    method = config.method_names[0]
+    budget = config.budget.model_dump(mode="json")
+    index = {cell.key(): cell for cell in tuned.cells}
+    entry = index.get(cell_key(config.model, config.dataset, reference or method, budget))
+    where = f"{method} {budget_label(budget)} ({config.model}, {config.dataset_label})"
+    if entry is None:
+        whose = f"{reference} (whose settings {method} shares, tune.share)" if reference else where
+        raise FimloraError(
+            f"{path} has no tuned settings for {whose}; run `fimlora tune` on this spec first."
+        )
+    if entry.params is None:
+        raise FimloraError(
+            f"{path}: no trial of {where} completed (trials: {entry.trials.model_dump()}); "
+            "there are no tuned settings to run it with."
+        )
+    for key in entry.params:
+        reason = refusal(key)
+        if reason is not None:
+            raise FimloraError(
+                f"{path}: {where} has a tuned {key}: {reason} and cannot be searched; "
+                "remove it (the final runs must use the data, model and budget of the tuning)."
+            )
+    if entry.data is not None:
+        now = config.data_identity(splits=TUNING_SPLITS).fingerprint()
+        if now != entry.data:
+            raise FimloraError(
+                f"{path}: the data of {where} changed since it was tuned ({_changed(entry.data, now)}); "
+                "its tuned settings were chosen on other data. Tune again (fimlora tune starts new "
+                "studies for the new data), or restore the data."
+            )
+    return entry
+
+
 def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
     """The spec's runs with each cell's tuned settings applied and ``eval_split: test``.
 
@@ -108,41 +150,16 @@ def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
     tuned = load_tuned(path)
     # The same checks as fimlora tune (e.g. no learning-rate axis when it is tuned), and the controls.
     share = parse_tune(spec).share if spec.tune is not None else {}
-    index = {cell.key(): cell for cell in tuned.cells}
 
     def adjust(settings: dict[str, Any], config: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-        method = config.method_names[0]
-        reference = share.get(method)
-        budget = config.budget.model_dump(mode="json")
-        entry = index.get(cell_key(config.model, config.dataset, reference or method, budget))
-        where = f"{method} {budget_label(budget)} ({config.model}, {config.dataset_label})"
-        if entry is None:
-            whose = f"{reference} (whose settings {method} shares, tune.share)" if reference else where
-            raise FimloraError(
-                f"{path} has no tuned settings for {whose}; run `fimlora tune` on this spec first."
-            )
-        if entry.params is None:
-            raise FimloraError(
-                f"{path}: no trial of {where} completed (trials: {entry.trials.model_dump()}); "
-                "there are no tuned settings to run it with."
-            )
-        for key in entry.params:
-            reason = refusal(key)
-            if reason is not None:
-                raise FimloraError(
-                    f"{path}: {where} has a tuned {key}: {reason} and cannot be searched; "
-                    "remove it (the final runs must use the data, model and budget of the tuning)."
-                )
-        if entry.data is not None:
-            now = config.data_identity(splits=TUNING_SPLITS).fingerprint()
-            if now != entry.data:
-                raise FimloraError(
-                    f"{path}: the data of {where} changed since it was tuned ({_changed(entry.data, now)}); "
-                    "its tuned settings were chosen on other data. Tune again (fimlora tune starts new "
-                    "studies for the new data), or restore the data."
-                )
+        reference = share.get(config.method_names[0])
+        entry = tuned_entry(tuned, path, config, reference=reference)
+        assert entry.params is not None  # tuned_entry refuses a cell without a completed trial
+        where = f"{config.method_names[0]} {budget_label(config.budget.model_dump(mode='json'))}"
         final = deep_merge(with_values(settings, entry.params), {"train": {"eval_split": "test"}})
-        resolved = parse_config(final, source=f"tuned run of {where}")
+        resolved = parse_config(
+            final, source=f"tuned run of {where} ({config.model}, {config.dataset_label})"
+        )
         extras = {
             "hyperparameter_sources": hyperparameter_sources(settings, resolved, entry.params),
             "tuning": tuning_record(path, tuned, entry, shared_from=reference),
@@ -150,3 +167,23 @@ def expand_tuned(spec: SweepSpec, path: Path) -> list[PlannedRun]:
         return final, extras
 
     return expand(spec, adjust=adjust)
+
+
+def with_tuned(
+    config: ExperimentConfig, path: Path, *, method: str | None = None
+) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """``config`` reduced to ``method`` (default: its first) and run with that cell's tuned settings
+    from ``path``, for an analysis that must train what the final runs train (``fimlora
+    fisher-trajectory --tuned``). The evaluation split is left as ``config`` has it: an analysis is not a
+    final number. Returns the config and the tuning record (:func:`tuning_record`)."""
+    name = method or config.method_names[0]
+    if name not in config.method_names:
+        raise FimloraError(f"Method {name!r} is not in the config; it has {', '.join(config.method_names)}.")
+    tuned = load_tuned(path)
+    settings = config.model_dump(mode="json")
+    settings["methods"] = [settings["methods"][config.method_names.index(name)]]
+    single = parse_config(settings, source=f"{name} of the config")
+    entry = tuned_entry(tuned, path, single)
+    assert entry.params is not None
+    resolved = parse_config(with_values(settings, entry.params), source=f"tuned run of {name}")
+    return resolved, tuning_record(path, tuned, entry)
