@@ -3,7 +3,8 @@
 For each config: the dataset exists and loads (which gives the task and the labels), the model exists
 (its architecture is built without weights, on the ``meta`` device), the target modules resolve,
 ``train.max_length`` fits the model, and the budget pays for ``r_min`` on every target module after each
-method's fixed parameters (DoRA's magnitudes, HydraLoRA's routers). These are the checks of
+method's fixed parameters (DoRA's magnitudes, HydraLoRA's routers), and a hindsight method's source run
+is finished and compatible (or another pending run of the sweep will make it). These are the checks of
 :func:`fimlora.experiment.prepare` and :func:`fimlora.experiment.allocate_for`, run on the same code.
 Datasets and models are loaded once per distinct setting, not once per run. What depends on training
 data beyond that (HydraLoRA's automatic head count, a Fisher) is checked when the run starts.
@@ -12,15 +13,17 @@ data beyond that (HydraLoRA's automatic head count, a Fisher) is checked when th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from fimlora.allocation import allocate_ranks
 from fimlora.config import ExperimentConfig
 from fimlora.data import TaskData, quiet_datasets
+from fimlora.data.registry import split_fingerprints
 from fimlora.errors import FimloraError
 from fimlora.experiment import check_budget, check_max_length, config_data, rank_budget
-from fimlora.methods import MethodContext, get_adapter, get_optimizer, resolve_method
+from fimlora.methods import MethodContext, get_adapter, get_allocation, get_optimizer, resolve_method
 from fimlora.models import load_model_shell, max_sequence_length, resolve_target_modules, weight_shapes
 
 
@@ -30,6 +33,39 @@ class _NeedsTrainingData(Exception):
 
 def _needs_training_data() -> list[str]:
     raise _NeedsTrainingData
+
+
+class PlannedRun(NamedTuple):
+    """A run the same sweep will make: what a hindsight source selector could later find."""
+
+    method: str
+    seed: int
+    output_dir: Path
+
+
+def _check_hindsight_source(ctx: MethodContext, planned: Collection[PlannedRun]) -> None:
+    """The hindsight run's refusal of its source, unless a pending run of the sweep will make it (a source
+    listed before ``hindsight-lora`` in one grid, run with one worker)."""
+    from fimlora.config import HindsightSource
+    from fimlora.methods.allocations.hindsight import resolve_source
+
+    try:
+        resolve_source(ctx)
+    except FimloraError:
+        named = ctx.options.hindsight.source_for(ctx.spec.name)
+        if isinstance(named, HindsightSource):
+            store = Path(named.store if named.store is not None else ctx.config.output_dir).resolve()
+            seed = ctx.seed if named.seed == "same" else int(named.seed)
+            if any(
+                p.method == named.method and p.seed == seed and p.output_dir.resolve().is_relative_to(store)
+                for p in planned
+            ):
+                return
+        elif named is not None and any(
+            Path(named).resolve() == (p.output_dir / p.method).resolve() for p in planned
+        ):
+            return
+        raise
 
 
 class _Cache:
@@ -51,21 +87,22 @@ class _Cache:
         return value
 
 
-def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
-    """Raise the FimloraError that the run of ``config`` would raise before training, if any."""
+def check_config(
+    config: ExperimentConfig, cache: _Cache | None = None, planned: Collection[PlannedRun] = ()
+) -> None:
+    """Raise the FimloraError that the run of ``config`` would raise before training, if any.
+    ``planned``: the runs the same sweep will make before or beside this one."""
     cache = cache or _Cache()
     options = config.dataset_options
-    data: TaskData = cache.get(
-        (
-            "data",
-            config.dataset,
-            config.data_seed,
-            config.task,
-            options.model_dump(),
-            config.trust_remote_code,
-        ),
-        lambda: _load_data(config),
+    data_key = (
+        "data",
+        config.dataset,
+        config.data_seed,
+        config.task,
+        options.model_dump(),
+        config.trust_remote_code,
     )
+    data: TaskData = cache.get(data_key, lambda: _load_data(config))
     num_labels = data.num_labels if data.task == "classification" else None
     model, tokenizer = cache.get(
         ("model", config.model, data.task, num_labels, config.trust_remote_code),
@@ -97,6 +134,9 @@ def check_config(config: ExperimentConfig, cache: _Cache | None = None) -> None:
             seed=config.seed,
             train_texts=_needs_training_data,
         )
+        if get_allocation(spec.allocation).reads_source_run:
+            ctx.data_fingerprint = cache.get(("fingerprint", *data_key), lambda: split_fingerprints(data))
+            _check_hindsight_source(ctx, planned)
         try:
             rank_costs, left, fixed = rank_budget(adapter, ctx, get_optimizer(spec.optimizer))
         except _NeedsTrainingData:
@@ -125,10 +165,13 @@ def check_runs(runs: Sequence[tuple[str, ExperimentConfig]], *, what: str = "run
     """:func:`check_config` for every ``(label, config)``; one FimloraError listing the runs that would
     fail, grouped by reason (at most three labels and three reasons shown)."""
     cache = _Cache()
+    planned = [
+        PlannedRun(m, config.seed, Path(config.output_dir)) for _, config in runs for m in config.method_names
+    ]
     failures: dict[str, list[str]] = {}
     for label, config in runs:
         try:
-            check_config(config, cache)
+            check_config(config, cache, planned)
         except FimloraError as exc:
             failures.setdefault(str(exc).rstrip("."), []).append(label)
     if not failures:

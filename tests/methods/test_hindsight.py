@@ -212,32 +212,37 @@ def test_a_config_must_name_a_source_for_every_hindsight_method(tiny_bert_dir, s
     assert config.method_options.hindsight.source_for("hindsight-lora") == "x"
 
 
-def test_a_sweep_points_each_hindsight_run_at_its_seed_matched_source(tiny_bert_dir, sentiment_csv, tmp_path):
-    from fimlora.sweep import parse_spec, run_sweep
+def _hindsight_spec(model_dir, dataset, tmp_path, store, methods):
+    from fimlora.sweep import parse_spec
 
-    base = tiny_config(tiny_bert_dir, sentiment_csv, tmp_path, ["lora"]).model_dump(
-        mode="json", by_alias=True
-    )
+    base = tiny_config(model_dir, dataset, tmp_path, ["lora"]).model_dump(mode="json", by_alias=True)
     defaults = {k: base[k] for k in ("fisher", "train", "evaluate", "dataset_options")}
-    store = tmp_path / "store"
     defaults["method_options"] = {
         "hindsight": {"source": {"method": "full-ft", "seed": "same", "store": str(store)}}
     }
-    spec = parse_spec(
+    return parse_spec(
         {
             "name": "hindsight",
             "output_dir": str(store),
             "defaults": defaults,
             "grid": {
-                "model": [str(tiny_bert_dir)],
-                "dataset": [str(sentiment_csv)],
-                "method": ["full-ft", "hindsight-lora"],  # method innermost: each seed's source runs first
+                "model": [str(model_dir)],
+                "dataset": [str(dataset)],
+                "method": methods,  # method innermost: each seed's source runs first
                 "budget": [{"uniform_rank": 2}],
                 "seed": [0, 1],
             },
         }
     )
-    report = run_sweep(spec, progress=False, log=_quiet, preflight=False)
+
+
+def test_a_sweep_points_each_hindsight_run_at_its_seed_matched_source(tiny_bert_dir, sentiment_csv, tmp_path):
+    from fimlora.sweep import run_sweep
+
+    store = tmp_path / "store"
+    spec = _hindsight_spec(tiny_bert_dir, sentiment_csv, tmp_path, store, ["full-ft", "hindsight-lora"])
+    # Preflight lets the hindsight runs through: their sources are pending runs of the same sweep.
+    report = run_sweep(spec, progress=False, log=_quiet)
     assert not report.failed, [o.error for o in report.failed]
     sources = {}
     for run in report.runs:
@@ -245,6 +250,22 @@ def test_a_sweep_points_each_hindsight_run_at_its_seed_matched_source(tiny_bert_
             sources[run.config.seed] = run.run_directory.read_result()["allocation"]["source"]
     assert {seed: s["seed"] for seed, s in sources.items()} == {0: 0, 1: 1}
     assert sources[0]["path"] != sources[1]["path"]
+    # A later sweep of hindsight runs alone finds the finished sources.
+    later = _hindsight_spec(tiny_bert_dir, sentiment_csv, tmp_path, tmp_path / "later", ["hindsight-lora"])
+    later = later.model_copy(update={"defaults": spec.defaults})
+    run_sweep(later, progress=False, log=_quiet, dry_run=True)
+
+
+def test_preflight_refuses_hindsight_runs_whose_source_is_missing(tiny_bert_dir, sentiment_csv, tmp_path):
+    from fimlora.sweep import run_sweep
+
+    empty = tmp_path / "sources"
+    empty.mkdir()
+    spec = _hindsight_spec(tiny_bert_dir, sentiment_csv, tmp_path, empty, ["lora", "hindsight-lora"])
+    with pytest.raises(FimloraError, match=r"2 of 4 run\(s\) would fail before training") as refused:
+        run_sweep(spec, progress=False, log=_quiet)
+    assert "no finished run of method 'full-ft', seed 0" in str(refused.value)
+    assert not any(empty.iterdir())  # refused before any run started, the lora runs included
 
 
 def test_a_selector_refuses_ambiguity_and_where_resolves_it(experiment, lora_source, tmp_path):

@@ -4,12 +4,14 @@ parameters for `budget: {params: 1e8}`, without a word)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fimlora.config import parse_config
 from fimlora.errors import FimloraError
 from fimlora.methods import PRESETS, get_allocation
-from fimlora.preflight import _Cache, check_config
+from fimlora.preflight import PlannedRun, _Cache, check_config
 
 # The tiny BERT: 2 layers of query/key/value/output 16×16, intermediate 32×16, output 16×32; full rank 16
 # everywhere, so LoRA at full rank trains 2 × (4 × 16 × 32 + 2 × 16 × 48) parameters.
@@ -18,10 +20,13 @@ FULL_RANK_LORA = 2 * (4 * 16 * 32 + 2 * 16 * 48)
 FULL_RANK_LORA_FA = 2 * 16 * (4 * 16 + 32 + 16)
 
 
+# A hindsight rule must name its source run: one the same sweep will make, so preflight lets it through.
+SWEEP = [PlannedRun("full-ft", 0, Path("sweep"))]
+
+
 def config(model, data, method, **budget):
-    # A hindsight rule must name its source run; the budget check never reads it.
     needs_source = get_allocation(PRESETS[method].allocation).reads_source_run
-    options = {"method_options": {"hindsight": {"source": "source-run"}}} if needs_source else {}
+    options = {"method_options": {"hindsight": {"source": "sweep/full-ft"}}} if needs_source else {}
     return parse_config(
         {
             **options,
@@ -46,12 +51,12 @@ def test_every_method_refuses_a_budget_full_rank_adapters_cannot_spend(
     tiny_bert_dir, sentiment_csv, loaded, method
 ):
     with pytest.raises(FimloraError, match=f"{FULL_RANK_LORA:,} parameters at full rank") as info:
-        check_config(config(tiny_bert_dir, sentiment_csv, method, params=FULL_RANK_LORA + 1), loaded)
+        check_config(config(tiny_bert_dir, sentiment_csv, method, params=FULL_RANK_LORA + 1), loaded, SWEEP)
     assert f"lower the budget to at most {FULL_RANK_LORA:,}" in str(info.value)
     with pytest.raises(FimloraError, match="uniform_rank 17"):
-        check_config(config(tiny_bert_dir, sentiment_csv, method, uniform_rank=17), loaded)
+        check_config(config(tiny_bert_dir, sentiment_csv, method, uniform_rank=17), loaded, SWEEP)
     if method != "lora-fa":  # exactly full rank is spendable (LoRA-FA's ranks cost less: below)
-        check_config(config(tiny_bert_dir, sentiment_csv, method, uniform_rank=16), loaded)
+        check_config(config(tiny_bert_dir, sentiment_csv, method, uniform_rank=16), loaded, SWEEP)
 
 
 def test_a_method_whose_ranks_cost_less_is_refused_at_its_own_limit(tiny_bert_dir, sentiment_csv):
