@@ -48,6 +48,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_json_and_records(
+    out: str | os.PathLike[str], json_name: str, obj: Any, csv_name: str, records: list[dict[str, Any]]
+) -> dict[str, Path]:
+    """An analysis's two files in ``out``, each atomically: ``json_name`` (everything) and ``csv_name``
+    (``records``, one row each). Returns ``{"json": path, "csv": path}``."""
+    import pandas as pd
+
+    directory = Path(out)
+    frame = pd.DataFrame(records)
+    return {
+        "json": atomic_write_json(directory / json_name, obj),
+        "csv": atomic_write(directory / csv_name, lambda tmp: frame.to_csv(tmp, index=False)),
+    }
+
+
 def ordinary_permissions(path: Path) -> None:
     """Give a file or directory made by ``tempfile`` (owner-only) the mode a plain ``open``/``mkdir``
     would have given it under the current umask."""

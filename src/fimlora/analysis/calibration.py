@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from fimlora.errors import FimloraError
-from fimlora.io import atomic_write, atomic_write_json, read_json_of_kind
+from fimlora.io import read_json_of_kind, write_json_and_records
 
 KIND = "fimlora-calibration-stability"
 JSON_FILE = "calibration.json"
@@ -222,12 +222,7 @@ class CalibrationStability:
 
     def write(self, out: str | Path) -> dict[str, Path]:
         """``calibration.json`` (everything) and ``calibration.csv`` (one row per comparison), atomically."""
-        out = Path(out)
-        frame = pd.DataFrame(self.records)
-        return {
-            "json": atomic_write_json(out / JSON_FILE, self.to_json()),
-            "csv": atomic_write(out / CSV_FILE, lambda tmp: frame.to_csv(tmp, index=False)),
-        }
+        return write_json_and_records(out, JSON_FILE, self.to_json(), CSV_FILE, self.records)
 
 
 def load_calibration(path: str | Path) -> CalibrationStability | None:

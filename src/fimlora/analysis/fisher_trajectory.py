@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from scipy import stats as scipy_stats
 from transformers import TrainerCallback
 
 from fimlora.analysis.calibration import agreement, default_k
 from fimlora.errors import FimloraError
-from fimlora.io import atomic_write, atomic_write_json, read_json_of_kind
+from fimlora.io import read_json_of_kind, write_json_and_records
 
 KIND = "fimlora-fisher-trajectory"
 JSON_FILE = "fisher-trajectory.json"
@@ -171,12 +170,8 @@ class FisherTrajectory:
         }
 
     def write(self, out: str | Path) -> dict[str, Path]:
-        out = Path(out)
-        frame = pd.DataFrame(self.records)
-        return {
-            "json": atomic_write_json(out / JSON_FILE, self.to_json()),
-            "csv": atomic_write(out / CSV_FILE, lambda tmp: frame.to_csv(tmp, index=False)),
-        }
+        """``fisher-trajectory.json`` (everything) and ``.csv`` (one row per comparison), atomically."""
+        return write_json_and_records(out, JSON_FILE, self.to_json(), CSV_FILE, self.records)
 
 
 def comparison_records(

@@ -31,11 +31,11 @@ import torch
 
 from fimlora.data.registry import SPLITS, SealedSplits, TaskData, check_task
 from fimlora.errors import FimloraError
+from fimlora.fisher.losses import IGNORE_INDEX
 from fimlora.runs import TRUNCATION_WARN_SHARE
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _PROGRESS_MIN_ROWS = 20_000
 _PROGRESS_MIN_CHARS = 1_000_000
 # Small map batches for whole documents, so that the progress bar of a long corpus actually moves.

@@ -46,11 +46,11 @@ from torch import nn
 
 from fimlora.fisher import blocks
 from fimlora.fisher.blocks import Tokens
+from fimlora.fisher.losses import IGNORE_INDEX
 
 AVERAGING = ("ema", "mean")
 # The bound fimlora.fisher.estimator uses for every temporary block (elements), for the same reasons.
 MAX_CHUNK_ELEMENTS = 2**20
-IGNORE_INDEX = -100
 
 
 def loss_normaliser(task: str) -> Callable[[Mapping[str, Any]], tuple[int, torch.Tensor | float]]:

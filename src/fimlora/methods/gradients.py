@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from fimlora.errors import FimloraError
+from fimlora.fisher.losses import IGNORE_INDEX
 from fimlora.quantization import is_quantized_linear
 
 if TYPE_CHECKING:
     from fimlora.methods.base import MethodContext
-
-IGNORE_INDEX = -100
 
 
 def loss_units(labels: torch.Tensor) -> int:
