@@ -368,15 +368,7 @@ def summarize(
     missing = [m for m in metrics if m not in frame.columns]
     if missing:
         raise FimloraError(f"Unknown metric(s) {missing}; the runs record {metrics_in(frame)}.")
-    shared, method_settings = setting_columns(frame)
-    pair_keys = [*_BASE_KEYS, *shared]
-    group_keys = [*pair_keys, "method", *method_settings]
-    frame = frame.sort_values(["run_dir"] if "run_dir" in frame.columns else [], kind="stable")
-
-    groups: dict[tuple[Hashable, ...], pd.DataFrame] = {}
-    for _, sub in frame.groupby(group_keys, dropna=False, sort=False):
-        key = tuple(_canon(sub.iloc[0][k]) for k in group_keys)
-        groups[key] = sub
+    pair_keys, group_keys, method_settings, groups = _groups(frame)
     rows: list[dict[str, Any]] = []
     n_pair = len(pair_keys)
     for key, sub in groups.items():
@@ -442,9 +434,126 @@ def summarize(
     table = _with_holm(pd.DataFrame(rows).reindex(columns=columns))
     order = table["method"].map(lambda m: (m != baseline, str(m)))
     table = table.assign(_order=order).sort_values(
-        [*_BASE_KEYS, *shared, "_order", *method_settings, "metric"], kind="stable", na_position="first"
+        [*pair_keys, "_order", *method_settings, "metric"], kind="stable", na_position="first"
     )
     return table.drop(columns="_order").reset_index(drop=True)
+
+
+def _groups(
+    frame: pd.DataFrame,
+) -> tuple[list[str], list[str], list[str], dict[tuple[Hashable, ...], pd.DataFrame]]:
+    """The runs of ``frame`` by (dataset, model, budget, shared settings, method, method settings):
+    ``(pairing keys, group keys, method settings, {group key: runs})``, runs in ``run_dir`` order."""
+    shared, method_settings = setting_columns(frame)
+    pair_keys = [*_BASE_KEYS, *shared]
+    group_keys = [*pair_keys, "method", *method_settings]
+    frame = frame.sort_values(["run_dir"] if "run_dir" in frame.columns else [], kind="stable")
+    groups: dict[tuple[Hashable, ...], pd.DataFrame] = {}
+    for _, sub in frame.groupby(group_keys, dropna=False, sort=False):
+        groups[tuple(_canon(sub.iloc[0][k]) for k in group_keys)] = sub
+    return pair_keys, group_keys, method_settings, groups
+
+
+#: The columns of a :func:`savings` row after its group keys.
+SAVINGS_VALUE_COLUMNS = (
+    "budget_label",
+    "metric",
+    "adapter_params",
+    "baseline",
+    "baseline_budget_label",
+    "baseline_params",
+    "n_paired",
+    "paired_seeds",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "diff_t_ci_low",
+    "diff_t_ci_high",
+    "t_stat",
+    "p_ttest",
+    "p_ttest_holm",
+    "p_signflip",
+    "p_signflip_holm",
+    "signflip_exact",
+    "holm_family_size",
+)
+
+
+def savings(
+    frame: pd.DataFrame,
+    metric: str,
+    *,
+    baseline: str = BASELINE,
+    n_resamples: int = N_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Does a smaller budget reach the baseline at a larger one? Every method at a budget against the
+    ``baseline`` at each budget of the same dataset, model and shared settings that trains more adapter
+    parameters, paired by seed (``method − baseline``): the columns of :func:`summarize`'s comparison
+    (``diff_*``, ``p_*``) plus ``baseline_budget_label`` and ``baseline_params``. Holm's adjustment
+    runs over each (dataset, model, metric)'s rows, a family of its own (these are not the results
+    table's comparisons). Empty when no dataset has the baseline at two budgets, or ``metric`` is absent.
+    """
+    if metric not in frame.columns:
+        return pd.DataFrame(columns=list(SAVINGS_VALUE_COLUMNS))
+    pair_keys, group_keys, _, groups = _groups(frame)
+    budget_at, n_pair = pair_keys.index("budget"), len(pair_keys)
+
+    def params(runs: pd.DataFrame) -> float:
+        return float(runs["adapter_params"].mean()) if "adapter_params" in runs else math.nan
+
+    rows: list[dict[str, Any]] = []
+    for key, sub in groups.items():
+        values = sub.drop_duplicates("seed", keep="first")[["seed", metric]].dropna()
+        if values.empty:
+            continue
+        larger = [
+            (k, runs)
+            for k, runs in groups.items()
+            if k[n_pair] == baseline
+            and k[budget_at] != key[budget_at]
+            and all(k[i] == key[i] for i in range(n_pair) if i != budget_at)
+            and params(runs) > params(sub)
+        ]
+        for _, base_runs in larger:
+            comparison, paired_seeds, _ = _compare(
+                values, base_runs, metric, n_resamples=n_resamples, confidence=confidence, seed=seed
+            )
+            if comparison is None:
+                continue
+            row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
+            row.update(
+                {
+                    "budget_label": sub["budget_label"].iloc[0] if "budget_label" in sub else None,
+                    "metric": metric,
+                    "adapter_params": params(sub),
+                    "baseline": baseline,
+                    "baseline_budget_label": base_runs["budget_label"].iloc[0]
+                    if "budget_label" in base_runs
+                    else None,
+                    "baseline_params": params(base_runs),
+                    "n_paired": comparison.n,
+                    "paired_seeds": ",".join(str(s) for s in paired_seeds),
+                    "diff_mean": comparison.mean_diff,
+                    "diff_ci_low": comparison.ci_low,
+                    "diff_ci_high": comparison.ci_high,
+                    "diff_t_ci_low": comparison.t_ci_low,
+                    "diff_t_ci_high": comparison.t_ci_high,
+                    "t_stat": comparison.t_stat,
+                    "p_ttest": comparison.p_ttest,
+                    "p_signflip": comparison.p_signflip,
+                    "signflip_exact": comparison.signflip_exact,
+                }
+            )
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS])
+    table = _with_holm(pd.DataFrame(rows))
+    table = table.sort_values(
+        ["dataset", "model", "baseline_params", "adapter_params", "method"], kind="stable"
+    )
+    return table.reindex(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS]).reset_index(drop=True)
 
 
 def _with_holm(table: pd.DataFrame) -> pd.DataFrame:

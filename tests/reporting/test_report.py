@@ -83,6 +83,10 @@ def test_markdown_has_every_section_and_links_existing_pngs(report_dir):
     assert "reviews / tiny-bert (classification)" in markdown and "reviews / other-bert" in markdown
     assert "small/s3/lora" in markdown  # the unfinished run is listed, not reported
     assert (root / "report_files" / "summary.csv").is_file()
+    # tiny-bert has two budgets, other-bert one: one savings table, r2's three methods against lora r4.
+    assert markdown.count("Savings: smaller budgets against lora at a larger one") == 1
+    savings_part = markdown.split("Savings: smaller budgets")[1].split("\n#")[0]
+    assert len(re.findall(r"^\| r=2 \| (lora|fim-lora|random-rank) \|", savings_part, flags=re.M)) == 3
 
 
 def test_html_is_self_contained_with_embedded_images(report_dir):

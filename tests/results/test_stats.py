@@ -17,6 +17,7 @@ from fimlora.stats import (
     paired_comparison,
     paired_t_test,
     primary_metric,
+    savings,
     sign_flip_p_value,
     summarize,
     t_interval,
@@ -261,3 +262,52 @@ def test_summary_adjusts_each_tables_comparisons_together(tmp_path):
     accuracy = summary[(summary["metric"] == "accuracy") & (summary["method"] != "lora")]
     smallest = accuracy["p_ttest"].min()
     assert accuracy.loc[accuracy["p_ttest"].idxmin(), "p_ttest_holm"] == pytest.approx(min(1.0, 4 * smallest))
+
+
+# --------------------------------------------------------------------------------------------------
+# Savings: a smaller budget against the baseline at a larger one
+# --------------------------------------------------------------------------------------------------
+
+SAVINGS_RUNS = {  # (method, rank): accuracy at seeds 0..4
+    ("lora", 4): [0.80, 0.82, 0.81, 0.83, 0.84],
+    ("lora", 1): [0.79, 0.80, 0.80, 0.81, 0.80],
+    ("fim-lora", 1): [0.80, 0.83, 0.81, 0.84, 0.84],
+    ("fim-lora", 4): [0.90, 0.90, 0.90, 0.90, 0.90],
+}
+
+
+def test_savings_pairs_each_smaller_budget_with_the_larger_baseline_by_seed(tmp_path):
+    for (method, rank), accuracies in SAVINGS_RUNS.items():
+        for seed, accuracy in enumerate(accuracies):
+            # Directory names sort against the seeds for lora r4: pairing must follow the seed, not order.
+            name = f"z{4 - seed}" if (method, rank) == ("lora", 4) else f"s{seed}"
+            write_run(
+                tmp_path / f"r{rank}" / name / method, method=method, seed=seed, rank=rank, accuracy=accuracy
+            )
+    table = savings(collect_results(tmp_path).frame, "accuracy", n_resamples=10_000)
+    # Only smaller budgets against lora at the larger one: not fim-lora r4 (same or larger budget), not
+    # anything against lora r1.
+    assert sorted(
+        zip(table["method"], table["budget_label"], table["baseline_budget_label"], strict=True)
+    ) == [
+        ("fim-lora", "r=1", "r=4"),
+        ("lora", "r=1", "r=4"),
+    ]
+    p = []
+    for method in ("fim-lora", "lora"):
+        row = table[table["method"] == method].iloc[0]
+        d = np.array(SAVINGS_RUNS[(method, 1)]) - np.array(SAVINGS_RUNS[("lora", 4)])
+        assert row["n_paired"] == 5 and row["diff_mean"] == pytest.approx(d.mean())
+        assert (row["diff_t_ci_low"], row["diff_t_ci_high"]) == pytest.approx(t_interval(d))
+        assert row["p_ttest"] == pytest.approx(paired_t_test(d)[1])
+        assert row["adapter_params"] < row["baseline_params"]
+        p.append(row["p_ttest"])
+    assert (table["holm_family_size"] == 2).all()
+    assert table.set_index("method").loc[["fim-lora", "lora"], "p_ttest_holm"].to_numpy() == pytest.approx(
+        holm(p)
+    )
+
+
+def test_savings_is_empty_with_one_budget(tmp_path):
+    write_sweep(tmp_path, seeds=(0, 1, 2), ranks=(4,))
+    assert savings(collect_results(tmp_path).frame, "accuracy").empty

@@ -63,6 +63,7 @@ from fimlora.stats import (
     N_RESAMPLES,
     SUMMARY_VALUE_COLUMNS,
     metrics_in,
+    savings,
     setting_columns,
     summarize,
 )
@@ -232,9 +233,19 @@ def mean_curve(per_run: Sequence[Mapping[int, float]]) -> plots.Curve | None:
 
 class _Builder:
     def __init__(
-        self, root: Path, frame: pd.DataFrame, summary: pd.DataFrame, baseline: str, metric: str | None
+        self,
+        root: Path,
+        frame: pd.DataFrame,
+        summary: pd.DataFrame,
+        baseline: str,
+        metric: str | None,
+        *,
+        n_resamples: int = N_RESAMPLES,
+        seed: int = 0,
     ) -> None:
         self.root = root
+        self.n_resamples = n_resamples
+        self.seed = seed
         self.frame = frame
         self.summary = summary
         self.baseline = baseline
@@ -328,6 +339,7 @@ class _Builder:
         self.cost_table(frame)
         deployment.inference_table(self, frame)
         self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
+        self.savings_table(frame, primary)
         deployment.memory_pareto(
             self,
             frame,
@@ -602,6 +614,71 @@ class _Builder:
             "against the trainable LoRA parameters actually built, one line per method. Points at the same "
             "budget are drawn a few pixels apart so that their error bars stay visible.",
             alt=f"Pareto plot: {metric} vs adapter parameters",
+        )
+
+    def savings_table(self, frame: pd.DataFrame, metric: str, alpha: float = 0.05) -> None:
+        """Does a smaller budget reach the baseline at a larger one (:func:`fimlora.stats.savings`)?"""
+        table = savings(frame, metric, baseline=self.baseline, n_resamples=self.n_resamples, seed=self.seed)
+        if table.empty:
+            return
+        digits = _digits(metric)
+        self.blocks.append(Heading(f"Savings: smaller budgets against {self.baseline} at a larger one", 3))
+        header = [
+            "budget",
+            "method",
+            "adapter params",
+            f"vs {self.baseline} at",
+            "its params",
+            "seeds",
+            "Δ",
+            f"{CONFIDENCE:.0%} t-CI of Δ",
+            "p (paired t), raw (Holm)",
+        ]
+        rows = [
+            [
+                r["budget_label"],
+                self.series_label(r),
+                _fmt_int(r["adapter_params"]),
+                r["baseline_budget_label"],
+                _fmt_int(r["baseline_params"]),
+                int(r["n_paired"]),
+                f"{float(r['diff_mean']):+.{digits}f}" if _finite(r["diff_mean"]) else "—",
+                f"[{float(r['diff_t_ci_low']):+.{digits}f}, {float(r['diff_t_ci_high']):+.{digits}f}]"
+                if _finite(r["diff_t_ci_low"])
+                else "—",
+                _fmt_p_holm(r["p_ttest"], r["p_ttest_holm"]),
+            ]
+            for _, r in table.iterrows()
+        ]
+        family = int(table["holm_family_size"].max())
+        better = METRICS.get(metric, True)
+        caption = (
+            f"{metric}: each method at a budget minus {self.baseline} at a larger budget, paired by seed "
+            f"({'higher' if better else 'lower'} is better); Holm's adjustment over these {family} "
+            f"comparison{'s' if family != 1 else ''}, a family apart from the results table's"
+        )
+        self.blocks.append(Table(header, rows, caption=caption, numeric={2, 4, 5}))
+        held = table[
+            (pd.to_numeric(table["p_ttest_holm"], errors="coerce") < alpha)
+            & (pd.to_numeric(table["n_paired"], errors="coerce") >= MIN_SEEDS)
+        ]
+        short = held[(held["diff_mean"] < 0) == better]
+        beyond = held[(held["diff_mean"] < 0) != better]
+        rest = table.drop(index=held.index)
+
+        def listed(rows: pd.DataFrame) -> str:
+            names = [
+                f"{r['budget_label']} {self.series_label(r)} vs {r['baseline_budget_label']}"
+                for _, r in rows.iterrows()
+            ]
+            return "; ".join(names) if names else "none"
+
+        self.blocks.append(
+            Paragraph(
+                f"Falls short of the larger budget's {self.baseline} (Holm-adjusted paired t p < {alpha:g}, "
+                f"≥ {MIN_SEEDS} seeds): {listed(short)}. Beats it: {listed(beyond)}. Not told apart on "
+                f"these seeds (not evidence that they are equal; read the interval): {listed(rest)}."
+            )
         )
 
     def _representatives(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -1139,7 +1216,7 @@ def build_report(
         )
     baseline = baseline or BASELINE
     summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed)
-    builder = _Builder(root, frame, summary, baseline, metric)
+    builder = _Builder(root, frame, summary, baseline, metric, n_resamples=n_resamples, seed=seed)
     title = f"{TITLE_PREFIX}{root.resolve().name}"
     builder.blocks.append(Heading(title, 1))
     builder.overview(table.unfinished)
