@@ -75,18 +75,8 @@ _METHOD_PREFIXES = ("method_options.",)
 # result.json columns that repeat a config setting: tuned with it, so never a shared setting either.
 _TUNED_ALIASES = {"lora.scaling": "scaling", "lora.alpha": "lora_alpha"}
 _BASE_KEYS = ("dataset", "model", "budget")
-# The columns of a :func:`summarize` row that are values, not keys of the row's group.
-SUMMARY_VALUE_COLUMNS = (
-    "metric",
-    "higher_is_better",
-    "n_seeds",
-    "seeds",
-    "mean",
-    "std",
-    "ci_low",
-    "ci_high",
-    "adapter_params",
-    "baseline",
+#: The columns of a paired comparison (method − baseline) in :func:`summarize` and :func:`savings` rows.
+COMPARISON_COLUMNS = (
     "n_paired",
     "paired_seeds",
     "diff_mean",
@@ -101,6 +91,20 @@ SUMMARY_VALUE_COLUMNS = (
     "p_signflip_holm",
     "signflip_exact",
     "holm_family_size",
+)
+# The columns of a :func:`summarize` row that are values, not keys of the row's group.
+SUMMARY_VALUE_COLUMNS = (
+    "metric",
+    "higher_is_better",
+    "n_seeds",
+    "seeds",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "adapter_params",
+    "baseline",
+    *COMPARISON_COLUMNS,
     "warning",
 )
 
@@ -413,21 +417,7 @@ def summarize(
                     extra.append(base_note or note)
                 if comparison is not None:
                     n_paired = comparison.n
-                    row.update(
-                        {
-                            "n_paired": comparison.n,
-                            "paired_seeds": ",".join(str(s) for s in paired_seeds),
-                            "diff_mean": comparison.mean_diff,
-                            "diff_ci_low": comparison.ci_low,
-                            "diff_ci_high": comparison.ci_high,
-                            "diff_t_ci_low": comparison.t_ci_low,
-                            "diff_t_ci_high": comparison.t_ci_high,
-                            "t_stat": comparison.t_stat,
-                            "p_ttest": comparison.p_ttest,
-                            "p_signflip": comparison.p_signflip,
-                            "signflip_exact": comparison.signflip_exact,
-                        }
-                    )
+                    row.update(_comparison_row(comparison, paired_seeds))
             row["warning"] = _warning(len(x), n_paired, extra, min_seeds)
             rows.append(row)
     columns = [*group_keys, "budget_label", "task", *SUMMARY_VALUE_COLUMNS]
@@ -462,20 +452,7 @@ SAVINGS_VALUE_COLUMNS = (
     "baseline",
     "baseline_budget_label",
     "baseline_params",
-    "n_paired",
-    "paired_seeds",
-    "diff_mean",
-    "diff_ci_low",
-    "diff_ci_high",
-    "diff_t_ci_low",
-    "diff_t_ci_high",
-    "t_stat",
-    "p_ttest",
-    "p_ttest_holm",
-    "p_signflip",
-    "p_signflip_holm",
-    "signflip_exact",
-    "holm_family_size",
+    *COMPARISON_COLUMNS,
 )
 
 
@@ -533,17 +510,7 @@ def savings(
                     if "budget_label" in base_runs
                     else None,
                     "baseline_params": params(base_runs),
-                    "n_paired": comparison.n,
-                    "paired_seeds": ",".join(str(s) for s in paired_seeds),
-                    "diff_mean": comparison.mean_diff,
-                    "diff_ci_low": comparison.ci_low,
-                    "diff_ci_high": comparison.ci_high,
-                    "diff_t_ci_low": comparison.t_ci_low,
-                    "diff_t_ci_high": comparison.t_ci_high,
-                    "t_stat": comparison.t_stat,
-                    "p_ttest": comparison.p_ttest,
-                    "p_signflip": comparison.p_signflip,
-                    "signflip_exact": comparison.signflip_exact,
+                    **_comparison_row(comparison, paired_seeds),
                 }
             )
             rows.append(row)
@@ -596,6 +563,23 @@ def _baseline_rows(
             return None, f"several {baseline} configurations match ({', '.join(method_settings)} differ)"
         candidates = same
     return candidates[0][1], ""
+
+
+def _comparison_row(comparison: PairedComparison, paired_seeds: Sequence[Hashable]) -> dict[str, Any]:
+    """A comparison's columns of a table row (the Holm adjustments come later, per family)."""
+    return {
+        "n_paired": comparison.n,
+        "paired_seeds": ",".join(str(s) for s in paired_seeds),
+        "diff_mean": comparison.mean_diff,
+        "diff_ci_low": comparison.ci_low,
+        "diff_ci_high": comparison.ci_high,
+        "diff_t_ci_low": comparison.t_ci_low,
+        "diff_t_ci_high": comparison.t_ci_high,
+        "t_stat": comparison.t_stat,
+        "p_ttest": comparison.p_ttest,
+        "p_signflip": comparison.p_signflip,
+        "signflip_exact": comparison.signflip_exact,
+    }
 
 
 def _compare(
