@@ -272,7 +272,11 @@ def report(
         Path | None, typer.Option(help="Where report.md, report.html, report_files/ go (default: DIR).")
     ] = None,
     metric: Annotated[
-        str | None, typer.Option(help="Primary metric (default: accuracy, or perplexity for causal LM).")
+        str | None,
+        typer.Option(
+            help="Primary metric (default: the one the runs were tuned on, else accuracy, or perplexity "
+            "for causal LM)."
+        ),
     ] = None,
     baseline: Annotated[
         str | None,

@@ -46,7 +46,7 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * provenance: ``git_revision``, ``device`` (from ``environment.json``)
 * ``tuned_params``: the settings chosen by ``fimlora tune`` (comma-separated config keys) for runs of
   ``fimlora sweep --tuned``, from ``result.json["hyperparameter_sources"]``; None otherwise; ``tuned``:
-  whether there are any
+  whether there are any; ``tuning_metric``: the validation metric those settings were chosen by
 * ``sweep.<key>``: the grid coordinates from ``sweep.json``, when a sweep wrote one
 * ``<section>.<key>``: every leaf of the run's resolved ``config.yaml`` below a section (e.g.
   ``train.learning_rate``, ``train.steps``, ``budget.uniform_rank``, ``budget.params``,
@@ -300,6 +300,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
             "git_revision": env.get("git_revision"),
             "device": env.get("device"),
             "tuned_params": _tuned_params(result),
+            "tuning_metric": _mapping(result.get("tuning")).get("metric"),
         }
     )
     row["tuned"] = row["tuned_params"] is not None

@@ -329,11 +329,21 @@ def metrics_in(frame: pd.DataFrame) -> list[str]:
 
 
 def primary_metric(frame: pd.DataFrame) -> str:
-    """``accuracy`` for classification runs, ``perplexity`` for causal LM, else the first metric present."""
+    """The metric the runs of ``frame`` were tuned on (``tuning_metric``) when they all name the same one,
+    else ``accuracy`` for classification runs, ``perplexity`` for causal LM, else the first present."""
     present = metrics_in(frame)
     if not present:
         raise FimloraError("The runs record no held-out metric (accuracy, macro_f1, perplexity, eval_loss).")
-    return present[0]
+    return tuning_metric(frame) or present[0]
+
+
+def tuning_metric(frame: pd.DataFrame) -> str | None:
+    """The validation metric every tuned run of ``frame`` was tuned on, if they agree on one that the runs
+    record; None otherwise (no tuned run, or tuned on several)."""
+    tuned = {str(m) for m in frame.get("tuning_metric", pd.Series(dtype=object)).dropna()}
+    if len(tuned) == 1 and (chosen := tuned.pop()) in metrics_in(frame):
+        return chosen
+    return None
 
 
 def _warning(n_seeds: int, n_paired: int | None, extra: list[str], min_seeds: int) -> str:

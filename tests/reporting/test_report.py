@@ -272,3 +272,17 @@ def test_without_baseline_runs_the_default_is_a_notice_and_an_explicit_one_an_er
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "'dora'" in err and "fim-lora" in err
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_the_primary_metric_follows_tuning(tmp_path):
+    write_sweep(tmp_path / "sweep", seeds=(0, 1, 2, 3, 4), ranks=(2, 4))
+    for path in tmp_path.rglob("result.json"):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        result["tuning"] = {"metric": "macro_f1", "validation_score": 0.5}
+        path.write_text(json.dumps(result), encoding="utf-8")
+    markdown = build_report(tmp_path, n_resamples=10_000).markdown.read_text(encoding="utf-8")
+    results = markdown.split("### Results over seeds")[1]
+    # The macro-F1 table comes first and is the primary one; the savings table is on macro-F1 too.
+    assert results.index("*macro_f1 on the held-out split") < results.index("*accuracy on the held-out split")
+    assert "primary metric, the one these runs were tuned on" in markdown
+    assert "*macro_f1: each method at a budget minus lora at a larger budget" in markdown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -311,3 +312,25 @@ def test_savings_pairs_each_smaller_budget_with_the_larger_baseline_by_seed(tmp_
 def test_savings_is_empty_with_one_budget(tmp_path):
     write_sweep(tmp_path, seeds=(0, 1, 2), ranks=(4,))
     assert savings(collect_results(tmp_path).frame, "accuracy").empty
+
+
+def _tuned_on(root, metric, only=None):
+    """Give the fabricated runs below ``root`` (those of method ``only``) a tuning record on ``metric``."""
+    for path in root.rglob("result.json"):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if only is None or result["method"] == only:
+            result["tuning"] = {"metric": metric, "validation_score": 0.5}
+            path.write_text(json.dumps(result), encoding="utf-8")
+
+
+def test_the_primary_metric_is_the_one_the_runs_were_tuned_on(tmp_path):
+    write_sweep(tmp_path, seeds=(0, 1), ranks=(4,))
+    assert primary_metric(collect_results(tmp_path).frame) == "accuracy"  # untuned: the default
+    _tuned_on(tmp_path, "macro_f1")
+    frame = collect_results(tmp_path).frame
+    assert set(frame["tuning_metric"]) == {"macro_f1"}
+    assert primary_metric(frame) == "macro_f1"
+    _tuned_on(tmp_path, "accuracy", only="lora")  # runs tuned on two metrics: no single choice
+    assert primary_metric(collect_results(tmp_path).frame) == "accuracy"
+    _tuned_on(tmp_path, "perplexity")  # a metric these runs do not record: the default
+    assert primary_metric(collect_results(tmp_path).frame) == "accuracy"

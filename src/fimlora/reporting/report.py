@@ -63,9 +63,11 @@ from fimlora.stats import (
     N_RESAMPLES,
     SUMMARY_VALUE_COLUMNS,
     metrics_in,
+    primary_metric,
     savings,
     setting_columns,
     summarize,
+    tuning_metric,
 )
 
 FILES_DIR = "report_files"
@@ -252,6 +254,7 @@ class _Builder:
         self.metric = metric
         self.blocks: list[Block] = []
         self.images: dict[str, bytes] = {}
+        self.primary_reason = ""  # why the current dataset's primary metric is primary, if not by default
         self.majority = ""  # majority-class rate of the current dataset's evaluation split(s)
         shared, method_settings = setting_columns(frame)
         self.shared_settings = shared
@@ -328,7 +331,11 @@ class _Builder:
         if not metrics:
             self.blocks.append(Notice("These runs record no held-out metric."))
             return
-        primary = metrics[0]
+        primary = metrics[0] if self.metric is not None else primary_metric(frame)
+        metrics = [primary, *[m for m in metrics if m != primary]]
+        self.primary_reason = (
+            ", the one these runs were tuned on" if self.metric is None and tuning_metric(frame) else ""
+        )
         self.majority = _value_range(frame, "majority_rate")
         self.data_notes(frame)
         self.blocks.append(Heading("Results over seeds", 3))
@@ -447,7 +454,7 @@ class _Builder:
                 ]
             )
         caption = f"{metric} on the held-out split ({better} is better)" + (
-            "; primary metric" if primary else ""
+            f"; primary metric{self.primary_reason}" if primary else ""
         )
         if metric == "accuracy" and self.majority:
             caption += f"; always predicting the split's most frequent class scores {self.majority}"
