@@ -483,6 +483,13 @@ def tune(
     output_dir: Annotated[
         Path | None, typer.Option(help="Store instead of the spec's output_dir (tuned.yaml goes there).")
     ] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            help="First give every failed trial again with its parameters (after fixing what failed it); "
+            "the failed one stays on record as retried and no longer counts."
+        ),
+    ] = False,
 ) -> None:
     """Tune every cell of a sweep on the validation split, the same search for every method; write
     tuned.yaml. Run again to resume; then `fimlora sweep SPEC --tuned <store>/tuned.yaml`."""
@@ -493,7 +500,15 @@ def tune(
     loaded = load_spec(spec)
     if output_dir is not None:
         loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
-    report = run_tuning(loaded, trials=trials, seeds=seeds, workers=workers, storage=storage, log=_echo)
+    report = run_tuning(
+        loaded,
+        trials=trials,
+        seeds=seeds,
+        workers=workers,
+        storage=storage,
+        retry_failed=retry_failed,
+        log=_echo,
+    )
     _echo("")
     for summary in report.summaries:
         entry, counts = summary.entry, summary.entry.trials
@@ -506,6 +521,7 @@ def tune(
             listed = ", ".join(f"{seed}: {score:.4f}" for seed, score in entry.seed_scores.items())
             best += f" ({summary.cell.aggregate} of seeds {listed}; spread {entry.seed_spread:.4f})"
         lost = f", {counts.lost} lost and retried" if counts.lost else ""
+        lost += f", {counts.retried} failed and given again" if counts.retried else ""
         _echo(
             f"{summary.cell.describe()}: {best} "
             f"({counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed{lost})"

@@ -642,3 +642,29 @@ def test_training_with_r_min_0_leaves_modules_out_within_the_budget_and_reloads(
         "AutoModelForSequenceClassification", prepared.loaded.source, adapter_dir, inputs, tmp_path
     )
     assert torch.equal(got, want)
+
+
+def test_an_added_adapter_joins_the_lora_group_when_every_adapted_module_changes():
+    # A re-allocation at r_min 0 can change the rank of every adapted module and give one without an
+    # adapter its first ranks: no unchanged LoRA tensor is left to say where the new ones train.
+    model, targets, left_out = _partly_adapted_model()
+    model.train()
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": lora, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=1e-2
+    )
+    adapted = sorted(lora_layers(model))
+    ranks = {n: 0 for n in targets}
+    ranks.update({n: lora_layers(model)[n].r["default"] + 1 for n in adapted})  # every adapted one grows
+    ranks[left_out[0]] = 2  # and one module gets its first adapter
+    changes = set_ranks(model, ranks, scaling="alpha_over_r", generator=torch.Generator().manual_seed(0))
+    assert {c.name for c in changes} == {*adapted, left_out[0]}
+    replace_in_optimizer(optimizer, [pair for c in changes for pair in c.replaced])  # no `like`
+    lora_group, other_group = optimizer.param_groups
+    now_lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert {id(p) for p in lora_group["params"]} == {id(p) for p in now_lora}  # the added one included
+    assert {id(p) for p in other_group["params"]} == {id(p) for p in other}
+    model(**_padded_batch("classification")).loss.backward()
+    optimizer.step()
+    assert bool(lora_layers(model)[left_out[0]].lora_B["default"].weight.abs().sum() > 0)

@@ -69,7 +69,7 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails_while_the_study_goes_on
         "lora",
     )
     assert entry["budget"] == {"uniform_rank": 2} and entry["metric"] == "loss"
-    assert entry["trials"] == {"complete": 2, "pruned": 1, "failed": 1, "lost": 0}
+    assert entry["trials"] == {"complete": 2, "pruned": 1, "failed": 1, "lost": 0, "retried": 0}
     assert entry["seed_scores"] == {0: entry["validation_score"]} and entry["seed_spread"] is None
     best = min((t for t in trials if trial_kind(t) == "complete"), key=lambda t: t.value)
     assert entry["params"] == best.params and entry["validation_score"] == best.value

@@ -257,8 +257,10 @@ def replace_in_optimizer(
     """Put each new tensor where the old one was (same param group) and drop the old one's state.
 
     ``(old, None)`` removes ``old`` (a removed adapter); ``(None, new)`` adds ``new`` to the group that
-    holds ``like`` (an added adapter goes where the other LoRA tensors are: same learning rate and weight
-    decay). The new tensors start with no optimizer state: AdamW initialises their moments and step count
+    holds ``like``, or without one to the group of the first tensor replaced (an added adapter goes where
+    the other LoRA tensors are: same learning rate and weight decay; at a re-allocation where every adapted
+    module changes rank, no unchanged LoRA tensor is left to name as ``like``). The new tensors start
+    with no optimizer state: AdamW initialises their moments and step count
     at their first update, as for a freshly built adapter. Parameters not in ``replaced`` keep theirs. The
     groups' settings (learning rate, weight decay, the LR schedule's base rate) are not touched, so a
     scheduler that holds the optimizer keeps going.
@@ -269,11 +271,13 @@ def replace_in_optimizer(
     mapping = {id(old): new for old, new in pairs if old is not None}
     added = [new for old, new in pairs if old is None and new is not None]
     found = set()
+    first_replaced: dict[str, Any] | None = None
     for group in optimizer.param_groups:
         params = []
         for param in group["params"]:
             if id(param) in mapping:
                 found.add(id(param))
+                first_replaced = group if first_replaced is None else first_replaced
                 optimizer.state.pop(param, None)
                 if mapping[id(param)] is not None:
                     params.append(mapping[id(param)])
@@ -285,8 +289,11 @@ def replace_in_optimizer(
         raise RuntimeError(f"{len(missing)} re-sized LoRA tensor(s) were not in the optimizer's param groups")
     if added:
         home = next((g for g in optimizer.param_groups if any(p is like for p in g["params"])), None)
+        if like is None:
+            home = first_replaced
         if home is None:
             raise RuntimeError(
-                "added LoRA tensors need a group: pass a LoRA tensor the optimizer holds as like"
+                "added LoRA tensors need a group: pass a LoRA tensor the optimizer holds as like, or "
+                "replace one in the same call"
             )
         home["params"].extend(added)

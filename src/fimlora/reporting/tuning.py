@@ -2,7 +2,8 @@
 
 For runs of ``fimlora sweep --tuned`` (their ``result.json`` carries ``tuning``), a table next to the
 results gives per budget and method the trials its study ran (complete / pruned / failed of the trials
-every study was given, and the lost ones its process died in, retried), its best validation score (with
+every study was given, and those retried: lost with their process, or failed by a fault since fixed and
+given again by ``fimlora tune --retry-failed``), its best validation score (with
 several tuning seeds: their aggregate, each seed's score and the spread) and the settings it chose; a
 comparison whose
 methods ran unequal numbers of trials, or completed unequal numbers, is flagged. From the trial tables
@@ -59,6 +60,7 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
                 "pruned": trials.get("pruned"),
                 "failed": trials.get("failed"),
                 "lost": trials.get("lost", 0),
+                "retried": trials.get("retried", 0),
                 "seed_scores": record.get("seed_scores") or {},
                 "seed_spread": record.get("seed_spread"),
                 "aggregate": record.get("aggregate", "mean"),
@@ -86,7 +88,7 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
         "complete",
         "pruned",
         "failed",
-        "lost, retried",
+        "lost or failed, retried",
         "best validation",
         "tuned",
     ]
@@ -130,7 +132,7 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
                     int(r["complete"]),
                     int(r["pruned"]),
                     int(r["failed"]),
-                    int(r["lost"] or 0),
+                    int(r["lost"] or 0) + int(r.get("retried") or 0),
                     _best_validation(r),
                     ", ".join(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in r["params"].items()),
                 ]
@@ -201,8 +203,10 @@ def sensitivity_images(trials: pd.DataFrame, dataset: str, model: str) -> list[t
         series: dict[str, list[plots.TrialPoint]] = {}
         higher = METRICS.get(metric, True)
         lost = int((by_budget["state"] == "lost").sum())
+        retried = int((by_budget["state"] == "retried").sum())
         per_seed = [c for c in by_budget.columns if c.startswith("score.seed") and by_budget[c].notna().any()]
-        by_budget = by_budget[by_budget["state"] != "lost"]  # no score: shown in the caption
+        # No score (lost) or stood in for by a retry: shown in the caption.
+        by_budget = by_budget[~by_budget["state"].isin(["lost", "retried"])]
         for method, sub in by_budget.groupby("method", sort=True):
             complete = sub[(sub["state"] == "complete") & sub["value"].notna()]
             # The chosen trial, by the rule of tuned.yaml: the best score, ties to the lowest number.
@@ -248,6 +252,12 @@ def sensitivity_images(trials: pd.DataFrame, dataset: str, model: str) -> list[t
             + (
                 f" Not shown: {lost} trial(s) lost with their process and retried with the same values."
                 if lost
+                else ""
+            )
+            + (
+                f" Not shown: {retried} trial(s) that failed and were given again with the same values "
+                "(fimlora tune --retry-failed, after the failure's cause was fixed)."
+                if retried
                 else ""
             )
             + (

@@ -53,9 +53,11 @@ from fimlora.tune.cells import TUNING_SPLITS, Cell
 from fimlora.tune.storage import (
     COUNTED,
     FAILURE_ATTR,
+    RETRY_OF_ATTR,
     SEED_SCORES_ATTR,
     WORKER_ATTR,
     kind_counts,
+    retried_numbers,
     seed_and_step,
     trial_kind,
 )
@@ -71,6 +73,9 @@ class TrialCounts(BaseModel):
     pruned: int = Field(ge=0)
     failed: int = Field(ge=0)
     lost: int = Field(0, ge=0, description="Killed with their process and retried (not counted).")
+    retried: int = Field(
+        0, ge=0, description="Failed, then retried with the same parameters (--retry-failed; not counted)."
+    )
 
     @property
     def total(self) -> int:
@@ -143,7 +148,8 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
     """Best complete trial, counts and the per-trial rows of ``cell``'s study."""
     trials = study.get_trials(deepcopy=False)
     counts = kind_counts(trials)
-    complete = [t for t in trials if trial_kind(t) == "complete"]
+    retried = retried_numbers(trials)
+    complete = [t for t in trials if trial_kind(t, retried) == "complete"]
     maximize = study.direction.name == "MAXIMIZE"
     best = None
     if complete:
@@ -158,15 +164,19 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
         seed_scores=chosen or None,
         seed_spread=max(chosen.values()) - min(chosen.values()) if len(chosen) > 1 else None,
         trials=TrialCounts(
-            complete=counts["complete"], pruned=counts["pruned"], failed=counts["failed"], lost=counts["lost"]
+            complete=counts["complete"],
+            pruned=counts["pruned"],
+            failed=counts["failed"],
+            lost=counts["lost"],
+            retried=counts["retried"],
         ),
         data=cell.config.data_identity(splits=TUNING_SPLITS).fingerprint(),
     )
     steps = cell.config.train.steps
     rows = []
     for trial in sorted(trials, key=lambda t: t.number):
-        kind = trial_kind(trial)
-        if kind not in (*COUNTED, "lost"):
+        kind = trial_kind(trial, retried)
+        if kind not in (*COUNTED, "lost", "retried"):
             continue
         reported = trial.last_step
         value, step, at_seed = None, None, None
@@ -190,6 +200,7 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
             "step": step,
             "seed": at_seed,
             "failure": trial.user_attrs.get(FAILURE_ATTR),
+            "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
             "duration_s": duration,
             "worker": trial.user_attrs.get(WORKER_ATTR),
         }

@@ -12,10 +12,13 @@ Every trial ends in one of these kinds (the Optuna state, refined by the trial's
 - ``lost``: its process died (SIGKILL, power cut): Optuna's heartbeat marks it FAIL after
   2 × ``heartbeat_s`` of silence and enqueues a retry of the same parameters;
 - ``surplus``: started by a worker after the study's budget was already taken by others; it never
-  trained (FAIL, attribute ``surplus``).
+  trained (FAIL, attribute ``surplus``);
+- ``retried``: failed, then given again with the same parameters by ``fimlora tune --retry-failed``
+  (a failure of fimlora's own, since fixed; the retry names it in its attribute ``retry_of``).
 
-The budget of a study is ``trials`` trials that ran to a verdict: complete + pruned + failed. Lost and
-surplus trials do not count; running and waiting ones hold a place until they end.
+The budget of a study is ``trials`` trials that ran to a verdict: complete + pruned + failed. Lost,
+surplus and retried trials do not count (their retries do); running and waiting ones hold a place until
+they end.
 """
 
 from __future__ import annotations
@@ -23,19 +26,21 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 FAILURE_ATTR = "failure"
 SURPLUS_ATTR = "surplus"
+#: On a trial enqueued by ``--retry-failed``: the number of the failed trial it stands in for.
+RETRY_OF_ATTR = "retry_of"
 #: The validation score of each seed the trial finished, ``{"0": 0.77, "1": 0.51}``.
 SEED_SCORES_ATTR = "seed_scores"
 #: ``host:pid`` of the process that ran the trial.
 WORKER_ATTR = "worker"
 DB_FILE = "tuning.db"
 
-TrialKind = Literal["complete", "pruned", "failed", "lost", "surplus", "running", "waiting"]
+TrialKind = Literal["complete", "pruned", "failed", "retried", "lost", "surplus", "running", "waiting"]
 #: Kinds that count against a study's trial budget once ended, and the ones that hold a place meanwhile.
 COUNTED: tuple[TrialKind, ...] = ("complete", "pruned", "failed")
 PENDING: tuple[TrialKind, ...] = ("running", "waiting")
@@ -97,8 +102,14 @@ def recorded_storage(url: str, spec_dir: Path) -> str:
     return public_url(url)
 
 
-def trial_kind(trial: Any) -> TrialKind:
-    """The kind of an ``optuna.trial.FrozenTrial`` (see the module docstring)."""
+def retried_numbers(trials: Iterable[Any]) -> frozenset[int]:
+    """The failed trials of a study that a later trial retries (``retry_of``)."""
+    return frozenset(int(t.user_attrs[RETRY_OF_ATTR]) for t in trials if RETRY_OF_ATTR in t.user_attrs)
+
+
+def trial_kind(trial: Any, retried: Collection[int] = frozenset()) -> TrialKind:
+    """The kind of an ``optuna.trial.FrozenTrial`` (see the module docstring); ``retried``: the study's
+    :func:`retried_numbers`."""
     from optuna.trial import TrialState
 
     if trial.state == TrialState.COMPLETE:
@@ -111,17 +122,25 @@ def trial_kind(trial: Any) -> TrialKind:
         return "waiting"
     if trial.user_attrs.get(SURPLUS_ATTR):
         return "surplus"
-    return "failed" if trial.user_attrs.get(FAILURE_ATTR) is not None else "lost"
+    if trial.user_attrs.get(FAILURE_ATTR) is None:
+        return "lost"
+    return "retried" if trial.number in retried else "failed"
 
 
 def kind_counts(trials: Iterable[Any]) -> Counter[str]:
-    return Counter(trial_kind(t) for t in trials)
+    trials = list(trials)
+    retried = retried_numbers(trials)
+    return Counter(trial_kind(t, retried) for t in trials)
 
 
 def taken(trials: Iterable[Any], *, before: int | None = None) -> int:
     """Places of the budget taken: counted and pending trials (numbered below ``before``, if given)."""
+    trials = list(trials)
+    retried = retried_numbers(trials)
     return sum(
-        1 for t in trials if (before is None or t.number < before) and trial_kind(t) in (*COUNTED, *PENDING)
+        1
+        for t in trials
+        if (before is None or t.number < before) and trial_kind(t, retried) in (*COUNTED, *PENDING)
     )
 
 

@@ -28,16 +28,19 @@ from fimlora.processes import launched_world_size
 from fimlora.sweep.local import init_worker, threads_per_worker
 from fimlora.sweep.spec import SweepSpec
 from fimlora.tune.cells import Cell, plan_cells, tuning_seeds
-from fimlora.tune.objective import Objective, PreparedCache, SetupError, SurplusTrial
+from fimlora.tune.objective import Objective, PreparedCache, SetupError, SurplusTrial, format_params
 from fimlora.tune.output import TuningSummary, summarize_study, write_outputs
 from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
 from fimlora.tune.storage import (
     COUNTED,
+    FAILURE_ATTR,
+    RETRY_OF_ATTR,
     default_storage,
     kind_counts,
     open_storage,
     public_url,
     recorded_storage,
+    retried_numbers,
     taken,
     trial_kind,
 )
@@ -70,6 +73,34 @@ def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> N
             study.set_user_attr("space", [p.describe() for p in cell.space])
             study.set_user_attr("seeds", list(cell.seeds))
             study.set_user_attr("aggregate", cell.aggregate)
+
+
+def retry_failed_trials(
+    cells: Sequence[Cell], settings: TuneSettings, url: str, log: Callable[[str], None] = print
+) -> int:
+    """Give every failed trial of ``cells``' studies again, with its parameters (``--retry-failed``):
+    for a failure of fimlora's own that has since been fixed, so that the study's budget is spent on
+    trials that trained. The failed trial stays in the record as ``retried`` and no longer counts; its
+    retry names it (``retry_of``). Returns how many were enqueued."""
+    import optuna
+
+    create_studies(cells, settings, url)
+    storage = open_storage(url, heartbeat_s=settings.heartbeat_s)
+    enqueued = 0
+    for cell in cells:
+        study = optuna.load_study(study_name=cell.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        for trial in trials:
+            if trial_kind(trial, retried) != "failed":
+                continue
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF_ATTR: trial.number})
+            enqueued += 1
+            log(
+                f"  {cell.describe()}: trial {trial.number} [{format_params(trial.params)}] failed "
+                f"({trial.user_attrs.get(FAILURE_ATTR)}); given again"
+            )
+    return enqueued
 
 
 def tune_cell(
@@ -230,12 +261,14 @@ def run_tuning(
     seeds: int | None = None,
     workers: int = 1,
     storage: str | None = None,
+    retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> TuningReport:
     """Tune every cell of ``spec`` (resuming studies already in the storage), then write ``tuned.yaml``
     and ``tuning-trials.csv`` into its store. ``trials`` overrides the spec's count for every study,
     ``seeds`` its seeds per trial; ``storage`` is an Optuna RDB URL (default:
-    ``sqlite:///<store>/tuning.db``)."""
+    ``sqlite:///<store>/tuning.db``); ``retry_failed``: first give every failed trial again
+    (:func:`retry_failed_trials`)."""
     import optuna
 
     if launched_world_size() > 1:
@@ -266,6 +299,9 @@ def run_tuning(
             for p in cell.space
         )
         log(f"  {cell.describe()}: {dims}; study {cell.study_name}")
+    if retry_failed:
+        count = retry_failed_trials(cells, settings, url, log)
+        log(f"  {count} failed trial(s) given again" if count else "  no failed trial to give again")
     run_workers(cells, settings, url, workers=workers, log=log)
     _quiet_optuna()
     opened = open_storage(url, heartbeat_s=settings.heartbeat_s)
