@@ -16,6 +16,7 @@ A directory without ``result.json`` is an unfinished run; starting that run agai
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -52,6 +53,13 @@ def git_revision(path: Path) -> str | None:
         return None
 
 
+@functools.cache
+def source_revision() -> str | None:
+    """:func:`git_revision` of fimlora's own source, read once per process: a sweep or tuning worker runs
+    the code it imported when it started, so a commit made while it runs must not relabel its later runs."""
+    return git_revision(Path(__file__).resolve().parent)
+
+
 def environment(seed: int) -> dict[str, Any]:
     import torch  # here, not at the top: reading run records (results, reports) needs no torch
 
@@ -66,7 +74,7 @@ def environment(seed: int) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
-        "git_revision": git_revision(Path(__file__).resolve().parent),
+        "git_revision": source_revision(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
