@@ -53,6 +53,17 @@ def defaults(**train) -> dict:
     }
 
 
+def lora_grid(model, data) -> dict:
+    """A grid of one cell: uniform LoRA at rank 2, seed 0, on ``model`` and ``data``."""
+    return {
+        "model": [str(model)],
+        "dataset": [str(data)],
+        "method": ["lora"],
+        "budget": [{"uniform_rank": 2}],
+        "seed": [0],
+    }
+
+
 def write_spec(directory: Path, grid: dict, tune: dict | None, name: str = "tiny", **extra) -> Path:
     spec = {"name": name, "output_dir": "store", "defaults": defaults(), "grid": grid, **extra}
     if tune is not None:

@@ -45,7 +45,13 @@ def test_tuned_settings_are_applied_per_cell_on_the_test_split(tmp_path):
         assert config.train.eval_split == "test"
         assert config.train.learning_rate == {"lora": 0.0123, "fim-lora": 0.0456}[run.method]
         assert config.allocation.tau == (1.5 if run.method == "fim-lora" else 1.0)
-        assert run.extras["tuning"]["trials"] == {"complete": 3, "pruned": 1, "failed": 0, "lost": 0, "retried": 0}
+        assert run.extras["tuning"]["trials"] == {
+            "complete": 3,
+            "pruned": 1,
+            "failed": 0,
+            "lost": 0,
+            "retried": 0,
+        }
         assert run.extras["tuning"]["trials_per_study"] == 4
         sources = run.extras["hyperparameter_sources"]
         assert sources["train.learning_rate"] == {"value": config.train.learning_rate, "source": "tuned"}

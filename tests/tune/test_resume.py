@@ -15,7 +15,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from tune_runs import write_spec
+from tune_runs import lora_grid, write_spec
 
 from fimlora.cli import main
 from fimlora.sweep import load_spec
@@ -28,16 +28,6 @@ def run_cli(capsys, *argv):
         main([str(a) for a in argv])
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
-
-
-def grid(model, data) -> dict:
-    return {
-        "model": [str(model)],
-        "dataset": [str(data)],
-        "method": ["lora"],
-        "budget": [{"uniform_rank": 2}],
-        "seed": [0],
-    }
 
 
 TUNE = {"trials": 4, "metric": "loss", "eval_every": 2, "heartbeat_s": 1, "sampler": {"startup_trials": 3}}
@@ -61,8 +51,8 @@ def counted(study) -> list[tuple]:
 def test_a_killed_and_resumed_tuning_is_the_uninterrupted_one_trial_by_trial(
     capsys, small_bert_dir, split_dir, tmp_path
 ):
-    plain_path = write_spec(_mkdir(tmp_path / "plain"), grid(small_bert_dir, split_dir), TUNE)
-    path = write_spec(_mkdir(tmp_path / "killed"), grid(small_bert_dir, split_dir), TUNE)
+    plain_path = write_spec(_mkdir(tmp_path / "plain"), lora_grid(small_bert_dir, split_dir), TUNE)
+    path = write_spec(_mkdir(tmp_path / "killed"), lora_grid(small_bert_dir, split_dir), TUNE)
     subprocess.run(tune_command(plain_path), check=True, env=ENV, capture_output=True)
 
     spec = load_spec(path)
@@ -125,7 +115,7 @@ def _mkdir(path):
 @pytest.mark.slow
 def test_worker_processes_share_each_study_budget_exactly(capsys, small_bert_dir, split_dir, tmp_path):
     # A grace period of 10 s: on a loaded machine a live worker may be silent for a few seconds.
-    path = write_spec(tmp_path, grid(small_bert_dir, split_dir), {**TUNE, "heartbeat_s": 5})
+    path = write_spec(tmp_path, lora_grid(small_bert_dir, split_dir), {**TUNE, "heartbeat_s": 5})
     code, out, err = run_cli(capsys, "tune", path, "--workers", "2")
     assert code == 0, out + err
     spec = load_spec(path)

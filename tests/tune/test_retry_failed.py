@@ -8,7 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from tune_runs import write_spec
+from tune_runs import lora_grid, write_spec
 
 from fimlora.cli import main
 from fimlora.sweep import load_spec
@@ -17,16 +17,6 @@ from fimlora.tune import objective as objective_module
 from fimlora.tune.storage import RETRY_OF_ATTR, default_storage, kind_counts
 
 TUNE = {"trials": 3, "metric": "loss", "sampler": {"startup_trials": 3}}
-
-
-def _grid(model, data) -> dict:
-    return {
-        "model": [str(model)],
-        "dataset": [str(data)],
-        "method": ["lora"],
-        "budget": [{"uniform_rank": 2}],
-        "seed": [0],
-    }
 
 
 def _tune(capsys, *argv) -> str:
@@ -40,7 +30,7 @@ def _tune(capsys, *argv) -> str:
 def test_a_failed_trial_is_given_again_with_its_parameters(
     capsys, monkeypatch, small_bert_dir, split_dir, tmp_path
 ):
-    path = write_spec(tmp_path, _grid(small_bert_dir, split_dir), TUNE)
+    path = write_spec(tmp_path, lora_grid(small_bert_dir, split_dir), TUNE)
     real = objective_module.run_method
 
     def broken_second_trial(prepared, method, run_dir, **kwargs):  # a bug that hits trial 1 only

@@ -120,7 +120,13 @@ def test_tuned_yaml_lists_the_best_validation_settings_of_every_cell(tuned):
         "seed_spread", "trials", "data"
         ]  # fmt: skip
         assert cell["dataset"] == str(tuned.data) and cell["budget"] == {"uniform_rank": 2}
-        assert cell["metric"] == "loss" and set(cell["trials"]) == {"complete", "pruned", "failed", "lost", "retried"}
+        assert cell["metric"] == "loss" and set(cell["trials"]) == {
+            "complete",
+            "pruned",
+            "failed",
+            "lost",
+            "retried",
+        }
         assert sum(cell["trials"].values()) == TRIALS
         complete = trials[(trials["method"] == cell["method"]) & (trials["state"] == "complete")]
         assert cell["validation_score"] == pytest.approx(complete["value"].min())  # loss: lower is better
