@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from tune_runs import write_spec
 
@@ -66,7 +67,10 @@ def test_two_processes_share_the_studies_and_a_killed_one_loses_no_finished_tria
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("a", "b")}
     # Started together on an empty database: both create the tables and the studies.
     a, b = (subprocess.Popen(command, stdout=logs[n], stderr=subprocess.STDOUT, env=env) for n in ("a", "b"))
-    storage = engine_url(postgres_url)
+    # One storage for every read below, made once the processes have started (so that they still find
+    # an empty database): a URL per load_study opened a new connection pool each time, and polling every
+    # 50 ms under load ran the server out of connections ("too many clients already").
+    storage = None
     try:
         deadline = time.monotonic() + 150
         finished_before: dict[tuple[str, int], float] = {}
@@ -74,11 +78,12 @@ def test_two_processes_share_the_studies_and_a_killed_one_loses_no_finished_tria
             assert a.poll() is None and b.poll() is None, "a tuning ended before b could be killed"
             assert time.monotonic() < deadline, "b never ran a trial"
             try:
+                storage = storage or optuna.storages.RDBStorage(engine_url(postgres_url))
                 studies = {
                     c.study_name: optuna.load_study(study_name=c.study_name, storage=storage) for c in cells
                 }
-            except (KeyError, optuna.exceptions.StorageInternalError):
-                time.sleep(0.2)  # not created yet
+            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+                time.sleep(0.2)  # not created yet (the tables, or the studies)
                 continue
             trials = {name: study.get_trials() for name, study in studies.items()}
             of_b = [
