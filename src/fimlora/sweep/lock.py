@@ -52,19 +52,27 @@ def store_lock(store: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_lock(directory: Path) -> Iterator[None]:
-    """Hold a lock on one run's ``directory`` while it executes (see :func:`is_locked`)."""
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing), waiting for it; the
+    kernel drops it when its holder dies. Unlocked where ``fcntl`` does not exist (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    fd = os.open(directory / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold a lock on one run's ``directory`` while it executes (see :func:`is_locked`)."""
+    with exclusive(directory / RUN_LOCK_FILE):
+        yield
 
 
 def is_locked(path: Path) -> bool:

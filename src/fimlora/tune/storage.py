@@ -23,6 +23,7 @@ they end.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ SEED_SCORES_ATTR = "seed_scores"
 #: ``host:pid`` of the process that ran the trial.
 WORKER_ATTR = "worker"
 DB_FILE = "tuning.db"
+#: Beside a SQLite storage file: held while a trial's state changes (:func:`claims_lock`).
+CLAIMS_LOCK_SUFFIX = ".claims.lock"
 
 TrialKind = Literal["complete", "pruned", "failed", "retried", "lost", "surplus", "running", "waiting"]
 #: Kinds that count against a study's trial budget once ended, and the ones that hold a place meanwhile.
@@ -73,12 +76,16 @@ def open_storage(url: str, *, heartbeat_s: int, attempts: int = 5) -> Any:
     import sqlalchemy.exc
 
     engine: dict[str, Any] = {}
+    kind: Any = optuna.storages.RDBStorage
+    lock = claims_lock(url)
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock rather than fail at once.
         engine["connect_args"] = {"timeout": 60}
+    if lock is not None:
+        kind = functools.partial(_serialised_claims_storage(), lock)
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(
+            return kind(
                 engine_url(url),
                 engine_kwargs=engine,
                 heartbeat_interval=heartbeat_s,
@@ -90,6 +97,37 @@ def open_storage(url: str, *, heartbeat_s: int, attempts: int = 5) -> Any:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def claims_lock(url: str) -> Path | None:
+    """The lock file that serialises trial state changes on the SQLite file of ``url`` (None: not a
+    SQLite file)."""
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return None
+    return Path(url.removeprefix("sqlite:///") + CLAIMS_LOCK_SUFFIX)
+
+
+@functools.cache
+def _serialised_claims_storage() -> type:
+    """``RDBStorage`` whose trial state changes hold :func:`claims_lock`. Optuna claims a waiting trial
+    (an enqueued retry) by reading it WAITING and then writing RUNNING, and fails a stale one by reading
+    RUNNING and writing FAIL; PostgreSQL makes each atomic (``SELECT … FOR UPDATE``), SQLite does not,
+    so two local workers could both claim one retry and run it twice, or both fail one stale trial and
+    enqueue two retries of it (seen: two workers ran one trial side by side, appending to one log)."""
+    import optuna
+
+    from fimlora.sweep.lock import exclusive
+
+    class SerialisedClaimsStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
+        def __init__(self, lock: Path, *args: Any, **kwargs: Any) -> None:
+            self.claims_lock = lock
+            super().__init__(*args, **kwargs)
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            with exclusive(self.claims_lock):
+                return bool(super().set_trial_state_values(trial_id, state, values))
+
+    return SerialisedClaimsStorage
 
 
 def recorded_storage(url: str, spec_dir: Path) -> str:
