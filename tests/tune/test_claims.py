@@ -44,6 +44,9 @@ def _claim_together(url: str, workers: int) -> list[int]:
     return sorted(numbers)
 
 
+# fimlora's workers quiet these (heartbeats are experimental in Optuna; ask() is used here directly).
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_waiting_trial_is_claimed_by_one_worker_only(tmp_path, slow_claims):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'tuning.db'}"
