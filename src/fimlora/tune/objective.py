@@ -38,6 +38,7 @@ from fimlora.tune.storage import (
     SURPLUS_ATTR,
     WORKER_ATTR,
     taken,
+    trial_kind,
     trial_step,
 )
 
@@ -97,12 +98,14 @@ class Objective:
         self.cache = cache
         self.log = log
         self.number: int | None = None  # the trial this objective runs (or ran last)
+        self.ended_elsewhere = False  # whether that trial was ended by someone else while it ran
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
         study = trial.study
         self.number = trial.number
+        self.ended_elsewhere = False
         # Trial numbers are handed out by the storage, in order: the first `trials` places go to the
         # lowest numbers, whichever worker holds them.
         if taken(study.get_trials(deepcopy=False), before=trial.number) >= self.trials:
@@ -129,9 +132,16 @@ class Objective:
             self.log(f"{what}: pruned{self._at(seed)}, {exc} ({time.perf_counter() - started:.0f} s)")
             raise
         except optuna.exceptions.UpdateFinishedTrialError:
-            # Another worker took this trial for lost (no heartbeat within the grace period) and
-            # re-enqueued it; the retry counts, this run does not.
-            self.log(f"{what}: taken for lost by the heartbeat check while running; its retry counts")
+            # The trial was ended elsewhere while this run trained it: another worker took it for lost (no
+            # heartbeat within the grace period) and re-enqueued it, whose retry counts; or another
+            # worker finished it, whose record stands. This run does not count either way.
+            self.ended_elsewhere = True
+            ended = study._storage.get_trial(trial._trial_id)
+            self.log(
+                f"{what}: taken for lost by the heartbeat check while running; its retry counts"
+                if trial_kind(ended) == "lost"
+                else f"{what}: finished by another worker while this one ran it; that record stands"
+            )
             raise
         except (FimloraError, RuntimeError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

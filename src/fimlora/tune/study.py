@@ -153,9 +153,10 @@ def tune_cell(
                 gc_after_trial=True,
             )
         except ValueError:
-            # Optuna cannot record a trial that another worker's heartbeat check failed while it ran
-            # (this process was silent past the grace period): its retry runs it again; go on.
-            if not _lost(study, objective.number):
+            # Optuna cannot record a trial that was ended elsewhere while this process ran it (failed
+            # by another worker's heartbeat check, its retry runs it again; or finished by another
+            # worker): go on with the study rather than end every worker's tuning.
+            if not (objective.ended_elsewhere or _lost(study, objective.number)):
                 raise
 
 
