@@ -99,12 +99,18 @@ def open_storage(url: str, *, heartbeat_s: int, attempts: int = 5) -> Any:
     raise AssertionError("unreachable")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite ``url`` (None: another database, or SQLite in memory)."""
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return None
+    return Path(url.removeprefix("sqlite:///"))
+
+
 def claims_lock(url: str) -> Path | None:
     """The lock file that serialises trial state changes on the SQLite file of ``url`` (None: not a
     SQLite file)."""
-    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
-        return None
-    return Path(url.removeprefix("sqlite:///") + CLAIMS_LOCK_SUFFIX)
+    path = sqlite_file(url)
+    return None if path is None else path.with_name(path.name + CLAIMS_LOCK_SUFFIX)
 
 
 @functools.cache
@@ -133,10 +139,9 @@ def _serialised_claims_storage() -> type:
 def recorded_storage(url: str, spec_dir: Path) -> str:
     """The storage as ``tuned.yaml`` records it: without a password, and a SQLite file as a path
     relative to the spec's directory (``sqlite:///runs-tuned/tuning.db``), not of this machine."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url.removeprefix("sqlite:///"))
-        if path.is_absolute():
-            return f"sqlite:///{Path(os.path.relpath(path, spec_dir.resolve())).as_posix()}"
+    path = sqlite_file(url)
+    if path is not None and path.is_absolute():
+        return f"sqlite:///{Path(os.path.relpath(path, spec_dir.resolve())).as_posix()}"
     return public_url(url)
 
 
