@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 E=experiments/fisher-allocation-study
 FIMLORA=${FIMLORA:-.venv/bin/fimlora}
+PYTHON=${PYTHON:-.venv/bin/python}
 WORKERS=${WORKERS:-1}
 sweep() { "$FIMLORA" sweep "$@" --workers "$WORKERS" --no-progress; }
 # Does the Fisher move during training? Uniform LoRA r = 1 at its tuned rate (seed 0), hindsight ranking
@@ -20,9 +21,25 @@ trajectory() {
     --source "$source" --out "$out"
 }
 
+# The LoRA r = 8 hindsight source of a task trains at the lora cell's rate chosen on validation at r = 1
+# (README, change 5); stop before it trains at any other. Arguments: source spec, tuned.yaml.
+source_rate_is_tuned() {
+  "$PYTHON" - "$1" "$2" <<'PY'
+import sys, yaml
+spec, tuned = (yaml.safe_load(open(p, encoding="utf-8")) for p in sys.argv[1:3])
+rate = float(spec["defaults"]["train"]["learning_rate"])
+want = next(c["params"]["train.learning_rate"] for c in tuned["cells"] if c["method"] == "lora")
+if abs(rate - want) > 1e-12 * want:
+    sys.exit(f"{sys.argv[1]}: learning_rate {rate} is not the lora cell's tuned rate {want} ({sys.argv[2]}); "
+             "set it (study README, change 5), then run again")
+PY
+}
+
 # Task 1, MiniLM × movie-reviews: uniform rank 1 (r_min 0), then uniform rank 4.
 "$FIMLORA" tune $E/movie-reviews-r1.yaml --workers "$WORKERS"
 sweep $E/source-full-ft.yaml            # the hindsight sources, before any hindsight run
+sweep $E/source-lora-r8-rate-check.yaml  # validation only: does that rate train at r = 8 (change 5)?
+source_rate_is_tuned $E/source-lora-r8.yaml $E/runs/movie-reviews-r1/tuned.yaml
 sweep $E/source-lora-r8.yaml
 sweep $E/movie-reviews-r1.yaml --tuned $E/runs/movie-reviews-r1/tuned.yaml
 trajectory movie-reviews
@@ -34,6 +51,7 @@ sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 sweep $E/brown-genre-convergence.yaml
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
+source_rate_is_tuned $E/brown-genre-source-lora-r8.yaml $E/runs/brown-genre-r1/tuned.yaml
 sweep $E/brown-genre-source-lora-r8.yaml
 sweep $E/brown-genre-r1.yaml --tuned $E/runs/brown-genre-r1/tuned.yaml
 trajectory brown-genre
