@@ -12,7 +12,8 @@ Columns of the table (``None``/NaN where a run does not have the value):
 * identity: ``run_dir`` (relative to the root), ``method``, ``model``, ``dataset``, ``task``, ``seed``,
   ``eval_split``
 * budget: ``budget`` (the resolved budget in trainable LoRA parameters, Σ r_i·(d_in + d_out)),
-  ``budget_label`` (``"r=4"`` for ``budget.uniform_rank: 4``, else ``"123,456 params"``)
+  ``budget_label`` (``"r=4"`` for ``budget.uniform_rank: 4``, else ``"123,456 params"``); full
+  fine-tuning, which ignores the budget, has ``budget`` = the weights it trains and the label ``"full"``
 * held-out metrics, from ``result.json["metrics"]``: ``accuracy``, ``macro_f1`` (classification),
   ``perplexity`` (causal LM), ``eval_loss`` (``metrics.loss``: mean cross-entropy per example, or mean
   NLL per token in nats), ``eval_num_examples`` / ``eval_num_tokens``, ``majority_rate``
@@ -86,6 +87,9 @@ UNFINISHED_CSV = "unfinished.csv"
 SUMMARY_CSV = "summary.csv"
 
 # Files that only RunDirectory.start / training write: their presence marks a (possibly unfinished) run.
+# FullFineTuning.name (a test holds them equal), named here so that reading results never imports torch.
+FULL_ADAPTER = "full"
+
 _RUN_MARKERS = (RESULT_FILE, ENVIRONMENT_FILE, METRICS_FILE)
 # Written by the sweep runner next to a run that raised (possibly before its run directory existed).
 FAILURE_FILE = "failure.txt"
@@ -262,6 +266,11 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     }
     budget_cfg = config.get("budget") or {}
     row["budget_label"] = budget_label(budget_cfg.get("uniform_rank"), row["budget"])
+    if (result.get("method_spec") or {}).get("adapter") == FULL_ADAPTER:
+        # Full fine-tuning trains every weight whatever budget its config names: under that budget it
+        # would be paired with LoRA at a rank it never had, so it is its own group, at what it trains.
+        row["budget"] = result.get("adapter_params")
+        row["budget_label"] = "full"
     for key, value in (result.get("metrics") or {}).items():
         if _is_number(value):
             row[_METRIC_RENAMES.get(key, key)] = value

@@ -35,7 +35,8 @@ _PACKAGES = ("fimlora", "torch", "transformers", "peft", "datasets", "accelerate
 
 
 def git_revision(path: Path) -> str | None:
-    """``HEAD`` of the repository holding ``path`` (suffixed ``-dirty`` when it has changes), if any."""
+    """``HEAD`` of the repository holding ``path``, suffixed ``-dirty`` when files below ``path`` have
+    uncommitted changes (the code a run imports, not, say, a tuning database a study keeps writing)."""
     try:
         rev = subprocess.run(
             ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
@@ -43,7 +44,7 @@ def git_revision(path: Path) -> str | None:
         if rev.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True,
             text=True,
             timeout=10,

@@ -10,7 +10,7 @@ from results.fabricate import accuracy_of, write_run, write_sweep
 
 from fimlora.cli import main
 from fimlora.errors import FimloraError
-from fimlora.results import collect_results, read_run, scan_runs
+from fimlora.results import FULL_ADAPTER, collect_results, read_run, scan_runs
 
 
 @pytest.fixture
@@ -112,6 +112,28 @@ def test_run_without_optional_files(tmp_path):
     assert row["run_dir"] == "a" and row["accuracy"] == pytest.approx(0.8)
     assert row["budget_label"] == f"{row['budget']:,} params"
     assert scan_runs(tmp_path).finished == [run]
+
+
+def test_full_fine_tuning_is_its_own_budget_group(tmp_path):
+    """Full fine-tuning ignores the budget its config names; under it, it would be compared with LoRA
+    at that rank. It is grouped at what it trains, labelled "full"."""
+    from fimlora.methods.adapters.full_ft import FullFineTuning
+
+    assert FullFineTuning.name == FULL_ADAPTER
+    lora = write_run(tmp_path / "lora", method="lora", seed=0, rank=8)
+    full = write_run(tmp_path / "full", method="lora", seed=0, rank=8)
+    result = json.loads((full / "result.json").read_text(encoding="utf-8"))
+    result.update(
+        method="full-ft",
+        method_spec={"name": "full-ft", "allocation": "none", "adapter": "full", "optimizer": "adamw"},
+        budget_matched=False,
+        adapter_params=123_456,
+        effective_adapter_params=123_456,
+    )
+    (full / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    rows = {row["method"]: row for row in (read_run(lora, tmp_path), read_run(full, tmp_path))}
+    assert rows["lora"]["budget_label"] == "r=8" and rows["lora"]["budget"] == result["budget"]
+    assert rows["full-ft"]["budget_label"] == "full" and rows["full-ft"]["budget"] == 123_456
 
 
 def test_missing_or_empty_directory_is_a_clear_error(tmp_path):
