@@ -413,6 +413,43 @@ def fisher_trajectory(
     _echo(f"written to {paths['json']} and {paths['csv']}")
 
 
+@app.command("update-spectrum")
+def update_spectrum(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Finished full-FT or uniform-LoRA run directories (<output_dir>/<method>)."),
+    ],
+    force: Annotated[bool, typer.Option(help="Write it again where a run already has one.")] = False,
+) -> None:
+    """Keep what a hindsight source gives: each update's singular values, next to the run's result.json.
+
+    Weights are not committed; `update-spectrum.safetensors` (σ_k(ΔW)² per target module) is small enough
+    to be, and the hindsight rule and `fisher-trajectory --source` read it instead of the weights.
+    """
+    from fimlora.methods.allocations.hindsight import SPECTRUM_FILE, read_run, write_update_spectrum
+    from fimlora.models import load_model, resolve_target_modules
+
+    bases: dict[str, Any] = {}
+    for path in runs:
+        run = read_run(path)
+        if (run.path / SPECTRUM_FILE).is_file() and not force:
+            _echo(f"{run.path}: has {SPECTRUM_FILE} (--force writes it again)")
+            continue
+        labels = run.result.get("labels")
+        key = repr((run.config.model, run.result.get("task"), labels, run.config.quantization))
+        if key not in bases:
+            bases[key] = load_model(
+                run.config.model,
+                run.result["task"],
+                label_names=labels,
+                trust_remote_code=run.config.trust_remote_code,
+                quantization=run.config.quantization,
+            ).model
+        targets = resolve_target_modules(bases[key], run.config.target_modules)
+        written = write_update_spectrum(run, bases[key], targets)
+        _echo(f"{run.path}: wrote {written.name} ({len(targets)} modules)")
+
+
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see docs/experiments.md).")],

@@ -420,3 +420,73 @@ def test_the_report_names_both_sources(experiment, tmp_path):
     report = files.markdown.read_text()
     assert "Hindsight sources" in report
     assert "full-ft (full-ft)" in report and "lora (lora r=8)" in report
+
+
+# --------------------------------------------------------------------------------------------------
+# A source without its weights: the update spectrum (weights are not committed)
+# --------------------------------------------------------------------------------------------------
+
+
+def _update_spectrum_cli(capsys, *runs: Path) -> str:
+    from fimlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["update-spectrum", *map(str, runs)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    return captured.out
+
+
+def _allocation_from(prepared, tmp_path: Path, method, source: Path):
+    data = prepared.config.model_dump(mode="json", by_alias=True)
+    name = method if isinstance(method, str) else method["name"]
+    data.update(methods=[method], output_dir=str(tmp_path / "h"))
+    data["method_options"]["hindsight"] = {"source": str(source), "sources": {name: str(source)}}
+    return build_method(_with_config(prepared, parse_config(data)), name).allocation
+
+
+def test_a_source_gives_the_same_ranks_from_its_update_spectrum_once_its_weights_are_gone(
+    experiment, lora_source, tmp_path, capsys
+):
+    prepared, _ = experiment
+    out = Path(prepared.config.output_dir)
+    for source, method, made in (
+        (out / "full-ft", "hindsight-lora", out / "hindsight-lora"),
+        (lora_source, HINDSIGHT_FROM_LORA, out / "hindsight-from-lora"),
+    ):
+        clone = tmp_path / source.name
+        shutil.copytree(source, clone)
+        assert "wrote update-spectrum.safetensors" in _update_spectrum_cli(capsys, clone)
+        shutil.rmtree(clone / "adapter")  # what a fresh clone of a study has: records, no weights
+        allocation = _allocation_from(prepared, tmp_path, method, clone)
+        made_with_weights = _allocation(made)
+        assert allocation.ranks == made_with_weights["ranks"]
+        assert allocation.scores == made_with_weights["scores"]  # the very same σ², not approximately
+        assert allocation.source["result_sha256"] == made_with_weights["source"]["result_sha256"]
+        assert allocation.r_max == made_with_weights["r_max"]  # the LoRA source's rank, from the file
+    # Written once; a second call leaves it alone.
+    assert "has update-spectrum.safetensors" in _update_spectrum_cli(capsys, tmp_path / "full-ft")
+
+
+def test_a_source_with_neither_weights_nor_spectrum_is_refused_before_anything_trains(experiment, tmp_path):
+    prepared, _ = experiment
+    clone = tmp_path / "bare"
+    shutil.copytree(Path(prepared.config.output_dir) / "full-ft", clone)
+    shutil.rmtree(clone / "adapter")
+    message = _source_error(prepared, clone, tmp_path)
+    assert "neither update-spectrum.safetensors nor its weights" in message
+    assert "fimlora update-spectrum" in message
+
+
+def test_a_spectrum_of_other_modules_is_refused(experiment, tmp_path, capsys):
+    prepared, _ = experiment
+    clone = tmp_path / "other"
+    shutil.copytree(Path(prepared.config.output_dir) / "full-ft", clone)
+    _update_spectrum_cli(capsys, clone)
+    spectrum = load_file(str(clone / "update-spectrum.safetensors"))
+    dropped = sorted(spectrum)[0]
+    del spectrum[dropped]
+    metadata = {"format": "fimlora-update-spectrum/1", "kind": "full-ft", "rank": ""}
+    save_file(spectrum, str(clone / "update-spectrum.safetensors"), metadata=metadata)
+    with pytest.raises(FimloraError, match=f"no spectrum for '{dropped}'"):
+        _allocation_from(prepared, tmp_path, "hindsight-lora", clone)

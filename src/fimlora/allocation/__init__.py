@@ -12,6 +12,7 @@ from fimlora.allocation.spectral import (
     HINDSIGHT_STRATEGY,
     SPECTRAL_STRATEGIES,
     allocate_hindsight,
+    allocate_hindsight_gains,
     allocate_spectral,
     marginal_gains,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "STRATEGIES",
     "Allocation",
     "allocate_hindsight",
+    "allocate_hindsight_gains",
     "allocate_ranks",
     "allocate_spectral",
     "marginal_gains",

@@ -186,6 +186,26 @@ def allocate_spectral(
             "All gradients are zero, so a spectral allocation is undefined; "
             "check the gradient estimate or use strategy='uniform'."
         )
+    strategy = SPECTRAL_STRATEGIES[0] if kfac is None else SPECTRAL_STRATEGIES[1]
+    return _allocate_gains(
+        gains, shapes, strategy, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs
+    )
+
+
+def _allocate_gains(
+    gains: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, int]],
+    strategy: str,
+    *,
+    budget: int,
+    r_min: int,
+    r_max: int | None,
+    rank_costs: Mapping[str, int] | None,
+) -> Allocation:
+    """The knapsack on checked inputs; ``gains[name][k-1]`` is what module ``name``'s k-th rank is worth."""
+    names = sorted(shapes)
+    costs = [rank_cost(shapes, rank_costs, n) for n in names]
+    caps = [_rank_cap(shapes[n], r_max) for n in names]
     ranks, _ = _spectral_ranks(
         names, [gains[n] for n in names], costs, caps, budget=int(budget), r_min=int(r_min)
     )
@@ -193,7 +213,7 @@ def allocate_spectral(
         ranks=dict(zip(names, ranks, strict=True)),
         shapes={n: (int(shapes[n][0]), int(shapes[n][1])) for n in names},
         budget=int(budget),
-        strategy=SPECTRAL_STRATEGIES[0] if kfac is None else SPECTRAL_STRATEGIES[1],
+        strategy=strategy,
         scores={n: float(gains[n][:r].sum()) for n, r in zip(names, ranks, strict=True)},
         r_min=int(r_min),
         r_max=None if r_max is None else int(r_max),
@@ -219,16 +239,58 @@ def allocate_hindsight(
     the result has ``strategy="hindsight"``, ``scores`` = the captured ``Σ_{k≤r_i} σ_k²`` per module, and
     ``source`` = the given record of the source run. Raises FimloraError when every update is zero.
     """
-    _check_gradients(updates)
-    if all(not bool(u.detach().any()) for u in updates.values()):
+    _check_shapes(shapes)
+    _check_same_keys(updates, shapes, "update", "shape", "updates and shapes")
+    _check_gradients(updates, shapes)
+    return allocate_hindsight_gains(
+        marginal_gains(updates),
+        shapes,
+        budget=budget,
+        source=source,
+        r_min=r_min,
+        r_max=r_max,
+        rank_costs=rank_costs,
+    )
+
+
+def allocate_hindsight_gains(
+    gains: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    budget: int,
+    source: Mapping[str, Any],
+    r_min: int = 1,
+    r_max: int | None = None,
+    rank_costs: Mapping[str, int] | None = None,
+) -> Allocation:
+    """:func:`allocate_hindsight` from the updates' spectra, ``gains[name]`` = ``σ_k(ΔW)²`` as
+    :func:`marginal_gains` returns them (what a source run's ``update-spectrum.safetensors`` keeps once
+    its weights are gone): the same ranks as from the updates themselves."""
+    _check_hyperparameters(budget=budget, r_min=r_min, r_max=r_max, tau=1.0, seed=0)
+    _check_shapes(shapes)
+    _check_same_keys(gains, shapes, "update spectrum", "shape", "update spectra and shapes")
+    for name, values in gains.items():
+        array = np.asarray(values, dtype=np.float64)
+        valid = array.ndim == 1 and len(array) == min(shapes[name])
+        if not valid or not np.isfinite(array).all() or (array < 0).any():
+            raise FimloraError(
+                f"The update spectrum of module {name!r} is not min(d_out, d_in) = {min(shapes[name])} "
+                "finite non-negative squared singular values; it belongs to another model or is damaged."
+            )
+    _check_rank_costs(rank_costs, shapes)
+    names = sorted(shapes)
+    _check_caps(names, np.array([_rank_cap(shapes[n], r_max) for n in names]), r_min)
+    check_minimum_budget(budget, [rank_cost(shapes, rank_costs, n) for n in names], r_min)
+    if all(not np.asarray(gains[n]).any() for n in names):
         raise FimloraError(
             "Every update of the source run is zero (its weights did not move), so there is nothing to "
             "allocate by; check that the source run trained."
         )
-    allocation = allocate_spectral(
-        updates, shapes, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs
+    arrays = {n: np.asarray(gains[n], dtype=np.float64) for n in names}
+    allocation = _allocate_gains(
+        arrays, shapes, HINDSIGHT_STRATEGY, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs
     )
-    return dataclasses.replace(allocation, strategy=HINDSIGHT_STRATEGY, source=dict(source))
+    return dataclasses.replace(allocation, source=dict(source))
 
 
 # --------------------------------------------------------------------------------------------------

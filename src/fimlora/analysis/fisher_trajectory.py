@@ -235,7 +235,13 @@ def fisher_trajectory(
     """
     from fimlora.experiment import calibrate, calibration_loader, method_context, run_method
     from fimlora.methods import get_allocation, resolve_method
-    from fimlora.methods.allocations.hindsight import check_source, read_run, source_updates, update_energy
+    from fimlora.methods.allocations.hindsight import (
+        check_source,
+        read_run,
+        source_gains,
+        spectrum_energy,
+        update_energy,
+    )
     from fimlora.methods.resize import lora_layers
     from fimlora.runs import RunDirectory
 
@@ -279,14 +285,15 @@ def fisher_trajectory(
     if missing:
         raise RuntimeError(f"no Fisher snapshot was taken at step(s) {missing}")
     if source_run is not None:
-        updates, _ = source_updates(source_run, ctx)
+        gains, _ = source_gains(source_run, ctx)
         hindsight_source: dict[str, Any] = {"path": str(source_run.path.resolve()), "kind": source_run.kind}
+        hindsight = {a: spectrum_energy(gains, prepared.shapes, a) for a in _AGGREGATIONS}
     else:
         layers = lora_layers(outcome.model)
         with torch.no_grad():
             updates = {n: layers[n].get_delta_weight("default").detach().cpu() for n in prepared.targets}
         hindsight_source = {"path": str((out / RUN_DIR / name).resolve()), "kind": "this run (s·B·A)"}
-    hindsight = {aggregation: update_energy(updates, aggregation) for aggregation in _AGGREGATIONS}
+        hindsight = {aggregation: update_energy(updates, aggregation) for aggregation in _AGGREGATIONS}
     kk = k or default_k(len(prepared.targets))
     info = {
         "model": config.model,

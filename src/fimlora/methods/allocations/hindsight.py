@@ -38,6 +38,12 @@ never finishes, and ``fisher.head: probe`` fits the head on the training split. 
 on validation (``fimlora sweep --tuned``) are allowed, as for every method of a comparison; the source
 record says whether they were tuned.
 
+What is read of the source: only the spectrum of each update, ``σ_k(ΔW_i)²`` (float64, as
+:func:`fimlora.allocation.marginal_gains` computes it). ``fimlora update-spectrum RUN`` writes it next to
+the run's result.json (``update-spectrum.safetensors``, a few hundred KB where the weights are tens of
+MB); where that file exists it is read instead of the weights, with the same ranks as a result, so a
+source stays usable in a clone that has its records and not its (uncommitted) weights.
+
 The source is recorded in ``allocation.json`` and ``result.json["allocation"]["source"]``: its path,
 how it was selected, method, kind, rank, seed, the sha256 of its config.yaml and result.json, and
 whether its settings were tuned.
@@ -53,9 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fimlora.allocation import Allocation, allocate_hindsight
+from fimlora.allocation import Allocation, allocate_hindsight_gains, marginal_gains
 from fimlora.allocation.allocate import rank_cost
 from fimlora.config import ExperimentConfig, HindsightSource, parse_config, read_yaml_file
 from fimlora.errors import FimloraError
@@ -67,6 +74,8 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 FULL_FT_WEIGHTS = "model.safetensors"
+SPECTRUM_FILE = "update-spectrum.safetensors"
+SPECTRUM_FORMAT = "fimlora-update-spectrum/1"
 FULL_FT, LORA = "full-ft", "lora"
 
 
@@ -157,9 +166,25 @@ def _data_differences(run: SourceRun, ctx: MethodContext) -> list[str]:
     return []
 
 
+def unreadable(run: SourceRun) -> str | None:
+    """Why nothing of ``run``'s updates can be read (None when its spectrum or its weights are there)."""
+    if (run.path / SPECTRUM_FILE).is_file():
+        return None
+    weights = run.path / ADAPTER_DIR / (FULL_FT_WEIGHTS if run.kind == FULL_FT else "adapter_config.json")
+    if run.kind is None or weights.is_file():
+        return None
+    return (
+        f"it has neither {SPECTRUM_FILE} nor its weights ({ADAPTER_DIR}/{weights.name}; weights are not "
+        f"committed): run `fimlora update-spectrum {run.path}` where its weights are, or train it again"
+    )
+
+
 def check_source(run: SourceRun, ctx: MethodContext) -> None:
     """Raise a one-line FimloraError when ``run`` cannot be this run's hindsight source."""
     reasons = incompatibilities(run, ctx)
+    missing = unreadable(run)
+    if missing:
+        reasons.append(missing)
     if reasons:
         raise FimloraError(
             f"Method {ctx.spec.name!r}: the hindsight source {run.path} cannot be used: {'; '.join(reasons)}."
@@ -252,13 +277,76 @@ def resolve_source(ctx: MethodContext) -> tuple[SourceRun, str | dict[str, Any]]
     return run, selected_by
 
 
+def source_gains(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, np.ndarray], int | None]:
+    """``(σ_k(ΔW)² per target module, the LoRA source's smallest rank over them)``: from the source's
+    ``update-spectrum.safetensors`` where it has one, else from its weights (the same values)."""
+    if (run.path / SPECTRUM_FILE).is_file():
+        return read_update_spectrum(run.path / SPECTRUM_FILE, ctx.targets, ctx.shapes)
+    updates, rank = source_updates(run, ctx)
+    return marginal_gains(updates), rank
+
+
+def write_update_spectrum(run: SourceRun, base_model: torch.nn.Module, targets: list[str]) -> Path:
+    """Write ``update-spectrum.safetensors`` into ``run``'s directory (atomically) from its weights:
+    ``σ_k(ΔW_i)²`` of every target module, float64, and (metadata) the source kind and LoRA rank."""
+    from safetensors.torch import save_file
+
+    from fimlora.io import atomic_write
+
+    if run.kind is None:
+        raise FimloraError(
+            f"{run.path} is a run of {run.result.get('method')!r}: only full fine-tuning and uniform plain "
+            "LoRA runs are hindsight sources, so only theirs have an update spectrum."
+        )
+    updates, rank = updates_from_weights(run, base_model, targets, run.path.name)
+    gains = marginal_gains(updates)
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in gains.items()}
+    metadata = {"format": SPECTRUM_FORMAT, "kind": str(run.kind), "rank": "" if rank is None else str(rank)}
+    metadata["result_sha256"] = sha256_file(run.path / RESULT_FILE)
+    return atomic_write(run.path / SPECTRUM_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_update_spectrum(
+    path: Path, targets: list[str], shapes: Mapping[str, tuple[int, int]]
+) -> tuple[dict[str, np.ndarray], int | None]:
+    """The spectra of ``targets`` from an ``update-spectrum.safetensors`` and the LoRA rank it records."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            stored = set(handle.keys())
+            missing = [n for n in targets if n not in stored]
+            if metadata.get("format") != SPECTRUM_FORMAT or missing:
+                what = f"no spectrum for {missing[0]!r}" if missing else "not an update spectrum"
+                raise FimloraError(f"{path}: {what}; this run's targets are another model's modules.")
+            gains = {n: handle.get_tensor(n).numpy() for n in targets}
+    except (OSError, SafetensorError) as exc:
+        raise FimloraError(f"{path} cannot be read as an update spectrum ({exc}).") from exc
+    for name in targets:
+        if gains[name].shape != (min(shapes[name]),):
+            raise FimloraError(
+                f"{path}: module {name!r} has {gains[name].shape[0]} singular values, not "
+                f"min{tuple(shapes[name])} = {min(shapes[name])}: another model."
+            )
+    rank = metadata.get("rank") or None
+    return gains, None if rank is None else int(rank)
+
+
 def source_updates(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, torch.Tensor], int | None]:
     """``(ΔW per target module, the LoRA source's smallest rank over them)``; the rank is None for full
     fine-tuning. ΔW keeps the dtype training used, ``(d_out, d_in)``."""
     if ctx.base_model is None:
         raise RuntimeError("the hindsight rule needs the base model's weights")
+    return updates_from_weights(run, ctx.base_model, ctx.targets, ctx.spec.name)
+
+
+def updates_from_weights(
+    run: SourceRun, base_model: torch.nn.Module, targets: list[str], who: str
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """:func:`source_updates` for a base model and target list; ``who`` names the caller in errors."""
     adapter_dir = run.path / ADAPTER_DIR
-    modules = dict(ctx.base_model.named_modules())
+    modules = dict(base_model.named_modules())
     if run.kind == FULL_FT:
         from safetensors.torch import load_file
 
@@ -266,13 +354,13 @@ def source_updates(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, torch.
         if not weights_path.is_file():
             raise FimloraError(f"The hindsight source {run.path} has no {ADAPTER_DIR}/{FULL_FT_WEIGHTS}.")
         trained = load_file(str(weights_path))
-        missing = [n for n in ctx.targets if f"{n}.weight" not in trained]
+        missing = [n for n in targets if f"{n}.weight" not in trained]
         if missing:
             raise FimloraError(
                 f"The hindsight source {run.path} has no trained weight for {missing[0]!r}: another model."
             )
         updates = {}
-        for name in ctx.targets:
+        for name in targets:
             base = modules[name].weight.detach()
             new = trained[f"{name}.weight"]
             if new.shape != base.shape:
@@ -282,30 +370,44 @@ def source_updates(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, torch.
                 )
             updates[name] = new.to(base.dtype) - base.cpu()
         return updates, None
-    return _lora_updates(run, ctx)
+    return _lora_updates(run, base_model, targets, who)
 
 
-def _lora_updates(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, torch.Tensor], int]:
+def _lora_updates(
+    run: SourceRun, base_model: torch.nn.Module, targets: list[str], who: str
+) -> tuple[dict[str, torch.Tensor], int]:
     from peft import PeftModel
 
     from fimlora.methods.resize import lora_layers
 
-    assert ctx.base_model is not None
+    if not (run.path / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise FimloraError(f"The hindsight source {run.path} has no {ADAPTER_DIR}/ (its LoRA weights).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. a head saved in modules_to_save
-        model = PeftModel.from_pretrained(copy.deepcopy(ctx.base_model), str(run.path / ADAPTER_DIR))
+        model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(run.path / ADAPTER_DIR))
     layers = lora_layers(model)
-    missing = [n for n in ctx.targets if n not in layers]
+    missing = [n for n in targets if n not in layers]
     if missing:
         raise FimloraError(
-            f"Method {ctx.spec.name!r}: the hindsight source {run.path} has no LoRA adapter on "
+            f"Method {who!r}: the hindsight source {run.path} has no LoRA adapter on "
             f"{len(missing)} of this run's target modules (e.g. {missing[0]!r}); train it on the same "
             "target_modules."
         )
     with torch.no_grad():
-        updates = {n: layers[n].get_delta_weight("default").detach().cpu() for n in ctx.targets}
-    rank = min(int(layers[n].r["default"]) for n in ctx.targets)
+        updates = {n: layers[n].get_delta_weight("default").detach().cpu() for n in targets}
+    rank = min(int(layers[n].r["default"]) for n in targets)
     return updates, rank
+
+
+def spectrum_energy(
+    gains: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, int]], aggregation: str
+) -> dict[str, float]:
+    """:func:`update_energy` from the updates' spectra: ``Σ_k σ_k²`` = ‖ΔW‖_F² (up to round-off)."""
+    out = {}
+    for name, values in gains.items():
+        energy = float(np.asarray(values, dtype=np.float64).sum())
+        out[name] = energy if aggregation == "trace" else energy / (shapes[name][0] * shapes[name][1])
+    return out
 
 
 def update_energy(updates: Mapping[str, torch.Tensor], aggregation: str) -> dict[str, float]:
@@ -332,7 +434,7 @@ class Hindsight(AllocationRule):
         rank_costs: Mapping[str, int] | None = None,
     ) -> Allocation:
         run, selected_by = resolve_source(ctx)
-        updates, rank = source_updates(run, ctx)
+        gains, rank = source_gains(run, ctx)
         settings = ctx.config.allocation
         r_max = settings.r_max
         if rank is not None:
@@ -349,8 +451,8 @@ class Hindsight(AllocationRule):
                     f"caps every module at {r_max}: at most {reachable:,} of the budget's {budget:,} "
                     "parameters could be spent. Use a source of higher rank or full-ft."
                 )
-        return allocate_hindsight(
-            {n: updates[n] for n in shapes},
+        return allocate_hindsight_gains(
+            {n: gains[n] for n in shapes},
             shapes,
             budget=budget,
             source=run.identity(selected_by, rank),
