@@ -11,12 +11,15 @@ FIMLORA=${FIMLORA:-.venv/bin/fimlora}
 PYTHON=${PYTHON:-.venv/bin/python}
 WORKERS=${WORKERS:-1}
 sweep() { "$FIMLORA" sweep "$@" --workers "$WORKERS" --no-progress; }
+# What the hindsight rule reads of a source (its updates' σ²), kept beside its result.json and committed,
+# since weights are not; runs that have it are skipped. Arguments: source run directories.
+spectra() { "$FIMLORA" update-spectrum "$@"; }
 # Does the Fisher move during training? Uniform LoRA r = 1 at its tuned rate (seed 0), hindsight ranking
 # from full fine-tuning's seed-0 run; skipped once written. Arguments: the task's name in file names.
 trajectory() {
   local out=$E/runs/$1-r1/fisher-trajectory source
   [ -f "$out/fisher-trajectory.json" ] && return 0
-  source=$(ls -d $E/runs/$1-full-ft/full-ft-*-s0-*)
+  source=$(ls -d $E/runs/$1-full-ft/full-ft-*-s0-*/full-ft)
   "$FIMLORA" fisher-trajectory $E/$1-trajectory.yaml --tuned $E/runs/$1-r1/tuned.yaml \
     --source "$source" --out "$out"
 }
@@ -38,9 +41,11 @@ PY
 # Task 1, MiniLM × movie-reviews: uniform rank 1 (r_min 0), then uniform rank 4.
 "$FIMLORA" tune $E/movie-reviews-r1.yaml --workers "$WORKERS"
 sweep $E/source-full-ft.yaml            # the hindsight sources, before any hindsight run
+spectra $E/runs/movie-reviews-full-ft/*/full-ft
 sweep $E/source-lora-r8-rate-check.yaml  # validation only: does that rate train at r = 8 (change 5)?
 source_rate_is_tuned $E/source-lora-r8.yaml $E/runs/movie-reviews-r1/tuned.yaml
 sweep $E/source-lora-r8.yaml
+spectra $E/runs/movie-reviews-lora-r8/*/lora
 sweep $E/movie-reviews-r1.yaml --tuned $E/runs/movie-reviews-r1/tuned.yaml
 trajectory movie-reviews
 "$FIMLORA" tune $E/movie-reviews-r4.yaml --workers "$WORKERS"
@@ -51,8 +56,10 @@ sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 sweep $E/brown-genre-convergence.yaml
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
+spectra $E/runs/brown-genre-full-ft/*/full-ft
 source_rate_is_tuned $E/brown-genre-source-lora-r8.yaml $E/runs/brown-genre-r1/tuned.yaml
 sweep $E/brown-genre-source-lora-r8.yaml
+spectra $E/runs/brown-genre-lora-r8/*/lora
 sweep $E/brown-genre-r1.yaml --tuned $E/runs/brown-genre-r1/tuned.yaml
 trajectory brown-genre
 

@@ -384,6 +384,7 @@ def _lora_updates(
         raise FimloraError(f"The hindsight source {run.path} has no {ADAPTER_DIR}/ (its LoRA weights).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. a head saved in modules_to_save
+        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations PEFT still calls
         model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(run.path / ADAPTER_DIR))
     layers = lora_layers(model)
     missing = [n for n in targets if n not in layers]
