@@ -48,6 +48,9 @@ sweep $E/source-lora-r8.yaml
 spectra $E/runs/movie-reviews-lora-r8/*/lora
 sweep $E/movie-reviews-r1.yaml --tuned $E/runs/movie-reviews-r1/tuned.yaml
 trajectory movie-reviews
+# Change 7: both hindsight allocations at their own tuned rate (a spec and store of their own).
+"$FIMLORA" tune $E/movie-reviews-r1-own-rate.yaml --workers "$WORKERS"
+sweep $E/movie-reviews-r1-own-rate.yaml --tuned $E/runs/movie-reviews-r1-own-rate/tuned.yaml
 "$FIMLORA" tune $E/movie-reviews-r4.yaml --workers "$WORKERS"
 sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 
