@@ -422,6 +422,17 @@ def test_the_report_names_both_sources(experiment, tmp_path):
     assert "full-ft (full-ft)" in report and "lora (lora r=8)" in report
 
 
+def test_the_report_names_sources_below_its_root_relatively(experiment, tmp_path, monkeypatch):
+    from fimlora.reporting import build_report
+
+    prepared, _ = experiment
+    out = Path(prepared.config.output_dir)
+    monkeypatch.chdir(out.parent)  # a relative root, as `fimlora report runs/` is usually called
+    report = build_report(out.name, tmp_path, n_resamples=1_000).markdown.read_text()
+    assert "| `full-ft` |" in report
+    assert str(out.resolve()) not in report  # no absolute path of this machine in a committed report
+
+
 # --------------------------------------------------------------------------------------------------
 # A source without its weights: the update spectrum (weights are not committed)
 # --------------------------------------------------------------------------------------------------

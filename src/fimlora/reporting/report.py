@@ -1179,10 +1179,13 @@ def _mean_range(row: Mapping[str, Any], column: str, digits: int) -> str:
 
 
 def _rel(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+    """``path`` below ``root`` where it is (records hold resolved paths, a report's root may be relative)."""
+    for candidate, base in ((path, root), (path.resolve(), root.resolve())):
+        try:
+            return str(candidate.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _model_order(run_dir: Path) -> list[str] | None:
