@@ -173,12 +173,7 @@ def allocate_spectral(
     if kfac is not None:
         _check_kfac(kfac, gradients)
 
-    _check_rank_costs(rank_costs, shapes)
-    names = sorted(shapes)
-    costs = [rank_cost(shapes, rank_costs, n) for n in names]
-    caps = [_rank_cap(shapes[n], r_max) for n in names]
-    _check_caps(names, np.array(caps), r_min)
-    check_minimum_budget(budget, costs, r_min)
+    names = _check_budget_fits(shapes, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs)
 
     gains = _gains(gradients, kfac, damping)
     if all(not gains[n].any() for n in names):
@@ -190,6 +185,22 @@ def allocate_spectral(
     return _allocate_gains(
         gains, shapes, strategy, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs
     )
+
+
+def _check_budget_fits(
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    budget: int,
+    r_min: int,
+    r_max: int | None,
+    rank_costs: Mapping[str, int] | None,
+) -> list[str]:
+    """Rank costs, per-module caps and the minimum budget checked; the module names, sorted."""
+    _check_rank_costs(rank_costs, shapes)
+    names = sorted(shapes)
+    _check_caps(names, np.array([_rank_cap(shapes[n], r_max) for n in names]), r_min)
+    check_minimum_budget(budget, [rank_cost(shapes, rank_costs, n) for n in names], r_min)
+    return names
 
 
 def _allocate_gains(
@@ -243,7 +254,7 @@ def allocate_hindsight(
     _check_same_keys(updates, shapes, "update", "shape", "updates and shapes")
     _check_gradients(updates, shapes)
     return allocate_hindsight_gains(
-        marginal_gains(updates),
+        _gains(updates, None, DEFAULT_DAMPING),  # marginal_gains without checking the updates again
         shapes,
         budget=budget,
         source=source,
@@ -277,10 +288,7 @@ def allocate_hindsight_gains(
                 f"The update spectrum of module {name!r} is not min(d_out, d_in) = {min(shapes[name])} "
                 "finite non-negative squared singular values; it belongs to another model or is damaged."
             )
-    _check_rank_costs(rank_costs, shapes)
-    names = sorted(shapes)
-    _check_caps(names, np.array([_rank_cap(shapes[n], r_max) for n in names]), r_min)
-    check_minimum_budget(budget, [rank_cost(shapes, rank_costs, n) for n in names], r_min)
+    names = _check_budget_fits(shapes, budget=budget, r_min=r_min, r_max=r_max, rank_costs=rank_costs)
     if all(not np.asarray(gains[n]).any() for n in names):
         raise FimloraError(
             "Every update of the source run is zero (its weights did not move), so there is nothing to "

@@ -74,6 +74,7 @@ RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 FULL_FT_WEIGHTS = "model.safetensors"
+LORA_CONFIG = "adapter_config.json"
 SPECTRUM_FILE = "update-spectrum.safetensors"
 SPECTRUM_FORMAT = "fimlora-update-spectrum/1"
 FULL_FT, LORA = "full-ft", "lora"
@@ -170,7 +171,7 @@ def unreadable(run: SourceRun) -> str | None:
     """Why nothing of ``run``'s updates can be read (None when its spectrum or its weights are there)."""
     if (run.path / SPECTRUM_FILE).is_file():
         return None
-    weights = run.path / ADAPTER_DIR / (FULL_FT_WEIGHTS if run.kind == FULL_FT else "adapter_config.json")
+    weights = run.path / ADAPTER_DIR / (FULL_FT_WEIGHTS if run.kind == FULL_FT else LORA_CONFIG)
     if run.kind is None or weights.is_file():
         return None
     return (
@@ -380,7 +381,7 @@ def _lora_updates(
 
     from fimlora.methods.resize import lora_layers
 
-    if not (run.path / ADAPTER_DIR / "adapter_config.json").is_file():
+    if not (run.path / ADAPTER_DIR / LORA_CONFIG).is_file():
         raise FimloraError(f"The hindsight source {run.path} has no {ADAPTER_DIR}/ (its LoRA weights).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. a head saved in modules_to_save
