@@ -426,15 +426,24 @@ def update_spectrum(
     Weights are not committed; `update-spectrum.safetensors` (σ_k(ΔW)² per target module) is small enough
     to be, and the hindsight rule and `fisher-trajectory --source` read it instead of the weights.
     """
-    from fimlora.methods.allocations.hindsight import SPECTRUM_FILE, read_run, write_update_spectrum
+    from fimlora.methods.allocations.hindsight import (
+        SPECTRUM_FILE,
+        check_spectrum_source,
+        read_run,
+        write_update_spectrum,
+    )
     from fimlora.models import load_model, resolve_target_modules
 
-    bases: dict[str, Any] = {}
-    for path in runs:
+    todo = []
+    for path in runs:  # every run checked before the first base model loads
         run = read_run(path)
         if (run.path / SPECTRUM_FILE).is_file() and not force:
             _echo(f"{run.path}: has {SPECTRUM_FILE} (--force writes it again)")
             continue
+        check_spectrum_source(run)
+        todo.append(run)
+    bases: dict[str, Any] = {}
+    for run in todo:
         labels = run.result.get("labels")
         key = repr((run.config.model, run.result.get("task"), labels, run.config.quantization))
         if key not in bases:

@@ -245,6 +245,16 @@ def test_bad_input_is_one_clear_line(case, capsys, world):
 
 # Every command, with a path that does not exist and with a file where a directory belongs (and the
 # reverse): each is one line naming the path's role.
+def _source(w: World, adapter: str, allocation: str) -> Path:
+    """A finished run (no weights kept) recorded as the given kind of method."""
+    directory = Path(shutil.copytree(w.runs / "lora", w.tmp / f"source-{adapter}"))
+    result = json.loads((directory / "result.json").read_text())
+    result["method"] = adapter
+    result["method_spec"] = {"adapter": adapter, "allocation": allocation}
+    (directory / "result.json").write_text(json.dumps(result))
+    return directory
+
+
 def _paths(w: World) -> list[tuple[list, tuple[str, ...]]]:
     missing = w.tmp / "no-such"
     spec = w.tmp / "sweep.yaml"
@@ -294,6 +304,11 @@ def _paths(w: World) -> list[tuple[list, tuple[str, ...]]]:
         (["export", w.runs, "--out", w.tmp / "e"], ("not a finished run",)),
         (["generate", missing, "--prompt", "Once"], ("does not exist",)),
         (["generate", w.file(), "--prompt", "Once"], ("not a directory",)),
+        (["update-spectrum", missing], ("not a finished run",)),
+        (["update-spectrum", w.file()], ("not a finished run",)),
+        (["update-spectrum", w.runs], ("not a finished run",)),
+        (["update-spectrum", _source(w, "lora", "uniform")], ("no adapter/", "train it again")),
+        (["update-spectrum", _source(w, "adalora", "adaptive")], ("'adalora'", "only full fine-tuning")),
     ]
 
 

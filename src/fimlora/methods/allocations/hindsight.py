@@ -167,11 +167,16 @@ def _data_differences(run: SourceRun, ctx: MethodContext) -> list[str]:
     return []
 
 
+def _weights(run: SourceRun) -> Path:
+    """The file whose presence says ``run``'s weights were kept."""
+    return run.path / ADAPTER_DIR / (FULL_FT_WEIGHTS if run.kind == FULL_FT else LORA_CONFIG)
+
+
 def unreadable(run: SourceRun) -> str | None:
     """Why nothing of ``run``'s updates can be read (None when its spectrum or its weights are there)."""
     if (run.path / SPECTRUM_FILE).is_file():
         return None
-    weights = run.path / ADAPTER_DIR / (FULL_FT_WEIGHTS if run.kind == FULL_FT else LORA_CONFIG)
+    weights = _weights(run)
     if run.kind is None or weights.is_file():
         return None
     return (
@@ -287,6 +292,22 @@ def source_gains(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, np.ndarr
     return marginal_gains(updates), rank
 
 
+def check_spectrum_source(run: SourceRun) -> None:
+    """Raise a one-line FimloraError unless ``run`` is a hindsight source whose weights are here; checked
+    before any base model is loaded for it."""
+    if run.kind is None:
+        raise FimloraError(
+            f"{run.path} is a run of {run.result.get('method')!r}: only full fine-tuning and uniform plain "
+            "LoRA runs are hindsight sources, so only theirs have an update spectrum."
+        )
+    weights = _weights(run)
+    if not weights.is_file():
+        raise FimloraError(
+            f"{run.path} has no {ADAPTER_DIR}/{weights.name}: its update spectrum is written from its "
+            "weights (they are not committed), so run this where it was trained, or train it again."
+        )
+
+
 def write_update_spectrum(run: SourceRun, base_model: torch.nn.Module, targets: list[str]) -> Path:
     """Write ``update-spectrum.safetensors`` into ``run``'s directory (atomically) from its weights:
     ``σ_k(ΔW_i)²`` of every target module, float64, and (metadata) the source kind and LoRA rank."""
@@ -294,11 +315,7 @@ def write_update_spectrum(run: SourceRun, base_model: torch.nn.Module, targets: 
 
     from fimlora.io import atomic_write
 
-    if run.kind is None:
-        raise FimloraError(
-            f"{run.path} is a run of {run.result.get('method')!r}: only full fine-tuning and uniform plain "
-            "LoRA runs are hindsight sources, so only theirs have an update spectrum."
-        )
+    check_spectrum_source(run)
     updates, rank = updates_from_weights(run, base_model, targets, run.path.name)
     gains = marginal_gains(updates)
     tensors = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in gains.items()}
