@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from fimlora.config import ExperimentConfig
+from fimlora.runs import CONFIG_FILE
 
 #: Dotted config keys that cannot change a run's numbers: where it is written and where it logs.
 NON_RESULT_KEYS: frozenset[str] = frozenset({"output_dir", "train.report_to"})
@@ -89,7 +90,7 @@ def run_config_differences(run_dir: Path, config: ExperimentConfig) -> list[tupl
     one-method config); ``[]`` when they agree, ``None`` when the run's ``config.yaml`` is missing or
     unreadable (nothing shows what it was made with)."""
     try:
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        stored = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     if not isinstance(stored, Mapping):

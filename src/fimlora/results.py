@@ -70,10 +70,9 @@ import yaml
 
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write
-from fimlora.runs import rank_range
+from fimlora.runs import CONFIG_FILE, rank_range
 
 RESULT_FILE = "result.json"
-CONFIG_FILE = "config.yaml"
 SWEEP_FILE = "sweep.json"
 ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.jsonl"

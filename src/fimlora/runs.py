@@ -31,6 +31,7 @@ from typing import Any
 from fimlora.io import atomic_write_json, atomic_write_text
 
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"  # the run's resolved config, written when it starts
 _PACKAGES = ("fimlora", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "numpy")
 
 
@@ -107,7 +108,7 @@ class RunDirectory:
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
-        atomic_write_text(self.file("config.yaml"), config_yaml)
+        atomic_write_text(self.file(CONFIG_FILE), config_yaml)
         atomic_write_json(self.file("environment.json"), env)
 
     def link(self, source: Path, name: str) -> None:

@@ -20,7 +20,7 @@ from tune_runs import lora_grid, write_spec
 from fimlora.cli import main
 from fimlora.sweep import load_spec
 from fimlora.tune import TRIALS_FILE, TUNED_FILE, parse_tune, plan_cells
-from fimlora.tune.storage import default_storage, kind_counts, trial_kind
+from fimlora.tune.storage import SEED_SCORES_ATTR, default_storage, kind_counts, trial_kind
 
 
 def run_cli(capsys, *argv):
@@ -105,6 +105,51 @@ def test_a_killed_and_resumed_tuning_is_the_uninterrupted_one_trial_by_trial(
     assert counts["complete"] + counts["pruned"] + counts["failed"] == 5
     document = yaml.safe_load((spec.output_path / TUNED_FILE).read_text())
     assert document["trials_per_study"] == 5
+
+
+def test_a_lost_trial_keeps_the_seeds_it_finished(small_bert_dir, split_dir, tmp_path):
+    # Seeds train one after another: killed while seed 1 trains, the retry keeps seed 0's finished run
+    # (its validation history replayed to the pruner) and trains seed 1 only, to the uninterrupted scores.
+    tune = {**TUNE, "trials": 2, "seeds": 2}
+    plain_path = write_spec(_mkdir(tmp_path / "plain"), lora_grid(small_bert_dir, split_dir), tune)
+    path = write_spec(_mkdir(tmp_path / "killed"), lora_grid(small_bert_dir, split_dir), tune)
+    subprocess.run(tune_command(plain_path), check=True, env=ENV, capture_output=True)
+
+    spec = load_spec(path)
+    (cell,) = plan_cells(spec, parse_tune(spec))
+    seed_0 = cell.directory / "trial-0000" / "seed-0" / "lora"
+    seed_1 = cell.directory / "trial-0000" / "seed-1" / "lora" / "config.yaml"
+    proc = subprocess.Popen(tune_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.monotonic() + 300
+        while not seed_1.exists():  # seed 0 finished, seed 1 is training
+            assert proc.poll() is None, "the tuning ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    stamp = (seed_0 / "result.json").stat().st_mtime_ns
+
+    resumed = subprocess.run(tune_command(path), check=True, env=ENV, capture_output=True, text=True)
+    assert "seed 0 finished before its worker was lost; kept" in resumed.stdout
+    trials = optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path)).trials
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    retry_dir = cell.directory / f"trial-{retry.number:04d}"
+    assert not (retry_dir / "seed-0").exists()  # not trained again
+    assert (retry_dir / "seed-1" / "lora" / "result.json").is_file()
+    assert (seed_0 / "result.json").stat().st_mtime_ns == stamp
+    assert retry.user_attrs["run_dir"] == str(seed_0)
+    plain = optuna.load_study(
+        study_name=cell.study_name, storage=default_storage(load_spec(plain_path).output_path)
+    )
+    first = min(plain.trials, key=lambda t: t.number)
+    assert retry.user_attrs[SEED_SCORES_ATTR] == first.user_attrs[SEED_SCORES_ATTR]
+    assert retry.intermediate_values == first.intermediate_values  # what the pruner saw, step by step
+    assert counted(
+        optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path))
+    ) == (counted(plain))
 
 
 def _mkdir(path):

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from fimlora.errors import FimloraError
+from fimlora.runs import CONFIG_FILE
 
 ADAPTER_DIR = "adapter"
 
@@ -60,7 +61,7 @@ def finished_run(path: str | Path) -> tuple[Path, dict[str, Any], Any, dict[str,
         below = sorted(p.parent.name for p in directory.glob(f"*/{RESULT_FILE}"))
         hint = f" It holds runs: {', '.join(below[:5])}; give one of them." if below else ""
         raise FimloraError(f"{directory} is not a finished run (no finished {RESULT_FILE}).{hint}")
-    raw = read_yaml_file(directory / "config.yaml", "run config")
+    raw = read_yaml_file(directory / CONFIG_FILE, "run config")
     if isinstance(raw, dict) and raw.get("quantization") not in (None, "none"):
         # Merging folds the update into full-precision weights the run never used, and the run's exact
         # base (quantised) is not something plain transformers rebuilds from a saved directory: refuse.
@@ -69,7 +70,7 @@ def finished_run(path: str | Path) -> tuple[Path, dict[str, Any], Any, dict[str,
             "export/generate load the base in full precision, which is not the model the run trained on. "
             f"Load {directory / ADAPTER_DIR} with PEFT onto the same quantised base instead."
         )
-    config = parse_config(raw, source=str(directory / "config.yaml"))
+    config = parse_config(raw, source=str(directory / CONFIG_FILE))
     if len(config.methods) != 1:
         raise FimloraError(f"{directory}/config.yaml names {len(config.methods)} methods; a run has one.")
     if not (directory / ADAPTER_DIR).is_dir():

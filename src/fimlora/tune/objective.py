@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fimlora.config import ExperimentConfig
+from fimlora.config import ExperimentConfig, parse_config, read_yaml_file
 from fimlora.errors import FimloraError
-from fimlora.experiment import Prepared, calibrate, prepare, run_method
+from fimlora.experiment import VALIDATION_FILE, Prepared, calibrate, prepare, run_method
 from fimlora.methods import get_allocation, resolve_method
-from fimlora.runs import RunDirectory
+from fimlora.runs import CONFIG_FILE, RESULT_FILE, RunDirectory
 from fimlora.tune.cells import TUNING_SPLITS, Cell
 from fimlora.tune.preparation import preparation_key
 from fimlora.tune.spec import METRIC_DIRECTIONS, aggregate_scores
@@ -124,9 +124,15 @@ class Objective:
         try:
             for index, seed in enumerate(cell.seeds):
                 config = cell.trial_config(params, trial.number, seed)
+                kept = self._finished_by_lost_trial(trial, config, params)
+                run_dir = Path(config.output_dir) / cell.method if kept is None else kept
                 if index == 0:
-                    trial.set_user_attr(RUN_DIR_ATTR, str(Path(config.output_dir) / cell.method))
-                scores[seed] = self._run(trial, config, params, index)
+                    trial.set_user_attr(RUN_DIR_ATTR, str(run_dir))
+                if kept is None:
+                    scores[seed] = self._run(trial, config, params, index)
+                else:
+                    scores[seed] = self._replay(trial, kept, index, config.train.steps)
+                    self.log(f"{what}: seed {seed} finished before its worker was lost; kept ({kept})")
                 trial.set_user_attr(SEED_SCORES_ATTR, {str(s): v for s, v in scores.items()})
         except optuna.TrialPruned as exc:
             self.log(f"{what}: pruned{self._at(seed)}, {exc} ({time.perf_counter() - started:.0f} s)")
@@ -157,6 +163,55 @@ class Objective:
         )
         self.log(f"{what}: {cell.metric} {value:.4f}{per_seed} ({time.perf_counter() - started:.0f} s)")
         return value
+
+    def _finished_by_lost_trial(
+        self, trial: Any, config: ExperimentConfig, params: dict[str, Any]
+    ) -> Path | None:
+        """The run of ``config``'s seed that a lost trial of the same values finished before its worker
+        died (the heartbeat's retry names the lost trials in ``retry_history``), or None. Its seeds train
+        one after another, so a stop loses the seed in flight, not the ones done: those are kept rather
+        than trained again. Kept only when its record says it is this run: finished, the same trial
+        values and seed, and its config this one's but for the directory."""
+        history = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+        wanted = config.model_dump(mode="json", exclude={"output_dir"})
+        for number in reversed(history):
+            prior = self.cell.trial_config(params, int(number), config.seed)
+            run_dir = Path(prior.output_dir) / self.cell.method
+            try:
+                result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+                recorded = parse_config(read_yaml_file(run_dir / CONFIG_FILE, "run config"))
+            except (OSError, ValueError, FimloraError):
+                continue
+            record = result.get("tuning_trial") if isinstance(result, dict) else None
+            if (
+                result.get("status") == "finished"
+                and isinstance(record, dict)
+                and record.get("params") == params
+                and record.get("seed") == config.seed
+                and recorded.model_dump(mode="json", exclude={"output_dir"}) == wanted
+            ):
+                return run_dir
+        return None
+
+    def _replay(self, trial: Any, run_dir: Path, seed_index: int, steps: int) -> float:
+        """Report a kept run's validation history to the pruner as its training did (a pruner that
+        would stop it now stops it here), and return its final score."""
+        import optuna
+
+        metric = self.cell.metric
+        for line in (run_dir / VALIDATION_FILE).read_text(encoding="utf-8").splitlines():
+            point = json.loads(line)
+            if "step" not in point or metric not in point or int(point["step"]) >= steps:
+                continue  # (never written at the last step: the final score is the result)
+            value = float(point[metric])
+            trial.report(value, trial_step(seed_index, int(point["step"]), steps))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"step {point['step']}: validation {metric} {value:.4f}")
+        result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        value = result.get("metrics", {}).get(metric)
+        if not isinstance(value, int | float):
+            raise FimloraError(f"The run records no validation {metric}; choose another tune.metric.")
+        return float(value)
 
     def _at(self, seed: int) -> str:
         return f" at seed {seed}" if len(self.cell.seeds) > 1 else ""
