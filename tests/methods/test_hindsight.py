@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from method_runs import tiny_config
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_runs import write_sentiment_csv
 
@@ -494,10 +495,27 @@ def test_a_spectrum_of_other_modules_is_refused(experiment, tmp_path, capsys):
     clone = tmp_path / "other"
     shutil.copytree(Path(prepared.config.output_dir) / "full-ft", clone)
     _update_spectrum_cli(capsys, clone)
-    spectrum = load_file(str(clone / "update-spectrum.safetensors"))
+    path = clone / "update-spectrum.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    spectrum = load_file(str(path))
     dropped = sorted(spectrum)[0]
     del spectrum[dropped]
-    metadata = {"format": "fimlora-update-spectrum/1", "kind": "full-ft", "rank": ""}
-    save_file(spectrum, str(clone / "update-spectrum.safetensors"), metadata=metadata)
+    save_file(spectrum, str(path), metadata=metadata)
     with pytest.raises(FimloraError, match=f"no spectrum for '{dropped}'"):
+        _allocation_from(prepared, tmp_path, "hindsight-lora", clone)
+
+
+def test_a_spectrum_written_for_another_record_of_the_run_is_refused(experiment, tmp_path, capsys):
+    # e.g. a run trained again after its spectrum was written: the spectrum is of the other weights
+    prepared, _ = experiment
+    clone = tmp_path / "retrained"
+    shutil.copytree(Path(prepared.config.output_dir) / "full-ft", clone)
+    _update_spectrum_cli(capsys, clone)
+    shutil.rmtree(clone / "adapter")
+    _allocation_from(prepared, tmp_path, "hindsight-lora", clone)  # read as written
+    result = json.loads((clone / "result.json").read_text())
+    result["metrics"]["accuracy"] = 0.5
+    (clone / "result.json").write_text(json.dumps(result))
+    with pytest.raises(FimloraError, match="written for another record of this run"):
         _allocation_from(prepared, tmp_path, "hindsight-lora", clone)

@@ -286,7 +286,7 @@ def source_gains(run: SourceRun, ctx: MethodContext) -> tuple[dict[str, np.ndarr
     """``(σ_k(ΔW)² per target module, the LoRA source's smallest rank over them)``: from the source's
     ``update-spectrum.safetensors`` where it has one, else from its weights (the same values)."""
     if (run.path / SPECTRUM_FILE).is_file():
-        return read_update_spectrum(run.path / SPECTRUM_FILE, ctx.targets, ctx.shapes)
+        return read_update_spectrum(run, ctx.targets, ctx.shapes)
     updates, rank = source_updates(run, ctx)
     return marginal_gains(updates), rank
 
@@ -324,19 +324,28 @@ def write_update_spectrum(run: SourceRun, base_model: torch.nn.Module, targets: 
 
 
 def read_update_spectrum(
-    path: Path, targets: list[str], shapes: Mapping[str, tuple[int, int]]
+    run: SourceRun, targets: list[str], shapes: Mapping[str, tuple[int, int]]
 ) -> tuple[dict[str, np.ndarray], int | None]:
-    """The spectra of ``targets`` from an ``update-spectrum.safetensors`` and the LoRA rank it records."""
+    """The spectra of ``targets`` from ``run``'s ``update-spectrum.safetensors`` and the LoRA rank it
+    records; refused when it was written for another record of the run (its result.json changed)."""
     from safetensors import SafetensorError, safe_open
 
+    path = run.path / SPECTRUM_FILE
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            stored = set(handle.keys())
-            missing = [n for n in targets if n not in stored]
-            if metadata.get("format") != SPECTRUM_FORMAT or missing:
-                what = f"no spectrum for {missing[0]!r}" if missing else "not an update spectrum"
-                raise FimloraError(f"{path}: {what}; this run's targets are another model's modules.")
+            if metadata.get("format") != SPECTRUM_FORMAT:
+                raise FimloraError(f"{path} is not an update spectrum (format {metadata.get('format')!r}).")
+            if metadata.get("result_sha256") != sha256_file(run.path / RESULT_FILE):
+                raise FimloraError(
+                    f"{path} was written for another record of this run (its {RESULT_FILE} changed since): "
+                    f"write it again (`fimlora update-spectrum --force {run.path}`) where the weights are."
+                )
+            missing = [n for n in targets if n not in set(handle.keys())]
+            if missing:
+                raise FimloraError(
+                    f"{path}: no spectrum for {missing[0]!r}; this run's targets are another model's modules."
+                )
             gains = {n: handle.get_tensor(n).numpy() for n in targets}
     except (OSError, SafetensorError) as exc:
         raise FimloraError(f"{path} cannot be read as an update spectrum ({exc}).") from exc
