@@ -467,6 +467,13 @@ def sweep(
     workers: Annotated[
         int | None, typer.Option(help="Local worker processes (default 1: runs in this process).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch threads per worker (default: the CPUs divided among the workers). Runs record it "
+            "(environment.json); the same count is what makes a re-made CPU run bit-identical."
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto': the running one); default: start one.")
     ] = None,
@@ -498,6 +505,7 @@ def sweep(
         dry_run=dry_run,
         backend=backend,  # type: ignore[arg-type]
         workers=workers,
+        threads=threads,
         ray_address=ray_address,
         cpus_per_run=cpus_per_run,
         gpus_per_run=gpus_per_run,
@@ -520,6 +528,13 @@ def tune(
         int | None, typer.Option(help="Seeds every trial trains at (tune.seeds), scored by tune.aggregate.")
     ] = None,
     workers: Annotated[int, typer.Option(help="Local worker processes sharing the storage.")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch threads per worker (default: the CPUs divided among the workers). Runs record it "
+            "(environment.json); the same count is what makes a re-made CPU run bit-identical."
+        ),
+    ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
@@ -551,6 +566,7 @@ def tune(
         trials=trials,
         seeds=seeds,
         workers=workers,
+        threads=threads,
         storage=storage,
         retry_failed=retry_failed,
         log=_echo,

@@ -224,6 +224,22 @@ def test_two_local_workers_give_the_same_results(serial, tmp_path):
     assert_same_results(store, tmp_path / "runs", runs)
 
 
+def test_threads_per_worker_are_what_was_asked_and_recorded(capsys, serial, tmp_path):
+    # More threads than this machine's CPUs: never the default (the CPUs divided among the workers).
+    from fimlora.sweep.local import available_cpus
+
+    path, _, runs = serial
+    threads = available_cpus() + 1
+    spec_path = shutil.copy(path, tmp_path / "sweep.yaml")
+    code, out, err = run_cli(capsys, "sweep", spec_path, "--workers", "2", "--threads", threads)
+    assert code == 0, out + err
+    for run in runs:
+        environment = json.loads((tmp_path / "runs" / run.key / run.method / "environment.json").read_text())
+        assert environment["torch_threads"] == threads, run.key
+    code, _, err = run_cli(capsys, "sweep", spec_path, "--threads", "0")
+    assert code == 2 and "threads must be at least 1" in err
+
+
 def test_ray_backend(capsys, serial, tmp_path):
     ray = pytest.importorskip("ray")
     path, store, runs = serial

@@ -59,3 +59,20 @@ def test_a_failed_trial_is_given_again_with_its_parameters(
     rows = pd.read_csv(spec.output_path / TRIALS_FILE).set_index("number")
     assert rows.loc[1, "state"] == "retried" and rows.loc[3, "retry_of"] == 1
     assert "no failed trial to give again" in _tune(capsys, path, "--retry-failed")  # nothing left
+
+
+def test_tuning_workers_train_with_the_threads_asked_for(capsys, small_bert_dir, split_dir, tmp_path):
+    import json
+
+    import torch
+
+    from fimlora.sweep.local import available_cpus
+
+    threads, before = available_cpus() + 1, torch.get_num_threads()  # never the default
+    path = write_spec(tmp_path, lora_grid(small_bert_dir, split_dir), {**TUNE, "trials": 1})
+    _tune(capsys, path, "--threads", threads)
+    assert torch.get_num_threads() == before  # this process's own setting is given back
+    spec = load_spec(path)
+    (cell,) = plan_cells(spec, parse_tune(spec))
+    environment = json.loads((cell.directory / "trial-0000" / "lora" / "environment.json").read_text())
+    assert environment["torch_threads"] == threads

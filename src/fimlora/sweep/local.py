@@ -136,15 +136,19 @@ def init_worker(threads: int, parent: int) -> None:
 
 
 def run_local(
-    tasks: Sequence[RunTask], *, workers: int, on_outcome: Callable[[RunOutcome], None]
+    tasks: Sequence[RunTask],
+    *,
+    workers: int,
+    on_outcome: Callable[[RunOutcome], None],
+    threads: int | None = None,
 ) -> list[RunOutcome]:
     """Execute ``tasks`` in ``min(workers, len(tasks))`` spawned processes, or in this one if that is 1.
 
-    Each worker uses ``max(1, cpus // workers)`` torch threads. ``on_outcome`` is called in this process
-    as each run ends, in completion order.
+    Each worker uses ``threads`` torch threads (default ``max(1, cpus // workers)``). ``on_outcome`` is
+    called in this process as each run ends, in completion order.
     """
     workers = max(1, min(workers, len(tasks)))
-    threads = threads_per_worker(workers)
+    threads = threads or threads_per_worker(workers)
     outcomes: list[RunOutcome] = []
     if workers == 1:
         import torch

@@ -127,6 +127,7 @@ def run_sweep(
     dry_run: bool = False,
     backend: Backend = "local",
     workers: int | None = None,
+    threads: int | None = None,
     ray_address: str | None = None,
     cpus_per_run: float | None = None,
     gpus_per_run: float | None = None,
@@ -144,7 +145,8 @@ def run_sweep(
     Before anything runs, every run still to do is checked for what would make it refuse to start
     (:mod:`fimlora.preflight`: dataset, model, target modules, max_length, budget), unless
     ``preflight`` is off; one FimloraError lists the runs that would fail. ``workers`` (local backend
-    only, default 1) is the number of worker processes; 1 runs in this process. ``ray_address``,
+    only, default 1) is the number of worker processes; 1 runs in this process; ``threads`` the torch
+    threads of each (default: the CPUs divided among the workers). ``ray_address``,
     ``cpus_per_run`` (default 1) and ``gpus_per_run`` (default 0) apply to the Ray backend only. Never
     raises for a failed run: see :attr:`SweepReport.failed`; each failure goes to ``log_failure``
     (default: ``log``) as it happens and again in the closing summary.
@@ -170,10 +172,12 @@ def run_sweep(
             raise FimloraError(f"{', '.join(unused)}: only for the Ray backend (--backend ray).")
         if workers is not None and workers < 1:
             raise FimloraError(f"workers must be at least 1, got {workers}.")
+        if threads is not None and threads < 1:
+            raise FimloraError(f"threads must be at least 1, got {threads}.")
     elif backend == "ray":
-        if workers is not None:
+        if workers is not None or threads is not None:
             raise FimloraError(
-                "workers: only for the local backend; with Ray, runs in parallel are limited by "
+                "workers, threads: only for the local backend; with Ray, runs in parallel are limited by "
                 "cpus/gpus per run."
             )
         cpus = 1.0 if cpus_per_run is None else cpus_per_run
@@ -240,7 +244,7 @@ def run_sweep(
                     on_outcome=on_outcome,
                 )
             else:
-                run_local(tasks, workers=workers or 1, on_outcome=on_outcome)
+                run_local(tasks, workers=workers or 1, on_outcome=on_outcome, threads=threads)
         finally:
             bar.close()
         failed = report.failed

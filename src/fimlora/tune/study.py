@@ -207,18 +207,23 @@ def run_workers(
     url: str,
     *,
     workers: int,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Tune all ``cells`` in ``workers`` processes sharing the storage at ``url`` (1: this process)."""
+    """Tune all ``cells`` in ``workers`` processes sharing the storage at ``url`` (1: this process), each
+    with ``threads`` torch threads (default: the CPUs divided among the workers)."""
     if workers < 1:
         raise FimloraError(f"--workers must be at least 1, got {workers}.")
+    if threads is not None and threads < 1:
+        raise FimloraError(f"--threads must be at least 1, got {threads}.")
+    threads = threads or threads_per_worker(workers)
     create_studies(cells, settings, url)
     tasks = [WorkerTask(tuple(cells), settings, url, worker) for worker in range(workers)]
     if workers == 1:
         import torch
 
         previous = torch.get_num_threads()
-        torch.set_num_threads(threads_per_worker(1))
+        torch.set_num_threads(threads)
         try:
             tune_worker(tasks[0], log=log)
         finally:
@@ -228,7 +233,7 @@ def run_workers(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=init_worker,
-        initargs=(threads_per_worker(workers), os.getpid()),
+        initargs=(threads, os.getpid()),
     )
     try:
         for future in as_completed([executor.submit(_run_worker, task) for task in tasks]):
@@ -261,13 +266,15 @@ def run_tuning(
     trials: int | None = None,
     seeds: int | None = None,
     workers: int = 1,
+    threads: int | None = None,
     storage: str | None = None,
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> TuningReport:
     """Tune every cell of ``spec`` (resuming studies already in the storage), then write ``tuned.yaml``
     and ``tuning-trials.csv`` into its store. ``trials`` overrides the spec's count for every study,
-    ``seeds`` its seeds per trial; ``storage`` is an Optuna RDB URL (default:
+    ``seeds`` its seeds per trial; ``threads`` the torch threads of each of the ``workers`` processes
+    (default: the CPUs divided among them); ``storage`` is an Optuna RDB URL (default:
     ``sqlite:///<store>/tuning.db``); ``retry_failed``: first give every failed trial again
     (:func:`retry_failed_trials`)."""
     import optuna
@@ -303,7 +310,7 @@ def run_tuning(
     if retry_failed:
         count = retry_failed_trials(cells, settings, url, log)
         log(f"  {count} failed trial(s) given again" if count else "  no failed trial to give again")
-    run_workers(cells, settings, url, workers=workers, log=log)
+    run_workers(cells, settings, url, workers=workers, threads=threads, log=log)
     _quiet_optuna()
     opened = open_storage(url, heartbeat_s=settings.heartbeat_s)
     summaries = [
