@@ -459,6 +459,15 @@ def update_spectrum(
         _echo(f"{run.path}: wrote {written.name} ({len(targets)} modules)")
 
 
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Torch threads per worker (default: the CPUs divided among the workers). Runs record it "
+        "(environment.json); the same count is what makes a re-made CPU run bit-identical."
+    ),
+]
+
+
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML (see docs/experiments.md).")],
@@ -467,13 +476,7 @@ def sweep(
     workers: Annotated[
         int | None, typer.Option(help="Local worker processes (default 1: runs in this process).")
     ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="Torch threads per worker (default: the CPUs divided among the workers). Runs record it "
-            "(environment.json); the same count is what makes a re-made CPU run bit-identical."
-        ),
-    ] = None,
+    threads: ThreadsOption = None,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto': the running one); default: start one.")
     ] = None,
@@ -528,13 +531,7 @@ def tune(
         int | None, typer.Option(help="Seeds every trial trains at (tune.seeds), scored by tune.aggregate.")
     ] = None,
     workers: Annotated[int, typer.Option(help="Local worker processes sharing the storage.")] = 1,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="Torch threads per worker (default: the CPUs divided among the workers). Runs record it "
-            "(environment.json); the same count is what makes a re-made CPU run bit-identical."
-        ),
-    ] = None,
+    threads: ThreadsOption = None,
     storage: Annotated[
         str | None,
         typer.Option(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from processes import fimlora_command, kill_when
 from safetensors.torch import load_file
 
 from fimlora.cli import main
@@ -268,23 +267,11 @@ def test_resume_after_the_sweep_process_is_killed(capsys, grid, defaults, tmp_pa
     slow = {**defaults, "train": {**defaults["train"], "steps": 20}}
     path = spec_file(tmp_path, grid, slow)
     first, second = expand(load_spec(path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fimlora.cli", "sweep", str(path), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
+    kill_when(
+        fimlora_command("sweep", path, "--no-progress"),
+        lambda: first.run_directory.is_finished and (second.run_directory.path / "config.yaml").exists(),
+        timeout_s=120,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not (first.run_directory.is_finished and (second.run_directory.path / "config.yaml").exists()):
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
     assert not second.run_directory.is_finished
     first_stamps = file_stamps(first.directory)
 

@@ -5,16 +5,13 @@ draws; --trials extends it; workers share the budget."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
+from processes import ONE_THREAD, fimlora_command, kill_when
 from tune_runs import lora_grid, write_spec
 
 from fimlora.cli import main
@@ -31,12 +28,10 @@ def run_cli(capsys, *argv):
 
 
 TUNE = {"trials": 4, "metric": "loss", "eval_every": 2, "heartbeat_s": 1, "sampler": {"startup_trials": 3}}
-# Every process alike (one thread): the same trial gives bit-identical scores in each of them.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tune_command(path, *extra) -> list[str]:
-    return [sys.executable, "-m", "fimlora.cli", "tune", str(path), *map(str, extra)]
+    return fimlora_command("tune", path, *extra)
 
 
 def counted(study) -> list[tuple]:
@@ -51,31 +46,16 @@ def counted(study) -> list[tuple]:
 def test_a_killed_and_resumed_tuning_is_the_uninterrupted_one_trial_by_trial(
     capsys, small_bert_dir, split_dir, tmp_path
 ):
-    plain_path = write_spec(_mkdir(tmp_path / "plain"), lora_grid(small_bert_dir, split_dir), TUNE)
-    path = write_spec(_mkdir(tmp_path / "killed"), lora_grid(small_bert_dir, split_dir), TUNE)
-    subprocess.run(tune_command(plain_path), check=True, env=ENV, capture_output=True)
-
-    spec = load_spec(path)
-    (cell,) = plan_cells(spec, parse_tune(spec))
+    plain_path, path, spec, cell = _uninterrupted_and_to_kill(small_bert_dir, split_dir, tmp_path, TUNE)
     second = cell.directory / "trial-0001" / "lora" / "config.yaml"
-    proc = subprocess.Popen(tune_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    try:
-        deadline = time.monotonic() + 300
-        while not second.exists():  # the first trial finished, the second is training
-            assert proc.poll() is None, "the tuning ended before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when(tune_command(path), second.exists)  # the first trial finished, the second is training
     storage = default_storage(spec.output_path)
     study = optuna.load_study(study_name=cell.study_name, storage=storage)
     assert [trial_kind(t) for t in study.trials] == ["complete", "running"]
     first_result = cell.directory / "trial-0000" / "lora" / "result.json"
     first_stamp = first_result.stat().st_mtime_ns
 
-    subprocess.run(tune_command(path), check=True, env=ENV, capture_output=True)
+    subprocess.run(tune_command(path), check=True, env=ONE_THREAD, capture_output=True)
     trials = optuna.load_study(study_name=cell.study_name, storage=storage).trials
     counts = kind_counts(trials)
     assert counts["lost"] == 1 and trial_kind(trials[1]) == "lost"  # only the trial that was running
@@ -111,28 +91,13 @@ def test_a_lost_trial_keeps_the_seeds_it_finished(small_bert_dir, split_dir, tmp
     # Seeds train one after another: killed while seed 1 trains, the retry keeps seed 0's finished run
     # (its validation history replayed to the pruner) and trains seed 1 only, to the uninterrupted scores.
     tune = {**TUNE, "trials": 2, "seeds": 2}
-    plain_path = write_spec(_mkdir(tmp_path / "plain"), lora_grid(small_bert_dir, split_dir), tune)
-    path = write_spec(_mkdir(tmp_path / "killed"), lora_grid(small_bert_dir, split_dir), tune)
-    subprocess.run(tune_command(plain_path), check=True, env=ENV, capture_output=True)
-
-    spec = load_spec(path)
-    (cell,) = plan_cells(spec, parse_tune(spec))
+    plain_path, path, spec, cell = _uninterrupted_and_to_kill(small_bert_dir, split_dir, tmp_path, tune)
     seed_0 = cell.directory / "trial-0000" / "seed-0" / "lora"
     seed_1 = cell.directory / "trial-0000" / "seed-1" / "lora" / "config.yaml"
-    proc = subprocess.Popen(tune_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    try:
-        deadline = time.monotonic() + 300
-        while not seed_1.exists():  # seed 0 finished, seed 1 is training
-            assert proc.poll() is None, "the tuning ended before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when(tune_command(path), seed_1.exists)  # seed 0 finished, seed 1 is training
     stamp = (seed_0 / "result.json").stat().st_mtime_ns
 
-    resumed = subprocess.run(tune_command(path), check=True, env=ENV, capture_output=True, text=True)
+    resumed = subprocess.run(tune_command(path), check=True, env=ONE_THREAD, capture_output=True, text=True)
     assert "seed 0 finished before its worker was lost; kept" in resumed.stdout
     trials = optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path)).trials
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
@@ -150,6 +115,17 @@ def test_a_lost_trial_keeps_the_seeds_it_finished(small_bert_dir, split_dir, tmp
     assert counted(
         optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path))
     ) == (counted(plain))
+
+
+def _uninterrupted_and_to_kill(model, data, tmp_path, tune):
+    """Two specs of one tuning: the first tuned to the end here, the second (its spec and cell returned)
+    for a test to kill and resume."""
+    plain_path = write_spec(_mkdir(tmp_path / "plain"), lora_grid(model, data), tune)
+    path = write_spec(_mkdir(tmp_path / "killed"), lora_grid(model, data), tune)
+    subprocess.run(tune_command(plain_path), check=True, env=ONE_THREAD, capture_output=True)
+    spec = load_spec(path)
+    (cell,) = plan_cells(spec, parse_tune(spec))
+    return plain_path, path, spec, cell
 
 
 def _mkdir(path):
