@@ -88,10 +88,14 @@ class _Cache:
 
 
 def check_config(
-    config: ExperimentConfig, cache: _Cache | None = None, planned: Collection[PlannedRun] = ()
+    config: ExperimentConfig,
+    cache: _Cache | None = None,
+    planned: Collection[PlannedRun] = (),
+    splits: Collection[str] | None = None,
 ) -> None:
     """Raise the FimloraError that the run of ``config`` would raise before training, if any.
-    ``planned``: the runs the same sweep will make before or beside this one."""
+    ``planned``: the runs the same sweep will make before or beside this one; ``splits``: the only
+    splits that may be loaded (tuning: not test)."""
     cache = cache or _Cache()
     options = config.dataset_options
     data_key = (
@@ -101,8 +105,9 @@ def check_config(
         config.task,
         options.model_dump(),
         config.trust_remote_code,
+        None if splits is None else tuple(sorted(splits)),
     )
-    data: TaskData = cache.get(data_key, lambda: _load_data(config))
+    data: TaskData = cache.get(data_key, lambda: _load_data(config, splits))
     num_labels = data.num_labels if data.task == "classification" else None
     model, tokenizer = cache.get(
         ("model", config.model, data.task, num_labels, config.trust_remote_code),
@@ -156,12 +161,17 @@ def check_config(
             raise FimloraError(f"Method {spec.name!r} (adapter {adapter.name}{extra}): {exc}") from None
 
 
-def _load_data(config: ExperimentConfig) -> TaskData:
+def _load_data(config: ExperimentConfig, splits: Collection[str] | None) -> TaskData:
     with quiet_datasets():
-        return config_data(config)
+        return config_data(config, splits=splits)
 
 
-def check_runs(runs: Sequence[tuple[str, ExperimentConfig]], *, what: str = "run") -> None:
+def check_runs(
+    runs: Sequence[tuple[str, ExperimentConfig]],
+    *,
+    what: str = "run",
+    splits: Collection[str] | None = None,
+) -> None:
     """:func:`check_config` for every ``(label, config)``; one FimloraError listing the runs that would
     fail, grouped by reason (at most three labels and three reasons shown)."""
     cache = _Cache()
@@ -171,7 +181,7 @@ def check_runs(runs: Sequence[tuple[str, ExperimentConfig]], *, what: str = "run
     failures: dict[str, list[str]] = {}
     for label, config in runs:
         try:
-            check_config(config, cache, planned)
+            check_config(config, cache, planned, splits)
         except FimloraError as exc:
             failures.setdefault(str(exc).rstrip("."), []).append(label)
     if not failures:

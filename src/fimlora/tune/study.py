@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from fimlora.errors import FimloraError
+from fimlora.preflight import check_runs
 from fimlora.processes import launched_world_size
 from fimlora.sweep.local import init_worker, threads_per_worker
 from fimlora.sweep.spec import SweepSpec
-from fimlora.tune.cells import Cell, plan_cells, tuning_seeds
+from fimlora.tune.cells import TUNING_SPLITS, Cell, plan_cells, tuning_seeds
 from fimlora.tune.objective import Objective, PreparedCache, SetupError, SurplusTrial, format_params
 from fimlora.tune.output import TuningSummary, summarize_study, write_outputs
 from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
@@ -286,6 +287,9 @@ def run_tuning(
         )
     settings = parse_tune(spec, trials=trials, seeds=seeds)
     cells = plan_cells(spec, settings)
+    # What would fail every trial of a cell before training (a hindsight source not made yet, a budget
+    # too small) stops here, before any trial is spent on it; the test split stays unread.
+    check_runs([(cell.describe(), cell.config) for cell in cells], what="tuning cell", splits=TUNING_SPLITS)
     store = spec.output_path
     store.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(store)
