@@ -38,6 +38,23 @@ if abs(rate - want) > 1e-12 * want:
 PY
 }
 
+# Task 2's rule for its LoRA r = 8 source's rate (brown-genre-source-lora-r8-rate-check.yaml, fixed before
+# brown-genre was tuned): both check seeds reach validation macro-F1 >= the lora cell's tuned validation
+# macro-F1 minus 0.035. Arguments: the check's store, tuned.yaml.
+rate_check_holds() {
+  "$PYTHON" - "$1" "$2" <<'PY'
+import glob, json, sys, yaml
+store, tuned = sys.argv[1:3]
+cell = next(c for c in yaml.safe_load(open(tuned, encoding="utf-8"))["cells"] if c["method"] == "lora")
+floor = cell["validation_score"] - 0.035
+results = [json.load(open(p, encoding="utf-8")) for p in sorted(glob.glob(f"{store}/*/lora/result.json"))]
+scores = {r["seed"]: r["metrics"]["macro_f1"] for r in results}
+if sorted(scores) != [0, 1] or min(scores.values()) < floor:
+    sys.exit(f"{store}: validation macro-F1 by seed {scores}, the rule asks both >= {floor:.4f}: check the "
+             "next-best lora rate of tuning-trials.csv the same way (study README, change 5)")
+PY
+}
+
 # Task 1, MiniLM × movie-reviews: uniform rank 1 (r_min 0), then uniform rank 4.
 "$FIMLORA" tune $E/movie-reviews-r1.yaml --workers "$WORKERS"
 sweep $E/source-full-ft.yaml            # the hindsight sources, before any hindsight run
@@ -54,16 +71,22 @@ sweep $E/movie-reviews-r1-own-rate.yaml --tuned $E/runs/movie-reviews-r1-own-rat
 "$FIMLORA" tune $E/movie-reviews-r4.yaml --workers "$WORKERS"
 sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 
-# Task 2, MiniLM × brown-genre: its convergence curve (which chose 1,000 steps), its hindsight sources,
-# then tuning (lora, fim-lora), the final runs at uniform rank 1 and the Fisher over training.
+# Task 2, MiniLM × brown-genre: its convergence curve (which chose 1,000 steps), tuning (lora, fim-lora),
+# its hindsight sources (the LoRA r = 8 one at the lora rate, checked on validation first), the own-rate
+# hindsight variants' tuning (change 7), the final runs at uniform rank 1 and the Fisher over training.
 sweep $E/brown-genre-convergence.yaml
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
 spectra $E/runs/brown-genre-full-ft/*/full-ft
+source_rate_is_tuned $E/brown-genre-source-lora-r8-rate-check.yaml $E/runs/brown-genre-r1/tuned.yaml
+sweep $E/brown-genre-source-lora-r8-rate-check.yaml
+rate_check_holds $E/runs-source-rate-check-brown-genre $E/runs/brown-genre-r1/tuned.yaml
 source_rate_is_tuned $E/brown-genre-source-lora-r8.yaml $E/runs/brown-genre-r1/tuned.yaml
 sweep $E/brown-genre-source-lora-r8.yaml
 spectra $E/runs/brown-genre-lora-r8/*/lora
+"$FIMLORA" tune $E/brown-genre-r1-own-rate.yaml --workers "$WORKERS"
 sweep $E/brown-genre-r1.yaml --tuned $E/runs/brown-genre-r1/tuned.yaml
+sweep $E/brown-genre-r1-own-rate.yaml --tuned $E/runs/brown-genre-r1-own-rate/tuned.yaml
 trajectory brown-genre
 
 "$FIMLORA" results $E/runs --out $E/results
