@@ -13,7 +13,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 untracked() { git ls-files -o --exclude-standard -- "$E" | grep -E "$1" || true; }
 # A run directory is the parent of <method>/result.json; a tuning trial's seed directory likewise.
 for f in $(untracked '/result\.json$'); do git add -- "$(dirname "$(dirname "$f")")"; done
-for f in $(untracked '(tuned\.yaml|tuning-trials\.csv|fisher-trajectory\.(json|csv))$'); do git add -- "$f"; done
+# A tuning cell's Fisher record per seed (`.tuning/<study>/seed-N/fisher/fisher.json`; its tensors are
+# ignored, as every run's are).
+for f in $(untracked '(tuned\.yaml|tuning-trials\.csv|fisher-trajectory\.(json|csv)|/fisher/fisher\.json)$'); do
+  git add -- "$f"
+done
 for f in $(git ls-files -m -- "$E" | grep -E '(tuned\.yaml|tuning-trials\.csv)$' || true); do git add -- "$f"; done
 for db in $(find "$E" -name tuning.db); do
   snapshot=$(mktemp)
