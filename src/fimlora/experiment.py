@@ -83,7 +83,7 @@ from fimlora.processes import (
 )
 from fimlora.quantization import copy_sharing_frozen_tensors
 from fimlora.resolved import describe, run_config_differences
-from fimlora.runs import RunDirectory, environment
+from fimlora.runs import ADAPTER_DIR, RunDirectory, environment
 from fimlora.train import PeriodicValidation, train
 
 logger = logging.getLogger(__name__)
@@ -711,12 +711,12 @@ def run_method(
         # transformers take the adapter directory for a complete model.
         atomic_write_text(tmp / MODEL_CONFIG_FILE, prepared.loaded.model.config.to_json_string())
 
-    save_atomically(save, run.file("adapter"))
+    save_atomically(save, run.file(ADAPTER_DIR))
     # Methods whose adapter changes size while it trains (AdaLoRA, fisher-online) record what it ends with.
     effective = next(
         (r["final_params"] for r in records.values() if isinstance(r, dict) and "final_params" in r), None
     )
-    deployment = deployment_records(prepared, model, adapter, run.file("adapter"))
+    deployment = deployment_records(prepared, model, adapter, run.file(ADAPTER_DIR))
     if "forgetting" in deployment:
         metrics["forgetting"] = deployment.pop("forgetting")
     result = {

@@ -32,6 +32,7 @@ from fimlora.io import atomic_write_json, atomic_write_text
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.yaml"  # the run's resolved config, written when it starts
+ADAPTER_DIR = "adapter"  # the trained adapter (or full model), saved when it finishes
 _PACKAGES = ("fimlora", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "numpy")
 
 

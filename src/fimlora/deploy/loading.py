@@ -17,9 +17,7 @@ from typing import Any
 from torch import nn
 
 from fimlora.errors import FimloraError
-from fimlora.runs import CONFIG_FILE
-
-ADAPTER_DIR = "adapter"
+from fimlora.runs import ADAPTER_DIR, CONFIG_FILE
 
 # transformers' own deprecation notice, raised from inside PEFT; nothing a user can act on (as in train.py).
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

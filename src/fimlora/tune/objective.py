@@ -121,10 +121,12 @@ class Objective:
         trial.set_user_attr(WORKER_ATTR, worker_name())
         scores: dict[int, float] = {}
         seed = cell.seeds[0]
+        # The lost trials this one retries (set by the heartbeat's retry; empty for a fresh trial).
+        lost = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
         try:
             for index, seed in enumerate(cell.seeds):
                 config = cell.trial_config(params, trial.number, seed)
-                kept = self._finished_by_lost_trial(trial, config, params)
+                kept = self._finished_by_lost_trial(lost, config, params)
                 run_dir = Path(config.output_dir) / cell.method if kept is None else kept
                 if index == 0:
                     trial.set_user_attr(RUN_DIR_ATTR, str(run_dir))
@@ -165,16 +167,15 @@ class Objective:
         return value
 
     def _finished_by_lost_trial(
-        self, trial: Any, config: ExperimentConfig, params: dict[str, Any]
+        self, lost: list[int], config: ExperimentConfig, params: dict[str, Any]
     ) -> Path | None:
-        """The run of ``config``'s seed that a lost trial of the same values finished before its worker
-        died (the heartbeat's retry names the lost trials in ``retry_history``), or None. Its seeds train
+        """The run of ``config``'s seed that one of the ``lost`` trials (same values) finished before its
+        worker died, or None. Its seeds train
         one after another, so a stop loses the seed in flight, not the ones done: those are kept rather
         than trained again. Kept only when its record says it is this run: finished, the same trial
         values and seed, and its config this one's but for the directory."""
-        history = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
         wanted = config.model_dump(mode="json", exclude={"output_dir"})
-        for number in reversed(history):
+        for number in reversed(lost):
             prior = self.cell.trial_config(params, int(number), config.seed)
             run_dir = Path(prior.output_dir) / self.cell.method
             try:
@@ -207,10 +208,15 @@ class Objective:
             trial.report(value, trial_step(seed_index, int(point["step"]), steps))
             if trial.should_prune():
                 raise optuna.TrialPruned(f"step {point['step']}: validation {metric} {value:.4f}")
-        result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        value = result.get("metrics", {}).get(metric)
+        return self._score(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
+
+    def _score(self, result: dict[str, Any]) -> float:
+        """The cell's metric from a finished run's ``result.json``."""
+        value = result.get("metrics", {}).get(self.cell.metric)
         if not isinstance(value, int | float):
-            raise FimloraError(f"The run records no validation {metric}; choose another tune.metric.")
+            raise FimloraError(
+                f"The run records no validation {self.cell.metric}; choose another tune.metric."
+            )
         return float(value)
 
     def _at(self, seed: int) -> str:
@@ -270,10 +276,7 @@ class Objective:
                 }
             },
         )
-        value = outcome.result.get("metrics", {}).get(metric)
-        if not isinstance(value, int | float):
-            raise FimloraError(f"The run records no validation {metric}; choose another tune.metric.")
-        return float(value)
+        return self._score(outcome.result)
 
 
 def worker_name() -> str:

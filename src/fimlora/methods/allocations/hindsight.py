@@ -69,9 +69,8 @@ from fimlora.errors import FimloraError
 from fimlora.io import sha256_file
 from fimlora.methods.allocations.spectral import PLAIN_RANK_ADAPTERS
 from fimlora.methods.base import AllocationRule, MethodContext
-from fimlora.runs import CONFIG_FILE, RESULT_FILE
+from fimlora.runs import ADAPTER_DIR, CONFIG_FILE, RESULT_FILE
 
-ADAPTER_DIR = "adapter"
 FULL_FT_WEIGHTS = "model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 SPECTRUM_FILE = "update-spectrum.safetensors"
