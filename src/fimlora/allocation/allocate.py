@@ -365,19 +365,7 @@ def _check_rank_costs(rank_costs: Mapping[str, int] | None, shapes: Mapping[str,
 def _check_scores(
     scores: Mapping[str, float], shapes: Mapping[str, tuple[int, int]], *, needs_signal: bool
 ) -> None:
-    if len(scores) == 0:
-        raise FimloraError("The mapping of scores is empty; pass one score per module.")
-    missing_scores = sorted(set(shapes) - set(scores))
-    missing_shapes = sorted(set(scores) - set(shapes))
-    if missing_scores or missing_shapes:
-        parts = []
-        if missing_scores:
-            parts.append(f"no score for {_quote(missing_scores)}")
-        if missing_shapes:
-            parts.append(f"no shape for {_quote(missing_shapes)}")
-        raise FimloraError(
-            f"The keys of scores and shapes differ ({'; '.join(parts)}); pass the same module names to both."
-        )
+    _check_same_keys(scores, shapes, "score", "shape", "scores and shapes")
     for name in sorted(scores):
         value = scores[name]
         if not _is_real(value) or not math.isfinite(value) or value < 0:
@@ -388,6 +376,25 @@ def _check_scores(
         raise FimloraError(
             "All scores are zero, so a score-driven allocation is undefined; "
             "check the Fisher estimate or use strategy='uniform'."
+        )
+
+
+def _check_same_keys(
+    first: Mapping[str, object], second: Mapping[str, object], a: str, b: str, what: str
+) -> None:
+    """``first`` and ``second`` name the same modules; the message names what is missing where."""
+    if not isinstance(first, Mapping) or len(first) == 0:
+        raise FimloraError(f"The mapping of {a}s is empty or not a mapping; pass one {a} per module.")
+    missing_first = sorted(set(second) - set(first))
+    missing_second = sorted(set(first) - set(second))
+    if missing_first or missing_second:
+        parts = []
+        if missing_first:
+            parts.append(f"no {a} for {_quote(missing_first)}")
+        if missing_second:
+            parts.append(f"no {b} for {_quote(missing_second)}")
+        raise FimloraError(
+            f"The keys of {what} differ ({'; '.join(parts)}); pass the same module names to both."
         )
 
 

@@ -70,9 +70,9 @@ from fimlora.allocation.allocate import (
     _check_caps,
     _check_hyperparameters,
     _check_rank_costs,
+    _check_same_keys,
     _check_shapes,
     _is_real,
-    _quote,
     _rank_cap,
     check_minimum_budget,
     rank_cost,
@@ -474,25 +474,6 @@ def _greedy(
 def _check_damping(damping: float) -> None:
     if not _is_real(damping) or not math.isfinite(damping) or damping < 0:
         raise FimloraError(f"damping must be a finite number >= 0, but got {damping!r}.")
-
-
-def _check_same_keys(
-    first: Mapping[str, object], second: Mapping[str, object], a: str, b: str, what: str
-) -> None:
-    """``first`` and ``second`` name the same modules; the message names what is missing where."""
-    if not isinstance(first, Mapping) or len(first) == 0:
-        raise FimloraError(f"The mapping of {a}s is empty or not a mapping; pass one {a} per module.")
-    missing_first = sorted(set(second) - set(first))
-    missing_second = sorted(set(first) - set(second))
-    if missing_first or missing_second:
-        parts = []
-        if missing_first:
-            parts.append(f"no {a} for {_quote(missing_first)}")
-        if missing_second:
-            parts.append(f"no {b} for {_quote(missing_second)}")
-        raise FimloraError(
-            f"The keys of {what} differ ({'; '.join(parts)}); pass the same module names to both."
-        )
 
 
 def _check_matrix(what: str, value: object, shape: tuple[int, int] | None) -> None:
