@@ -17,7 +17,8 @@
           lora.scaling: {choices: [alpha_over_r, alpha_over_sqrt_r]}
         adalora:
           method_options.adalora.tinit_ratio: {low: 0.0, high: 0.3}
-      sampler: {seed: 0, startup_trials: 4}        # TPE; random trials before it models (default trials // 2)
+      sampler: {seed: 0, startup_trials: 4}        # TPE; start-up trials before it models (default
+                                                   # trials // 2): random, or startup_design: latin-hypercube
       pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
       heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
       share:                         # controls run at their reference method's tuned settings
@@ -94,7 +95,13 @@ class ChoiceSpec(_Strict):
 class SamplerSettings(_Strict):
     seed: int = Field(0, description="Seed of every study's TPE sampler (per trial: with its place).")
     startup_trials: int | None = Field(
-        None, ge=1, description="Random trials before TPE models the results (default: trials // 2, ≥ 1)."
+        None, ge=1, description="Start-up trials before TPE models the results (default: trials // 2, ≥ 1)."
+    )
+    startup_design: Literal["random", "latin-hypercube"] = Field(
+        "random",
+        description="How the start-up trials' values are placed: TPE's independent random draws, or a "
+        "Latin hypercube (each dimension's range cut into startup_trials equal parts, of its log scale "
+        "for a log range, one start-up trial in each, in a seeded order).",
     )
 
 
@@ -188,10 +195,13 @@ class TuneSettings(_Strict):
     def protocol(self) -> dict[str, Any]:
         """Everything a study's trials depend on besides the cell (hashed into study names); not the
         number of trials (more trials extend a study) nor the heartbeat. One seed leaves ``seeds`` and
-        ``aggregate`` out (its mean is its worst), so that studies of one seed keep their names."""
-        exclude = {"trials", "heartbeat_s", "methods", "share"}
+        ``aggregate`` out (its mean is its worst), and random start-up its ``startup_design``, so that
+        studies named before those settings existed keep their names."""
+        exclude: dict[str, Any] = {"trials": True, "heartbeat_s": True, "methods": True, "share": True}
         if self.seeds == 1:
-            exclude |= {"seeds", "aggregate"}
+            exclude |= {"seeds": True, "aggregate": True}
+        if self.sampler.startup_design == "random":
+            exclude["sampler"] = {"startup_design": True}  # studies from before the option keep their names
         return self.model_dump(mode="json", exclude=exclude)
 
 
