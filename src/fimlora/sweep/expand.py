@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fimlora.config import ExperimentConfig, parse_config
+from fimlora.config import ExperimentConfig, key_view, parse_config
 from fimlora.errors import FimloraError
 from fimlora.runs import RunDirectory
 from fimlora.sweep.lock import RUN_LOCK_FILE, is_locked
@@ -53,10 +53,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """Short, stable hash of a resolved config, ignoring ``output_dir`` (sha256 of canonical JSON)."""
-    canonical = json.dumps(
-        config.model_dump(mode="json", exclude={"output_dir"}), sort_keys=True, separators=(",", ":")
-    )
+    """Short, stable hash of a resolved config, ignoring ``output_dir`` and fields added at their default
+    (:func:`fimlora.config.key_view`; sha256 of canonical JSON)."""
+    canonical = json.dumps(key_view(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HASH_CHARS]
 
 

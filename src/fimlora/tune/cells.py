@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fimlora.config import ExperimentConfig, parse_config
+from fimlora.config import ExperimentConfig, key_view, parse_config
 from fimlora.data import dataset_label
 from fimlora.data.registry import registered_task
 from fimlora.errors import FimloraError
@@ -174,7 +174,7 @@ def plan_cells(spec: SweepSpec, settings: TuneSettings) -> list[Cell]:
         space = tuple(settings.space(run.method))
         metric = _metric(settings, config)
         fingerprint = {
-            "config": config.model_dump(mode="json", exclude={"output_dir"}),
+            "config": key_view(config),
             # The data by content (the test file, sealed while tuning, is not read): an edited file
             # starts new studies instead of mixing trials on two versions of the data.
             "data": config.data_identity(splits=TUNING_SPLITS).fingerprint(),
