@@ -89,5 +89,6 @@ sweep $E/brown-genre-r1.yaml --tuned $E/runs/brown-genre-r1/tuned.yaml
 sweep $E/brown-genre-r1-own-rate.yaml --tuned $E/runs/brown-genre-r1-own-rate/tuned.yaml
 trajectory brown-genre
 
-"$FIMLORA" results $E/runs --out $E/results
-"$FIMLORA" report $E/runs --out $E/report
+# Holm per cell (task × budget), as the reading rule fixed before any final run says.
+"$FIMLORA" results $E/runs --out $E/results --holm-family budget
+"$FIMLORA" report $E/runs --out $E/report --holm-family budget

@@ -229,20 +229,32 @@ def demo(
     run_demo(demo_config(output_dir=output_dir, steps=steps), overwrite=overwrite, log=_echo)
 
 
+HolmFamilyOption = Annotated[
+    str,
+    typer.Option(
+        help="What one Holm adjustment covers: table (every budget × method of a results table) or "
+        "budget (each budget's comparisons on their own, for a study that reads each budget as a cell)."
+    ),
+]
+
+
 @app.command()
 def results(
     runs_dir: Annotated[Path, typer.Argument(help="Directory searched recursively for run directories.")],
     out: Annotated[
         Path | None, typer.Option(help="Where results.parquet/.csv and unfinished.csv go (default: DIR).")
     ] = None,
+    holm_family: HolmFamilyOption = "table",
 ) -> None:
     """Collect every finished run below DIR into one table (Parquet + CSV); unfinished runs kept apart."""
     from fimlora.results import collect_results
+    from fimlora.stats import check_holm_family
 
+    check_holm_family(holm_family)
     if out is not None:
         ensure_directory(out, "--out")
     table = collect_results(runs_dir)
-    paths = table.write(out or runs_dir)
+    paths = table.write(out or runs_dir, holm_family=holm_family)
     _echo(f"{len(table.frame)} finished run(s) written to {paths['parquet']} and {paths['csv']}")
     counts = table.frame.groupby(["dataset", "model", "budget_label", "method"], dropna=False).size()
     for (dataset, model, budget, method), n in counts.items():
@@ -255,7 +267,8 @@ def results(
         lines = comparison_lines(pd.read_csv(paths["summary"]), primary_metric(table.frame))
         _echo(
             f"statistics over seeds in {paths['summary']}; paired comparisons with {BASELINE} "
-            f"(p-values raw and Holm-adjusted over each dataset × model × metric): {len(lines) or 'none'}"
+            f"(p-values raw and Holm-adjusted over each dataset × model × metric"
+            f"{' × budget' if holm_family == 'budget' else ''}): {len(lines) or 'none'}"
         )
         for line in lines:
             _echo(f"  {line}")
@@ -284,15 +297,26 @@ def report(
     ] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples (at least 10,000).")] = 10_000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    holm_family: HolmFamilyOption = "table",
 ) -> None:
     """Statistics over seeds, paired comparisons and plots of every finished run below DIR: md + html."""
     from fimlora.reporting import build_report
+    from fimlora.stats import check_holm_family
 
+    check_holm_family(holm_family)
     if resamples < 10_000:
         raise FimloraError(f"--resamples must be at least 10000 for stable 95% intervals, got {resamples}.")
     if out is not None:
         ensure_directory(out, "--out")
-    files = build_report(runs_dir, out, metric=metric, baseline=baseline, n_resamples=resamples, seed=seed)
+    files = build_report(
+        runs_dir,
+        out,
+        metric=metric,
+        baseline=baseline,
+        n_resamples=resamples,
+        seed=seed,
+        holm_family=holm_family,
+    )
     _echo(f"report: {files.markdown} and {files.html} ({len(files.images)} figures in {files.html.parent})")
 
 

@@ -132,10 +132,11 @@ class ResultsTable:
     frame: pd.DataFrame
     unfinished: list[UnfinishedRun]
 
-    def write(self, out: str | Path) -> dict[str, Path]:
+    def write(self, out: str | Path, *, holm_family: str = "table") -> dict[str, Path]:
         """Write ``results.parquet``, ``results.csv``, ``unfinished.csv`` and, when the runs record a
         held-out metric, ``summary.csv`` (:func:`fimlora.stats.summarize`: mean, CI, the paired comparison
-        with ``lora`` and its raw and Holm-adjusted p-values) into ``out``, each atomically."""
+        with ``lora`` and its raw and Holm-adjusted p-values, over ``holm_family``) into ``out``, each
+        atomically."""
         from fimlora.stats import summarize  # stats needs this module's METRICS
 
         out = Path(out)
@@ -152,7 +153,7 @@ class ResultsTable:
             "unfinished": atomic_write(out / UNFINISHED_CSV, lambda tmp: unfinished.to_csv(tmp, index=False)),
         }
         try:
-            summary = summarize(frame)
+            summary = summarize(frame, holm_family=holm_family)
         except FimloraError:  # no held-out metric: nothing to summarise
             return paths
         paths["summary"] = atomic_write(out / SUMMARY_CSV, lambda tmp: summary.to_csv(tmp, index=False))

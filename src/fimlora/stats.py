@@ -25,7 +25,9 @@ Definitions (``values`` are one metric of one configuration, one value per seed)
 
 * **Holm-adjusted p-values** (:func:`holm`): each p-value of a table is adjusted for the other
   comparisons of the same table, the *family*: every (budget, method, setting) against the baseline on
-  one dataset, model and metric (:data:`HOLM_FAMILY`), each test separately. With the m finite p-values
+  one dataset, model and metric (:data:`HOLM_FAMILY`), each test separately; or, with ``holm_family
+  "budget"``, those at one budget of it (:data:`HOLM_FAMILIES`), for a study that reads each budget as a
+  cell of its own and fixed that before its runs. With the m finite p-values
   of a family sorted, p₍₁₎ ≤ … ≤ p₍ₘ₎, the adjusted ``p̃₍ᵢ₎ = max_{j ≤ i} min(1, (m − j + 1) · p₍ⱼ₎)``;
   rejecting where p̃ < α keeps the chance of any false finding in the family at most α, whatever the
   dependence between the comparisons (Holm 1979).
@@ -56,6 +58,9 @@ MAX_EXACT_SIGN_FLIP = 16
 BASELINE = "lora"
 #: The comparisons one Holm adjustment covers: those of one table of the report.
 HOLM_FAMILY = ("dataset", "model", "metric")
+#: By name (``summarize(..., holm_family=)``, ``--holm-family``): ``table``, every budget of one results
+#: table; ``budget``, each budget of it on its own.
+HOLM_FAMILIES = {"table": HOLM_FAMILY, "budget": (*HOLM_FAMILY, "budget")}
 
 # Settings every method of a comparison shares: runs are only paired with a baseline that matches them.
 _SHARED_PREFIXES = ("train.", "lora.", "dataset_options.")
@@ -355,6 +360,12 @@ def _warning(n_seeds: int, n_paired: int | None, extra: list[str], min_seeds: in
     return "; ".join(notes)
 
 
+def check_holm_family(name: str) -> None:
+    """Refuse a Holm family that :data:`HOLM_FAMILIES` does not name."""
+    if name not in HOLM_FAMILIES:
+        raise FimloraError(f"Unknown Holm family {name!r}; choose one of {', '.join(HOLM_FAMILIES)}.")
+
+
 def summarize(
     frame: pd.DataFrame,
     metrics: Sequence[str] | None = None,
@@ -364,6 +375,7 @@ def summarize(
     confidence: float = CONFIDENCE,
     seed: int = 0,
     min_seeds: int = MIN_SEEDS,
+    holm_family: str = "table",
 ) -> pd.DataFrame:
     """One row per (dataset, model, budget, [varying settings], method, metric) over seeds.
 
@@ -372,10 +384,12 @@ def summarize(
     (mean over seeds), ``baseline``, ``n_paired``, ``paired_seeds``, ``diff_mean``, ``diff_ci_low``,
     ``diff_ci_high`` (method − baseline; bootstrap), ``diff_t_ci_low``, ``diff_t_ci_high``
     (t-interval), ``t_stat``, ``p_ttest``, ``p_signflip`` and their Holm adjustments ``p_ttest_holm``,
-    ``p_signflip_holm`` over the comparisons of the row's :data:`HOLM_FAMILY` (``holm_family_size`` of
-    them: those on at least 2 paired seeds), ``signflip_exact``, ``warning`` (empty when none).
+    ``p_signflip_holm`` over the comparisons of the row's family, :data:`HOLM_FAMILIES` ``[holm_family]``
+    (``holm_family_size`` of them: those on at least 2 paired seeds), ``signflip_exact``, ``warning``
+    (empty when none).
     Duplicate seeds within a group keep the first run (by ``run_dir``) and say so in ``warning``.
     """
+    check_holm_family(holm_family)
     if frame.empty:
         raise FimloraError("No runs to summarise.")
     metrics = list(metrics) if metrics is not None else metrics_in(frame)
@@ -431,7 +445,7 @@ def summarize(
             row["warning"] = _warning(len(x), n_paired, extra, min_seeds)
             rows.append(row)
     columns = [*group_keys, "budget_label", "task", *SUMMARY_VALUE_COLUMNS]
-    table = _with_holm(pd.DataFrame(rows).reindex(columns=columns))
+    table = _with_holm(pd.DataFrame(rows).reindex(columns=columns), HOLM_FAMILIES[holm_family])
     order = table["method"].map(lambda m: (m != baseline, str(m)))
     table = table.assign(_order=order).sort_values(
         [*pair_keys, "_order", *method_settings, "metric"], kind="stable", na_position="first"
@@ -533,8 +547,8 @@ def savings(
     return table.reindex(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS]).reset_index(drop=True)
 
 
-def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with the Holm-adjusted p-values of each family (see :data:`HOLM_FAMILY`).
+def _with_holm(table: pd.DataFrame, family_keys: Sequence[str] = HOLM_FAMILY) -> pd.DataFrame:
+    """``table`` with the Holm-adjusted p-values of each family: its rows that share ``family_keys``.
 
     A family's members are its comparisons on at least 2 paired seeds (those with a sign-flip p); one
     whose differences are all 0 has no t-test p, and enters the t-test's family as p = 1.
@@ -543,7 +557,7 @@ def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
     table["p_ttest_holm"] = math.nan
     table["p_signflip_holm"] = math.nan
     table["holm_family_size"] = 0
-    for _, family in table.groupby(list(HOLM_FAMILY), dropna=False, sort=False):
+    for _, family in table.groupby(list(family_keys), dropna=False, sort=False):
         flip = pd.to_numeric(family["p_signflip"], errors="coerce").to_numpy(dtype=np.float64)
         members = np.isfinite(flip)
         t = pd.to_numeric(family["p_ttest"], errors="coerce").to_numpy(dtype=np.float64)

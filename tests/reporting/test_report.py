@@ -136,6 +136,28 @@ def test_paired_comparison_is_reported(report_dir):
     assert "on fewer than 5 paired seeds, so not findings: r=4 fim-lora: Δ +0.0200" in small
 
 
+def test_a_per_budget_holm_family_is_reported_as_such(report_dir, tmp_path, capsys):
+    root, _ = report_dir
+    out = tmp_path / "per-budget"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "sweep"), "--out", str(out), "--holm-family", "budget"])
+    assert exit_info.value.code == 0
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    # Two comparisons per budget (fim-lora and random-rank), each budget adjusted on its own: the
+    # sign-flip p of 2/32 becomes 2 · 2/32 = 0.125, not the 0.25 of the table's family of 4.
+    row = next(line for line in markdown.splitlines() if line.startswith("| r=4 | fim-lora | 5 |"))
+    assert [c.strip() for c in row.strip("|").split("|")][10] == "0.062 (0.125)"
+    assert "over each budget's comparisons on their own (r=2: 2, r=4: 2) with lora" in markdown
+    assert "after Holm's correction over each budget's comparisons on their own (r=2: 2, r=4: 2)" in markdown
+    assert "the family of its budget" in markdown and "this table's 4" not in markdown
+    # A family the tool does not know: refused before anything is written.
+    refused = tmp_path / "refused"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["results", str(root / "sweep"), "--out", str(refused), "--holm-family", "cell"])
+    assert exit_info.value.code != 0 and not refused.exists()
+    assert "Unknown Holm family 'cell'; choose one of table, budget" in capsys.readouterr().err
+
+
 def test_report_is_deterministic(report_dir, tmp_path):
     root, files = report_dir
     again = build_report(root, tmp_path / "again", n_resamples=10_000)

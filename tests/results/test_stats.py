@@ -265,6 +265,29 @@ def test_summary_adjusts_each_tables_comparisons_together(tmp_path):
     assert accuracy.loc[accuracy["p_ttest"].idxmin(), "p_ttest_holm"] == pytest.approx(min(1.0, 4 * smallest))
 
 
+def test_a_budget_family_adjusts_each_budgets_comparisons_on_their_own(tmp_path):
+    # The same runs as above: per budget, 2 comparisons each, adjusted among themselves only.
+    write_sweep(tmp_path, seeds=(0, 1, 2, 3, 4), ranks=(2, 4), eval_losses=True)
+    frame = collect_results(tmp_path).frame
+    pooled = summarize(frame, ["accuracy"])
+    per_budget = summarize(frame, ["accuracy"], holm_family="budget")
+    assert per_budget["p_ttest"].equals(pooled["p_ttest"])  # the same comparisons, another family
+    compared = per_budget[per_budget["method"] != "lora"]
+    assert sorted(compared["budget_label"].unique()) == ["r=2", "r=4"]
+    for _, budget in compared.groupby("budget_label"):
+        assert len(budget) == 2 and (budget["holm_family_size"] == 2).all()
+        for column in ("p_ttest", "p_signflip"):
+            raw = budget[column].fillna(1.0).to_numpy()
+            assert budget[f"{column}_holm"].to_numpy() == pytest.approx(holm(raw))
+    # Pooling the budgets (the table's family) is the look-alike: 4 comparisons, larger adjustments.
+    pooled_compared = pooled[pooled["method"] != "lora"]
+    assert (pooled_compared["holm_family_size"] == 4).all()
+    assert (pooled_compared["p_ttest_holm"].to_numpy() >= compared["p_ttest_holm"].to_numpy() - 1e-15).all()
+    assert not np.allclose(pooled_compared["p_ttest_holm"], compared["p_ttest_holm"])
+    with pytest.raises(FimloraError, match="Unknown Holm family 'cell'; choose one of table, budget"):
+        summarize(frame, ["accuracy"], holm_family="cell")
+
+
 # --------------------------------------------------------------------------------------------------
 # Savings: a smaller budget against the baseline at a larger one
 # --------------------------------------------------------------------------------------------------

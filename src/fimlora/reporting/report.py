@@ -124,14 +124,32 @@ def _fmt_p_holm(raw: Any, adjusted: Any) -> str:
     return f"{_fmt_p(raw)} ({_fmt_p(adjusted)})"
 
 
-def findings(summary: pd.DataFrame, metric: str, family: int, label: Any, alpha: float = 0.05) -> str:
+def family_phrase(summary: pd.DataFrame, holm_family: str) -> str:
+    """What each Holm adjustment of ``summary`` covers, in words: ``this table's 9 comparisons``, or per
+    budget (``holm_family`` ``budget``) ``each budget's comparisons on their own (r=1: 9, r=4: 9)``;
+    empty when nothing is compared."""
+    compared = summary[pd.to_numeric(summary["holm_family_size"], errors="coerce") > 0]
+    if compared.empty:
+        return ""
+    if holm_family == "budget":
+        sizes = compared.groupby("budget_label", sort=False)["holm_family_size"].max()
+        return (
+            "each budget's comparisons on their own ("
+            + ", ".join(f"{budget}: {int(n)}" for budget, n in sizes.items())
+            + ")"
+        )
+    n = int(compared["holm_family_size"].max())
+    return f"this table's {n} comparison{'s' if n != 1 else ''}"
+
+
+def findings(summary: pd.DataFrame, metric: str, family: str, label: Any, alpha: float = 0.05) -> str:
     """The sentence under a results table: which differences are findings, i.e. hold after Holm's
-    correction over the table (paired t-test) on at least ``MIN_SEEDS`` paired seeds."""
+    correction over ``family`` (:func:`family_phrase`; paired t-test) on at least ``MIN_SEEDS`` paired
+    seeds."""
     below = summary[pd.to_numeric(summary["p_ttest_holm"], errors="coerce") < alpha]
     enough = pd.to_numeric(below["n_paired"], errors="coerce") >= MIN_SEEDS
     where = (
-        f"at α = {alpha:g} after Holm's correction over this table's {family} comparison"
-        f"{'s' if family != 1 else ''} (paired t-test, ≥ {MIN_SEEDS} paired seeds)"
+        f"at α = {alpha:g} after Holm's correction over {family} (paired t-test, ≥ {MIN_SEEDS} paired seeds)"
     )
     digits = _digits(metric)
 
@@ -244,10 +262,12 @@ class _Builder:
         *,
         n_resamples: int = N_RESAMPLES,
         seed: int = 0,
+        holm_family: str = "table",
     ) -> None:
         self.root = root
         self.n_resamples = n_resamples
         self.seed = seed
+        self.holm_family = holm_family
         self.frame = frame
         self.summary = summary
         self.baseline = baseline
@@ -460,12 +480,9 @@ class _Builder:
             caption += f"; always predicting the split's most frequent class scores {self.majority}"
         if metric == "forgetting":
             caption = deployment.FORGETTING_CAPTION
-        family = int(summary["holm_family_size"].max()) if len(summary) else 0
+        family = family_phrase(summary, self.holm_family) if len(summary) else ""
         if family:
-            caption += (
-                f"; Holm's adjustment in brackets, over this table's {family} comparison"
-                f"{'s' if family != 1 else ''} with {self.baseline}"
-            )
+            caption += f"; Holm's adjustment in brackets, over {family} with {self.baseline}"
         self.blocks.append(Table(header, rows, caption=caption, warn_rows=warn, numeric={2, 5}))
         if family:
             self.blocks.append(Paragraph(findings(summary, metric, family, self.series_label)))
@@ -1121,8 +1138,15 @@ class _Builder:
                     "assumption, but coarse: its smallest possible value is 2/2ⁿ — with 5 seeds 0.0625, so "
                     "5 seeds can never give p < 0.05 by this test.",
                     "Multiple comparisons: next to each raw p-value, in brackets, its Holm adjustment over "
-                    "the family of its table — every budget × method (× varying setting) compared with "
-                    f"{self.baseline} on one dataset, model and metric, each test separately (Holm's "
+                    + (
+                        "the family of its table — every budget × method (× varying setting) compared with "
+                        f"{self.baseline} on one dataset, model and metric"
+                        if self.holm_family == "table"
+                        else "the family of its budget — every method (× varying setting) compared with "
+                        f"{self.baseline} at one budget, dataset, model and metric (--holm-family budget: "
+                        "each budget read as a cell of its own)"
+                    )
+                    + ", each test separately (Holm's "
                     "step-down: the i-th smallest of m p-values times m − i + 1, never below a smaller "
                     "one's, capped at 1). A difference is called a finding only when its Holm-adjusted "
                     "paired-t p is below 0.05; the sentence under each table lists them. Families are "
@@ -1204,14 +1228,17 @@ def build_report(
     baseline: str | None = None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
+    holm_family: str = "table",
 ) -> ReportFiles:
     """Write ``report.md``, ``report.html``, ``report_files/*.png`` and ``report_files/summary.csv``.
 
     ``root``: directory searched recursively for runs (and ``calibration.json``); ``out`` defaults to it.
     ``metric``: the primary metric (default: accuracy for classification, perplexity for causal LM).
     ``baseline``: the method of the paired comparisons; default ``lora``, and a notice instead of
-    comparisons when no run has it. Raises ``FimloraError`` when ``root`` is missing or holds no finished
-    run, or when a ``baseline`` given explicitly has no finished run.
+    comparisons when no run has it. ``holm_family``: what one Holm adjustment covers, ``table`` (every
+    budget of a results table) or ``budget`` (:data:`fimlora.stats.HOLM_FAMILIES`). Raises
+    ``FimloraError`` when ``root`` is missing or holds no finished run, or when a ``baseline`` given
+    explicitly has no finished run.
     """
     root = Path(root)
     out = Path(out) if out is not None else root
@@ -1225,8 +1252,10 @@ def build_report(
             f"{', '.join(methods)}: choose --baseline among them."
         )
     baseline = baseline or BASELINE
-    summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed)
-    builder = _Builder(root, frame, summary, baseline, metric, n_resamples=n_resamples, seed=seed)
+    summary = summarize(frame, baseline=baseline, n_resamples=n_resamples, seed=seed, holm_family=holm_family)
+    builder = _Builder(
+        root, frame, summary, baseline, metric, n_resamples=n_resamples, seed=seed, holm_family=holm_family
+    )
     title = f"{TITLE_PREFIX}{root.resolve().name}"
     builder.blocks.append(Heading(title, 1))
     builder.overview(table.unfinished)
