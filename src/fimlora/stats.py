@@ -488,14 +488,18 @@ def savings(
     n_resamples: int = N_RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
+    holm_family: str = "table",
 ) -> pd.DataFrame:
     """Does a smaller budget reach the baseline at a larger one? Every method at a budget against the
     ``baseline`` at each budget of the same dataset, model and shared settings that trains more adapter
     parameters, paired by seed (``method − baseline``): the columns of :func:`summarize`'s comparison
     (``diff_*``, ``p_*``) plus ``baseline_budget_label`` and ``baseline_params``. Holm's adjustment
     runs over each (dataset, model, metric)'s rows, a family of its own (these are not the results
-    table's comparisons). Empty when no dataset has the baseline at two budgets, or ``metric`` is absent.
+    table's comparisons); with ``holm_family`` ``budget``, over each pair of budgets' rows (a method's
+    budget and the baseline's). Empty when no dataset has the baseline at two budgets, or ``metric`` is
+    absent.
     """
+    check_holm_family(holm_family)
     if metric not in frame.columns:
         return pd.DataFrame(columns=list(SAVINGS_VALUE_COLUMNS))
     pair_keys, group_keys, _, groups = _groups(frame)
@@ -540,7 +544,8 @@ def savings(
             rows.append(row)
     if not rows:
         return pd.DataFrame(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS])
-    table = _with_holm(pd.DataFrame(rows))
+    pair = ("budget", "baseline_budget_label") if holm_family == "budget" else ()
+    table = _with_holm(pd.DataFrame(rows), (*HOLM_FAMILY, *pair))
     table = table.sort_values(
         ["dataset", "model", "baseline_params", "adapter_params", "method"], kind="stable"
     )

@@ -150,6 +150,7 @@ def test_a_per_budget_holm_family_is_reported_as_such(report_dir, tmp_path, caps
     assert "over each budget's comparisons on their own (r=2: 2, r=4: 2) with lora" in markdown
     assert "after Holm's correction over each budget's comparisons on their own (r=2: 2, r=4: 2)" in markdown
     assert "the family of its budget" in markdown and "this table's 4" not in markdown
+    assert "Holm's adjustment over each pair of budgets' comparisons on their own (r=2 vs r=4: " in markdown
     # A family the tool does not know: refused before anything is written.
     refused = tmp_path / "refused"
     with pytest.raises(SystemExit) as exit_info:

@@ -357,3 +357,29 @@ def test_the_primary_metric_is_the_one_the_runs_were_tuned_on(tmp_path):
     assert primary_metric(collect_results(tmp_path).frame) == "accuracy"
     _tuned_on(tmp_path, "perplexity")  # a metric these runs do not record: the default
     assert primary_metric(collect_results(tmp_path).frame) == "accuracy"
+
+
+def test_a_budget_family_adjusts_each_pair_of_budgets_savings_on_their_own(tmp_path):
+    rng = np.random.default_rng(0)
+    for method in ("lora", "fim-lora"):
+        for rank in (1, 2, 4):
+            for seed in range(5):
+                accuracy = 0.78 + 0.01 * rank + float(rng.normal(0, 0.01))
+                write_run(
+                    tmp_path / f"{method}-r{rank}-s{seed}" / method,
+                    method=method,
+                    seed=seed,
+                    rank=rank,
+                    accuracy=accuracy,
+                )
+    frame = collect_results(tmp_path).frame
+    pooled = savings(frame, "accuracy", n_resamples=10_000)
+    per_pair = savings(frame, "accuracy", n_resamples=10_000, holm_family="budget")
+    assert len(pooled) == 6 and (pooled["holm_family_size"] == 6).all()
+    assert per_pair["p_ttest"].to_numpy() == pytest.approx(pooled["p_ttest"].to_numpy())
+    pairs = per_pair.groupby(["budget_label", "baseline_budget_label"])
+    assert sorted(pairs.groups) == [("r=1", "r=2"), ("r=1", "r=4"), ("r=2", "r=4")]
+    for _, rows in pairs:
+        assert len(rows) == 2 and (rows["holm_family_size"] == 2).all()
+        assert rows["p_ttest_holm"].to_numpy() == pytest.approx(holm(rows["p_ttest"].to_numpy()))
+    assert not np.allclose(pooled["p_ttest_holm"], per_pair["p_ttest_holm"])

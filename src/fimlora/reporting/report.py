@@ -642,7 +642,14 @@ class _Builder:
 
     def savings_table(self, frame: pd.DataFrame, metric: str, alpha: float = 0.05) -> None:
         """Does a smaller budget reach the baseline at a larger one (:func:`fimlora.stats.savings`)?"""
-        table = savings(frame, metric, baseline=self.baseline, n_resamples=self.n_resamples, seed=self.seed)
+        table = savings(
+            frame,
+            metric,
+            baseline=self.baseline,
+            n_resamples=self.n_resamples,
+            seed=self.seed,
+            holm_family=self.holm_family,
+        )
         if table.empty:
             return
         digits = _digits(metric)
@@ -674,12 +681,21 @@ class _Builder:
             ]
             for _, r in table.iterrows()
         ]
-        family = int(table["holm_family_size"].max())
         better = METRICS.get(metric, True)
+        if self.holm_family == "budget":
+            sizes = table.groupby(["budget_label", "baseline_budget_label"], sort=False)["holm_family_size"]
+            family = (
+                "each pair of budgets' comparisons on their own ("
+                + ", ".join(f"{budget} vs {larger}: {int(n)}" for (budget, larger), n in sizes.max().items())
+                + ")"
+            )
+        else:
+            n = int(table["holm_family_size"].max())
+            family = f"these {n} comparison{'s' if n != 1 else ''}"
         caption = (
             f"{metric}: each method at a budget minus {self.baseline} at a larger budget, paired by seed "
-            f"({'higher' if better else 'lower'} is better); Holm's adjustment over these {family} "
-            f"comparison{'s' if family != 1 else ''}, a family apart from the results table's"
+            f"({'higher' if better else 'lower'} is better); Holm's adjustment over {family}, a family "
+            "apart from the results table's"
         )
         self.blocks.append(Table(header, rows, caption=caption, numeric={2, 4, 5}))
         held = table[
