@@ -100,7 +100,7 @@ endif
 
 # Cost benchmarks (benchmarks/README.md): the Fisher vs one forward+backward pass, training-step time,
 # memory/time/perplexity on a float32, int8 and NF4 base with and without gradient checkpointing, and
-# inference unmerged / merged / base per method. BENCH_ARGS go to every script (--quick, --device cuda,
+# inference unmerged / merged / base per method, length-grouped vs random batches. BENCH_ARGS go to every script (--quick, --device cuda,
 # --threads N); FISHER_BENCH_ARGS only to fisher_cost.py (e.g. --full), MEMORY_BENCH_ARGS only to
 # memory.py (e.g. --seq-len 2048). Results land in benchmarks/results/.
 BENCH_ARGS ?=
@@ -113,6 +113,7 @@ bench: setup
 	$(BIN)/python benchmarks/memory.py $(BENCH_ARGS) $(MEMORY_BENCH_ARGS)
 	$(BIN)/python benchmarks/inference.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/process_memory.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/sampling.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -212,6 +212,14 @@ def _loggers(report_to: list[str], logging_dir: Path | None) -> tuple[list[str],
     return others or ["none"], [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir)))]
 
 
+def _sampling_arguments(sampling: str) -> dict[str, Any]:
+    """The Trainer's order of training examples; transformers 5.x names it train_sampling_strategy, 4.x
+    had a group_by_length flag."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": sampling}
+    return {"group_by_length": sampling == "group_by_length"}
+
+
 def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     """transformers' own activation (gradient) checkpointing, non-reentrant.
 
@@ -299,6 +307,7 @@ def train(
         # clipped differently); DDP's average of the per-process means is already the global mean.
         average_tokens_across_devices=loss_per_token,
         **_checkpointing_arguments(settings.gradient_checkpointing),
+        **_sampling_arguments(settings.sampling),
     )
     step_log = _StepLog(metrics_path)
     # A causal LM's loss without the batch's full logits (fimlora.fisher.losses.CausalLMHead).
