@@ -55,6 +55,26 @@ if sorted(scores) != [0, 1] or min(scores.values()) < floor:
 PY
 }
 
+# The rule that chose each task's step count from its convergence curve: the first step at which the
+# 3-point moving average of validation accuracy (centred) comes within 0.5 points of its maximum. Stops
+# unless that step is at most the given one. Arguments: the curve's store, the steps the task trains.
+plateau_within() {
+  "$PYTHON" - "$1" "$2" <<'PY'
+import glob, json, sys
+store, steps = sys.argv[1], int(sys.argv[2])
+(path,) = glob.glob(f"{store}/*/lora/validation.jsonl")
+curve = [json.loads(line) for line in open(path, encoding="utf-8")]
+at, accuracy = [p["step"] for p in curve], [p["accuracy"] for p in curve]
+average = {at[i]: sum(accuracy[i - 1 : i + 2]) / 3 for i in range(1, len(curve) - 1)}
+best = max(average.values())
+plateau = min(s for s, a in average.items() if a >= best - 0.005)
+print(f"{store}: moving average peaks at {best:.3f}; within 0.5 points from step {plateau}")
+if plateau > steps:
+    sys.exit(f"{store}: the plateau comes at step {plateau}, after the {steps} steps the task trains: decide "
+             "the step count again before its tuning (study README, change 12)")
+PY
+}
+
 # Task 1, MiniLM × movie-reviews: uniform rank 1 (r_min 0), then uniform rank 4.
 "$FIMLORA" tune $E/movie-reviews-r1.yaml --workers "$WORKERS"
 sweep $E/source-full-ft.yaml            # the hindsight sources, before any hindsight run
@@ -71,10 +91,13 @@ sweep $E/movie-reviews-r1-own-rate.yaml --tuned $E/runs/movie-reviews-r1-own-rat
 "$FIMLORA" tune $E/movie-reviews-r4.yaml --workers "$WORKERS"
 sweep $E/movie-reviews-r4.yaml --tuned $E/runs/movie-reviews-r4/tuned.yaml
 
-# Task 2, MiniLM × brown-genre: its convergence curve (which chose 1,000 steps), tuning (lora, fim-lora),
+# Task 2, MiniLM × brown-genre, length-grouped batches (change 12): its convergence curve (which chose
+# 1,000 steps) and the same curve with grouped batches (do 1,000 steps still reach it?), tuning (lora, fim-lora),
 # its hindsight sources (the LoRA r = 8 one at the lora rate, checked on validation first), the own-rate
 # hindsight variants' tuning (change 7), the final runs at uniform rank 1 and the Fisher over training.
 sweep $E/brown-genre-convergence.yaml
+sweep $E/brown-genre-convergence-grouped.yaml   # change 12: the batches task 2 trains with
+plateau_within $E/runs-convergence-brown-genre-grouped 1000
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
 spectra $E/runs/brown-genre-full-ft/*/full-ft
