@@ -6,6 +6,7 @@ is shorthand for what uniform LoRA of that rank costs on the same target modules
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Collection
 from pathlib import Path
@@ -653,6 +654,24 @@ class ExperimentConfig(_Strict):
 # default, hashed once set otherwise. tests/sweep/test_committed_study.py fails for a change that renames
 # the committed study's runs or studies.
 UNKEYED_DEFAULTS: dict[str, Any] = {"train.sampling": "random"}
+
+
+def with_unkeyed_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded config (its ``config.yaml`` as read) with every field of :data:`UNKEYED_DEFAULTS`
+    that it predates filled in at its default: a run made before a field existed ran as its default
+    says, and reads so beside the runs made after (the results table would otherwise see the field
+    vary and split their groups)."""
+    filled = copy.deepcopy(raw)
+    for path, default in UNKEYED_DEFAULTS.items():
+        *parents, leaf = path.split(".")
+        node: Any = filled
+        for part in parents:
+            if not isinstance(node, dict):
+                break
+            node = node.setdefault(part, {})
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = copy.deepcopy(default)
+    return filled
 
 
 def key_view(config: ExperimentConfig) -> dict[str, Any]:

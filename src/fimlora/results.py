@@ -68,6 +68,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fimlora.config import with_unkeyed_defaults
 from fimlora.errors import FimloraError
 from fimlora.io import atomic_write
 from fimlora.runs import CONFIG_FILE, rank_range
@@ -247,7 +248,7 @@ def read_run(directory: str | Path, root: str | Path | None = None) -> dict[str,
     config: dict[str, Any] = {}
     if (directory / CONFIG_FILE).is_file():
         loaded = yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = loaded if isinstance(loaded, dict) else {}
+        config = with_unkeyed_defaults(loaded) if isinstance(loaded, dict) else {}
     env = _read_json(directory / ENVIRONMENT_FILE) if (directory / ENVIRONMENT_FILE).is_file() else {}
     sweep = _read_json(directory / SWEEP_FILE) if (directory / SWEEP_FILE).is_file() else {}
 

@@ -6,11 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from results.fabricate import accuracy_of, write_run, write_sweep
 
 from fimlora.cli import main
 from fimlora.errors import FimloraError
 from fimlora.results import FULL_ADAPTER, collect_results, read_run, scan_runs
+from fimlora.stats import summarize
 
 
 @pytest.fixture
@@ -190,3 +192,18 @@ def test_rank_columns_describe_the_ranks_trained_at_the_end(tmp_path):
         assert (row["rank_min"], row["rank_mean"], row["rank_max"], row["rank_source"]) == (0, 3.0, 6, key)
     row = read_run(write_run(tmp_path / "plain", method="fim-lora", seed=0))
     assert row["rank_source"] == "allocation" and row["rank_min"] >= 1
+
+
+def test_a_run_made_before_a_config_field_reads_as_its_default_and_still_pairs(tmp_path):
+    # lora's runs predate train.sampling (their config.yaml lacks it); fim-lora's record it at the
+    # default. Read raw, the field would vary within the budget and split lora from fim-lora.
+    for seed in range(5):
+        write_run(tmp_path / f"l{seed}" / "lora", method="lora", seed=seed, accuracy=0.80 + 0.01 * seed)
+        path = write_run(tmp_path / f"f{seed}" / "fim-lora", method="fim-lora", seed=seed, accuracy=0.82)
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        config["train"]["sampling"] = "random"
+        (path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    frame = collect_results(tmp_path).frame
+    assert set(frame["train.sampling"]) == {"random"}
+    row = summarize(frame, ["accuracy"]).set_index("method").loc["fim-lora"]
+    assert row["n_paired"] == 5 and row["diff_mean"] == pytest.approx(0.0, abs=1e-12)
