@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -656,21 +656,28 @@ class ExperimentConfig(_Strict):
 UNKEYED_DEFAULTS: dict[str, Any] = {"train.sampling": "random"}
 
 
+def _unkeyed_leaves(tree: dict[str, Any], *, create: bool) -> Iterator[tuple[dict[str, Any], str, Any]]:
+    """``(parent mapping, leaf key, default)`` of each :data:`UNKEYED_DEFAULTS` field in ``tree``, a
+    config's JSON; ``create`` makes missing parent mappings, otherwise a field without them is skipped."""
+    for path, default in UNKEYED_DEFAULTS.items():
+        *parents, leaf = path.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.setdefault(part, {}) if create else node.get(part)
+            if not isinstance(node, dict):
+                break
+        else:
+            yield node, leaf, default
+
+
 def with_unkeyed_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """A run's recorded config (its ``config.yaml`` as read) with every field of :data:`UNKEYED_DEFAULTS`
     that it predates filled in at its default: a run made before a field existed ran as its default
     says, and reads so beside the runs made after (the results table would otherwise see the field
     vary and split their groups)."""
     filled = copy.deepcopy(raw)
-    for path, default in UNKEYED_DEFAULTS.items():
-        *parents, leaf = path.split(".")
-        node: Any = filled
-        for part in parents:
-            if not isinstance(node, dict):
-                break
-            node = node.setdefault(part, {})
-        if isinstance(node, dict) and leaf not in node:
-            node[leaf] = copy.deepcopy(default)
+    for node, leaf, default in _unkeyed_leaves(filled, create=True):
+        node.setdefault(leaf, copy.deepcopy(default))
     return filled
 
 
@@ -678,12 +685,8 @@ def key_view(config: ExperimentConfig) -> dict[str, Any]:
     """What run keys and study names hash of ``config``: its JSON without ``output_dir`` and without the
     fields of :data:`UNKEYED_DEFAULTS` that hold their default."""
     view = config.model_dump(mode="json", exclude={"output_dir"})
-    for path, default in UNKEYED_DEFAULTS.items():
-        *parents, leaf = path.split(".")
-        node: Any = view
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+    for node, leaf, default in _unkeyed_leaves(view, create=False):
+        if leaf in node and node[leaf] == default:
             del node[leaf]
     return view
 

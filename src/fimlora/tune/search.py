@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import optuna
@@ -45,16 +45,13 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from fimlora.tune.spec import TuneSettings
+from fimlora.tune.spec import StartupDesign, TuneSettings
 from fimlora.tune.storage import seed_and_step, taken
 
 
 def place_seed(seed: int, place: int) -> int:
     """The sampler seed of the trial at ``place`` (independent streams for different places)."""
     return int(np.random.SeedSequence([seed, place]).generate_state(1)[0])
-
-
-StartupDesign = Literal["random", "latin-hypercube"]
 
 
 def stratified_point(seed: int, key: str, strata: int, place: int) -> float:

@@ -92,12 +92,16 @@ class ChoiceSpec(_Strict):
     )
 
 
+#: How the start-up trials' values are placed (:mod:`fimlora.tune.search`).
+StartupDesign = Literal["random", "latin-hypercube"]
+
+
 class SamplerSettings(_Strict):
     seed: int = Field(0, description="Seed of every study's TPE sampler (per trial: with its place).")
     startup_trials: int | None = Field(
         None, ge=1, description="Start-up trials before TPE models the results (default: trials // 2, ≥ 1)."
     )
-    startup_design: Literal["random", "latin-hypercube"] = Field(
+    startup_design: StartupDesign = Field(
         "random",
         description="How the start-up trials' values are placed: TPE's independent random draws, or a "
         "Latin hypercube (each dimension's range cut into startup_trials equal parts, of its log scale "
