@@ -74,6 +74,7 @@ def hyperparameter_sources(
 def tuning_record(
     path: Path, tuned: TunedFile, entry: TunedCell, shared_from: str | None = None
 ) -> dict[str, Any]:
+    probes = {} if tuned.probes is None else {"probes": tuned.probes}  # records without stay as they were
     return {
         "shared_from": shared_from,
         "file": str(path.resolve()),
@@ -87,6 +88,7 @@ def tuning_record(
         "seed": tuned.seed,
         "seeds": tuned.seeds or [tuned.seed],
         "aggregate": tuned.aggregate,
+        **probes,
     }
 
 

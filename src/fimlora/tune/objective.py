@@ -34,6 +34,7 @@ from fimlora.tune.preparation import preparation_key
 from fimlora.tune.spec import METRIC_DIRECTIONS, aggregate_scores
 from fimlora.tune.storage import (
     FAILURE_ATTR,
+    PROBE_ATTR,
     SEED_SCORES_ATTR,
     SURPLUS_ATTR,
     WORKER_ATTR,
@@ -90,11 +91,21 @@ def format_params(params: dict[str, Any]) -> str:
 
 
 class Objective:
-    """``objective(trial) -> validation score`` for one cell, with a budget of ``trials`` per study."""
+    """``objective(trial) -> validation score`` for one cell, with a budget of ``trials`` per study, of
+    which the places from ``probes_from`` on are the probes' (:mod:`fimlora.tune.search`)."""
 
-    def __init__(self, cell: Cell, trials: int, cache: PreparedCache, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        trials: int,
+        cache: PreparedCache,
+        log: Callable[[str], None],
+        *,
+        probes_from: int | None = None,
+    ) -> None:
         self.cell = cell
         self.trials = trials
+        self.probes_from = trials if probes_from is None else probes_from
         self.cache = cache
         self.log = log
         self.number: int | None = None  # the trial this objective runs (or ran last)
@@ -108,13 +119,17 @@ class Objective:
         self.ended_elsewhere = False
         # Trial numbers are handed out by the storage, in order: the first `trials` places go to the
         # lowest numbers, whichever worker holds them.
-        if taken(study.get_trials(deepcopy=False), before=trial.number) >= self.trials:
+        place = taken(study.get_trials(deepcopy=False), before=trial.number)
+        if place >= self.trials:
             trial.set_user_attr(SURPLUS_ATTR, True)
             study.stop()
             raise SurplusTrial(f"trial {trial.number}: the study's {self.trials} trials are taken")
         params = {param.key: param.suggest(trial) for param in self.cell.space}
         cell = self.cell
         what = f"{cell.describe()} trial {trial.number} [{format_params(params)}]"
+        if place >= self.probes_from:
+            trial.set_user_attr(PROBE_ATTR, place - self.probes_from)
+            what += f" (probe {place - self.probes_from})"
         started = time.perf_counter()
         # A retry inherits the lost trial's attributes: start its record afresh.
         trial.set_user_attr(SEED_SCORES_ATTR, {})

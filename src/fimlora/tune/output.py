@@ -8,7 +8,8 @@
     seed: 0                              # the first seed of the trials
     seeds: [0, 1]                        # every trial trained at each (tune.seeds)
     aggregate: worst                     # a trial's score over its seeds (mean or worst)
-    trials_per_study: 8
+    trials_per_study: 8                  # tune.trials plus the probes
+    probes: [{train.learning_rate: 0.0008}]   # only when tune.probes gives some: each study's last trials
     storage: sqlite:///runs/tuning.db    # without a password; a SQLite file relative to the spec
     cells:
     - model: minilm
@@ -30,7 +31,8 @@ retry is one of the counted ones.
 number, state`` (complete / pruned / failed / lost), ``metric``, ``value`` (the validation score, the
 aggregate over seeds; for a pruned trial its last reported one, at ``step`` of ``seed``), ``failure``,
 ``duration_s``, ``worker`` (``host:pid``), one ``score.seed<S>`` column per seed and one
-``param.<key>`` column per dimension.
+``param.<key>`` column per dimension; with probes, ``probe``: the probe a trial tried (empty for the
+sampler's trials).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from fimlora.tune.cells import TUNING_SPLITS, Cell
 from fimlora.tune.storage import (
     COUNTED,
     FAILURE_ATTR,
+    PROBE_ATTR,
     RETRY_OF_ATTR,
     SEED_SCORES_ATTR,
     WORKER_ATTR,
@@ -114,6 +117,8 @@ class TunedFile(BaseModel):
     seeds: list[int] | None = None  # None: written before tune.seeds existed, i.e. [seed]
     aggregate: Literal["mean", "worst"] = "mean"
     trials_per_study: int
+    # tune.probes, the last len(probes) trials of every study (None: none, or written before they existed).
+    probes: list[dict[str, Any]] | None = None
     storage: str
     cells: list[TunedCell]
 
@@ -204,6 +209,8 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
             "duration_s": duration,
             "worker": trial.user_attrs.get(WORKER_ATTR),
         }
+        if PROBE_ATTR in trial.user_attrs:  # a column only where a study has probes
+            row["probe"] = trial.user_attrs[PROBE_ATTR]
         scores = seed_scores(cell, trial)
         row.update({f"score.seed{seed}": scores.get(seed) for seed in cell.seeds})
         row.update({f"param.{key}": value for key, value in trial.params.items()})
@@ -220,6 +227,7 @@ def write_outputs(
     trials: int,
     storage: str,
     summaries: Sequence[TuningSummary],
+    probes: Sequence[dict[str, Any]] = (),
 ) -> tuple[Path, Path]:
     """Write ``tuned.yaml`` and ``tuning-trials.csv`` into ``store``, atomically; ``storage`` as it is
     to be recorded (:func:`fimlora.tune.storage.recorded_storage`)."""
@@ -230,6 +238,7 @@ def write_outputs(
         seeds=list(seeds),
         aggregate=aggregate,  # type: ignore[arg-type]
         trials_per_study=trials,
+        probes=[dict(probe) for probe in probes] or None,
         storage=storage,
         cells=[s.entry for s in summaries],
     )
@@ -238,6 +247,8 @@ def write_outputs(
         "# split was never loaded). `fimlora sweep SPEC --tuned THIS_FILE` runs the final seeds on test.\n"
     )
     data = document.model_dump(mode="json")
+    if data["probes"] is None:  # files of tunings without probes stay as they were
+        del data["probes"]
     for cell in data["cells"]:  # JSON mode writes mapping keys as strings; seeds are integers
         if cell["seed_scores"] is not None:
             cell["seed_scores"] = {int(seed): score for seed, score in cell["seed_scores"].items()}

@@ -16,6 +16,13 @@ an order and at a spot within the part drawn from the sampler seed and the dimen
 hypercube, one stratum per start-up trial and dimension. Every study with that seed starts from the same
 points, as with random start-up; TPE takes over from the first place after them.
 
+**Probes.** ``tune.probes`` are fixed points every study tries after its ``trials`` trials: the trial at
+place ``trials + i`` takes probe ``i``'s values (the sampler draws any dimension it does not name). By
+place rather than enqueued: an enqueued trial would run next, before the sampler's remaining trials, so a
+study started after the probes were added would spend its trials differently from one that had already
+run them. By place, every study runs its ``trials`` trials exactly as it would without probes, then the
+probes, and a lost probe trial is retried at its own place with its own values.
+
 **Pruner.** A trial's seeds train one after another, and it reports the validation score of its k-th
 seed at step s as the *trial step* ``k · (train.steps + 1) + s`` (:func:`trial_step`). The pruner is
 Optuna's median rule made seed by seed: at a trial step, the trial's best score so far on the current
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,10 +95,20 @@ class PlaceSeededSampler(BaseSampler):
     """TPE whose randomness for each trial is seeded by ``(seed, place)``, optionally after a Latin
     hypercube of start-up trials (see the module docstring)."""
 
-    def __init__(self, seed: int, startup_trials: int, startup_design: StartupDesign = "random") -> None:
+    def __init__(
+        self,
+        seed: int,
+        startup_trials: int,
+        startup_design: StartupDesign = "random",
+        *,
+        probes: Sequence[Mapping[str, Any]] = (),
+        probes_from: int = 0,
+    ) -> None:
         self.seed = seed
         self.startup_trials = startup_trials
         self.startup_design = startup_design
+        self.probes = [dict(probe) for probe in probes]
+        self.probes_from = probes_from
         self._by_trial: dict[int, tuple[int, TPESampler]] = {}
 
     def _place_and_tpe(self, study: optuna.Study, trial: FrozenTrial) -> tuple[int, TPESampler]:
@@ -104,18 +122,28 @@ class PlaceSeededSampler(BaseSampler):
     def _for(self, study: optuna.Study, trial: FrozenTrial) -> TPESampler:
         return self._place_and_tpe(study, trial)[1]
 
+    def _probe(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        """The values the trial's place fixes (empty unless it is a probe's place)."""
+        index = self._place_and_tpe(study, trial)[0] - self.probes_from
+        return self.probes[index] if 0 <= index < len(self.probes) else {}
+
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         return self._for(study, trial).infer_relative_search_space(study, trial)
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]
     ) -> dict[str, Any]:
-        return self._for(study, trial).sample_relative(study, trial, search_space)
+        drawn = self._for(study, trial).sample_relative(study, trial, search_space)
+        fixed = self._probe(study, trial)
+        return {key: fixed.get(key, value) for key, value in drawn.items()}
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
     ) -> Any:
         place, tpe = self._place_and_tpe(study, trial)
+        fixed = self._probe(study, trial)
+        if param_name in fixed:
+            return fixed[param_name]
         if self.startup_design == "latin-hypercube" and place < self.startup_trials:
             u = stratified_point(self.seed, param_name, self.startup_trials, place)
             return value_at(param_distribution, u)
@@ -166,7 +194,11 @@ class SeedwiseMedianPruner(BasePruner):
 
 def sampler(settings: TuneSettings) -> PlaceSeededSampler:
     return PlaceSeededSampler(
-        settings.sampler.seed, settings.sampler_startup, settings.sampler.startup_design
+        settings.sampler.seed,
+        settings.sampler_startup,
+        settings.sampler.startup_design,
+        probes=settings.probes,
+        probes_from=settings.trials,
     )
 
 

@@ -19,6 +19,9 @@
           method_options.adalora.tinit_ratio: {low: 0.0, high: 0.3}
       sampler: {seed: 0, startup_trials: 4}        # TPE; start-up trials before it models (default
                                                    # trials // 2): random, or startup_design: latin-hypercube
+      probes:                        # fixed points every study also tries, after its `trials` trials
+      - {train.learning_rate: 8.0e-4}
+      - {train.learning_rate: 1.6e-3}
       pruner: {startup_trials: 3, warmup_steps: 0} # median pruner
       heartbeat_s: 30                # a trial silent for 2 × this is taken as lost (its worker died)
       share:                         # controls run at their reference method's tuned settings
@@ -34,6 +37,14 @@ With several seeds a trial's score is the ``aggregate`` of its seeds' validation
 ``worst`` (the lowest accuracy, the highest loss), which prefers settings that hold on every seed to
 settings with the best peak. Its seeds run one after another; the pruner judges each seed's validation
 scores against the completed trials' scores at the same seed and step (see :mod:`fimlora.tune.search`).
+
+*Probes* are points of the search space that every study tries as well, one trial each, after the
+sampler's ``trials`` trials and in the order given: a fixed grid on top of the search, for a part of the
+range the sampler left untried in every study alike. A probe names values for some or all dimensions
+(the sampler draws the rest); each must be in the range of every tuned method's space. They are judged
+by the same pruner, and the best trial is chosen among all of them. A study's budget is ``trials`` plus
+the probes; like more trials, probes extend a study without renaming it, and a probe trial records
+which probe it is (Optuna user attribute ``probe``, column ``probe`` of ``tuning-trials.csv``).
 
 A parameter is a dotted path into the experiment config with ``{low, high}`` (uniform; ``log: true`` for
 log-uniform, ``integer: true`` for integers) or ``{choices: [...]}``. Every method gets the same number
@@ -174,6 +185,11 @@ class TuneSettings(_Strict):
         description="Methods run at another method's tuned settings instead of a study of their own: "
         "{control: reference}.",
     )
+    probes: list[dict[str, float | int | str | bool]] = Field(
+        default_factory=list,
+        description="Points every study tries after its trials, one trial each, in this order: "
+        "{dotted config key: value} for some or all dimensions (the sampler draws the rest).",
+    )
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -183,6 +199,11 @@ class TuneSettings(_Strict):
         if isinstance(value, dict) and "log" not in value:
             return {**value, "log": True}
         return value
+
+    @property
+    def budget(self) -> int:
+        """Trials per study: the sampler's ``trials``, then one per probe."""
+        return self.trials + len(self.probes)
 
     @property
     def sampler_startup(self) -> int:
@@ -198,10 +219,16 @@ class TuneSettings(_Strict):
 
     def protocol(self) -> dict[str, Any]:
         """Everything a study's trials depend on besides the cell (hashed into study names); not the
-        number of trials (more trials extend a study) nor the heartbeat. One seed leaves ``seeds`` and
+        number of trials nor the probes (both extend a study) nor the heartbeat. One seed leaves ``seeds`` and
         ``aggregate`` out (its mean is its worst), and random start-up its ``startup_design``, so that
         studies named before those settings existed keep their names."""
-        exclude: dict[str, Any] = {"trials": True, "heartbeat_s": True, "methods": True, "share": True}
+        exclude: dict[str, Any] = {
+            "trials": True,
+            "probes": True,
+            "heartbeat_s": True,
+            "methods": True,
+            "share": True,
+        }
         if self.seeds == 1:
             exclude |= {"seeds": True, "aggregate": True}
         if self.sampler.startup_design == "random":
@@ -234,6 +261,18 @@ class Param:
         if self.integer:
             return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` lies in this dimension: one of its choices, or within its bounds (an
+        integer for an integer range)."""
+        if self.choices is not None:
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        assert self.low is not None and self.high is not None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        return self.low <= value <= self.high
 
     def extremes(self) -> list[Any]:
         """Values that must all make a valid config: the bounds, or every choice."""
@@ -284,6 +323,28 @@ def _check_share(settings: TuneSettings, grid_methods: list[str], source: str) -
                 f"{where}: {control} takes {reference}'s settings, so tune.methods.{control} would never be "
                 "searched; remove one of them."
             )
+
+
+def _check_probes(settings: TuneSettings, tuned_methods: list[str], source: str) -> None:
+    for index, probe in enumerate(settings.probes):
+        where = f"Invalid {source}: tune.probes[{index}]"
+        if not probe:
+            raise FimloraError(f"{where} names no dimension; give {{dotted key: value}}.")
+        for method in tuned_methods:
+            space = {param.key: param for param in settings.space(method)}
+            for key, value in probe.items():
+                if key not in space:
+                    raise FimloraError(
+                        f"{where}: {key} is not searched for {method} (its dimensions: "
+                        f"{', '.join(space) or 'none'}); a probe is tried by every study."
+                    )
+                if not space[key].admits(value):
+                    bounds = space[key].describe()
+                    allowed = bounds.get("choices") or f"[{bounds['low']:g}, {bounds['high']:g}]"
+                    raise FimloraError(f"{where}: {key} = {value!r} is outside {method}'s range {allowed}.")
+    seen = [tuple(sorted(probe.items())) for probe in settings.probes]
+    if len(set(seen)) < len(seen):
+        raise FimloraError(f"Invalid {source}: tune.probes repeats a point; each probe is one trial.")
 
 
 def aggregate_scores(scores: Sequence[float], how: str, *, higher_is_better: bool) -> float:
@@ -354,10 +415,12 @@ def parse_tune(spec: SweepSpec, *, trials: int | None = None, seeds: int | None 
             raise FimloraError(f"--seeds must be at least 1, got {seeds}.")
         updated["seeds"] = seeds
     settings = settings.model_copy(update=updated)
-    for method in grid_methods:
-        if method not in settings.share and not settings.space(method):
+    tuned_methods = [m for m in grid_methods if m not in settings.share]
+    for method in tuned_methods:
+        if not settings.space(method):
             raise FimloraError(
                 f"Invalid {source}: nothing to search for {method} (tune.learning_rate is null and "
                 "tune.methods gives it no dimension)."
             )
+    _check_probes(settings, tuned_methods, source)
     return settings

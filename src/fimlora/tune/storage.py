@@ -37,6 +37,8 @@ SURPLUS_ATTR = "surplus"
 RETRY_OF_ATTR = "retry_of"
 #: The validation score of each seed the trial finished, ``{"0": 0.77, "1": 0.51}``.
 SEED_SCORES_ATTR = "seed_scores"
+#: On a trial at a probe's place (``tune.probes``): the probe's index.
+PROBE_ATTR = "probe"
 #: ``host:pid`` of the process that ran the trial.
 WORKER_ATTR = "worker"
 DB_FILE = "tuning.db"

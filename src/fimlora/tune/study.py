@@ -112,7 +112,8 @@ def tune_cell(
     *,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Optimise ``cell``'s study until ``settings.trials`` trials ran to a verdict."""
+    """Optimise ``cell``'s study until ``settings.budget`` trials (its trials, then its probes) ran to a
+    verdict."""
     import optuna
 
     from fimlora.tune.search import pruner, sampler
@@ -123,8 +124,8 @@ def tune_cell(
         sampler=sampler(settings),
         pruner=pruner(settings, cell.config.train.steps),
     )
-    budget = settings.trials
-    objective = Objective(cell, budget, cache, log)
+    budget = settings.budget
+    objective = Objective(cell, budget, cache, log, probes_from=settings.trials)
 
     def stop_when_taken(study: Any, _trial: Any) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -299,8 +300,9 @@ def run_tuning(
         if len(seed_list) > 1
         else f"seed {seed_list[0]}"
     )
+    probes = f" + {len(settings.probes)} probes" if settings.probes else ""
     log(
-        f"tune {spec.name}: {len(cells)} studies × {settings.trials} trials on the validation split, "
+        f"tune {spec.name}: {len(cells)} studies × {settings.trials} trials{probes} on the validation split, "
         f"trials at {at} (storage {public_url(url)}, {workers} worker{'s' if workers != 1 else ''})"
     )
     for cell in cells:
@@ -325,7 +327,8 @@ def run_tuning(
         name=spec.name,
         seeds=seed_list,
         aggregate=settings.aggregate,
-        trials=settings.trials,
+        trials=settings.budget,
+        probes=settings.probes,
         storage=recorded_storage(url, spec.base_dir),
         summaries=summaries,
     )
