@@ -138,3 +138,19 @@ def test_the_per_seed_scores_of_the_chosen_setting_and_lost_trials_are_shown(tmp
     )
     assert row in report
     assert "Not shown: 1 trial(s) lost with their process and retried" in report
+
+
+def test_a_setting_chosen_by_a_probe_says_so(tmp_path):
+    tuned_runs(tmp_path, {"lora": (5, 1, 0), "fim-lora": (5, 1, 0)})
+    probes = [{"train.learning_rate": 0.002}, {"train.learning_rate": 0.004}]
+    for path in tmp_path.glob("*/*/result.json"):
+        result = json.loads(path.read_text())
+        result["tuning"].update({"probes": probes, "trials_per_study": 6})
+        path.write_text(json.dumps(result), encoding="utf-8")
+    report = build_report(tmp_path, n_resamples=10_000).markdown.read_text()
+    section = report.split("### Tuning budget", 1)[1].split("###", 1)[0]
+    # lora's tuned rate is the first probe; fim-lora's (0.005) is none of them.
+    assert "| r=4 | lora | 6 | 5 | 1 | 0 | 0 | accuracy 0.7500 | learning_rate=0.002 (a probe) |" in section
+    assert "| r=4 | fim-lora | 6 | 5 | 1 | 0 | 0 | accuracy 0.7500 | learning_rate=0.005 |" in section
+    caption = "the last 2 trials of every study tried fixed points (tune.probes: learning_rate=0.002; "
+    assert caption in section

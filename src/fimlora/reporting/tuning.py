@@ -66,6 +66,7 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
                 "aggregate": record.get("aggregate", "mean"),
                 "trials_per_study": record.get("trials_per_study"),
                 "params": record.get("params") or {},
+                "probes": record.get("probes") or [],
                 "file": record.get("file"),
                 "shared_from": record.get("shared_from"),
             }
@@ -75,6 +76,13 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
 
 def _fmt_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _chosen(params: Mapping[str, Any], probes: list[Mapping[str, Any]]) -> str:
+    """The tuned settings, ``learning_rate=0.0008``, and whether a probe (``tune.probes``) chose them."""
+    text = ", ".join(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in params.items())
+    from_probe = any(probe and all(params.get(k) == v for k, v in probe.items()) for probe in probes)
+    return f"{text} (a probe)" if from_probe else text
 
 
 def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
@@ -134,14 +142,23 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
                     int(r["failed"]),
                     int(r["lost"] or 0) + int(r.get("retried") or 0),
                     _best_validation(r),
-                    ", ".join(f"{k.split('.')[-1]}={_fmt_value(v)}" for k, v in r["params"].items()),
+                    _chosen(r["params"], r["probes"]),
                 ]
             )
+    probes = {json.dumps(p, sort_keys=True): p for ps in tuning["probes"] for p in ps}
+    fixed = (
+        f"; the last {len(probes)} trials of every study tried fixed points (tune.probes: "
+        + "; ".join(_chosen(p, []) for p in probes.values())
+        + "), marked (a probe) where one was chosen"
+        if probes
+        else ""
+    )
     table = Table(
         header,
         rows,
         caption="the tuning behind these settings: one Optuna study per method and budget on the validation "
-        "split (test never loaded), the same trials, seeded sampler and search space for every method",
+        "split (test never loaded), the same trials, seeded sampler and search space for every method"
+        + fixed,
         warn_rows=warn,
         numeric={2, 3, 4, 5, 6},
     )
