@@ -5,6 +5,7 @@ added to a finished study, which keeps its name), and probes outside a method's 
 from __future__ import annotations
 
 import math
+import re
 
 import optuna
 import pandas as pd
@@ -142,6 +143,31 @@ def test_a_tuning_extended_by_probes_trains_them_last_and_records_them(
     rows = pd.read_csv(spec.output_path / TRIALS_FILE).set_index("number")
     assert rows["probe"].isna().tolist() == [True, True, False] and rows.loc[2, "probe"] == 0
     assert " trial " not in _tune(capsys, path)  # the budget is taken: a rerun trains nothing
+    assert (
+        len(optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path)).trials)
+        == 3
+    )
+
+    # A spec that no longer says what the study ran is refused before anything trains: the record would
+    # list probes the study never tried, or run one twice.
+    for changed, message in [
+        ({"trials": 3}, r"trial 2 tried probe 0, but with tune.trials = 3 its place \(2\) is the sampler's"),
+        ({"trials": 1}, r"trial 1 \(place 1\) is the sampler's trial \[lr=.*\], where tune.trials = 1"),
+        (
+            {"probes": [{"train.learning_rate": 5e-3}]},
+            r"is probe 0 \[lr=0.003\], .* put probe 0 \[lr=0.005\]",
+        ),
+    ]:
+        path = write_spec(
+            tmp_path,
+            lora_grid(small_bert_dir, split_dir),
+            {**tune, "probes": [{"train.learning_rate": 3e-3}], **changed},
+        )
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tune", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code != 0 and "Probes are a study's last trials" in err
+        assert re.search(message, err), err
     assert (
         len(optuna.load_study(study_name=cell.study_name, storage=default_storage(spec.output_path)).trials)
         == 3

@@ -44,7 +44,9 @@ range the sampler left untried in every study alike. A probe names values for so
 (the sampler draws the rest); each must be in the range of every tuned method's space. They are judged
 by the same pruner, and the best trial is chosen among all of them. A study's budget is ``trials`` plus
 the probes; like more trials, probes extend a study without renaming it, and a probe trial records
-which probe it is (Optuna user attribute ``probe``, column ``probe`` of ``tuning-trials.csv``).
+which probe it is (Optuna user attribute ``probe``, column ``probe`` of ``tuning-trials.csv``). A study
+whose finished trials contradict ``trials`` and ``probes`` (a probe tried at a place the sampler now holds,
+or another value at a probe's place) is refused before anything trains.
 
 A parameter is a dotted path into the experiment config with ``{low, high}`` (uniform; ``log: true`` for
 log-uniform, ``integer: true`` for integers) or ``{choices: [...]}``. Every method gets the same number

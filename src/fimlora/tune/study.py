@@ -35,6 +35,8 @@ from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
 from fimlora.tune.storage import (
     COUNTED,
     FAILURE_ATTR,
+    PENDING,
+    PROBE_ATTR,
     RETRY_OF_ATTR,
     default_storage,
     kind_counts,
@@ -74,6 +76,54 @@ def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> N
             study.set_user_attr("space", [p.describe() for p in cell.space])
             study.set_user_attr("seeds", list(cell.seeds))
             study.set_user_attr("aggregate", cell.aggregate)
+
+
+def probe_mismatch(trials: Sequence[Any], settings: TuneSettings) -> str | None:
+    """How a study's ended trials disagree with ``settings`` about which places are probes (the sampler
+    holds the first ``trials`` places, probe ``i`` place ``trials + i``), or None where they agree."""
+    retried = retried_numbers(trials)
+    held = sorted(
+        (t for t in trials if trial_kind(t, retried) in (*COUNTED, *PENDING)), key=lambda t: t.number
+    )
+    for place, trial in enumerate(held):
+        if trial_kind(trial, retried) not in COUNTED:
+            continue  # its values may not be drawn yet; it is checked once it has ended
+        tried = trial.user_attrs.get(PROBE_ATTR)
+        index = place - settings.trials
+        if index < 0:
+            if tried is not None:
+                return (
+                    f"trial {trial.number} tried probe {tried}, but with tune.trials = {settings.trials} its "
+                    f"place ({place}) is the sampler's"
+                )
+            continue
+        if index >= len(settings.probes):
+            continue
+        want = settings.probes[index]
+        if tried != index or any(trial.params.get(key) != value for key, value in want.items()):
+            what = "the sampler's trial" if tried is None else f"probe {tried}"
+            return (
+                f"trial {trial.number} (place {place}) is {what} [{format_params(trial.params)}], where "
+                f"tune.trials = {settings.trials} and tune.probes put probe {index} [{format_params(want)}]"
+            )
+    return None
+
+
+def check_probe_places(cells: Sequence[Cell], settings: TuneSettings, url: str) -> None:
+    """Refuse to go on with a study whose finished trials contradict ``tune.trials``/``tune.probes``
+    (:func:`probe_mismatch`): its record would list probes it never tried, or run one twice."""
+    import optuna
+
+    storage = open_storage(url, heartbeat_s=settings.heartbeat_s)
+    for cell in cells:
+        study = optuna.load_study(study_name=cell.study_name, storage=storage)
+        mismatch = probe_mismatch(study.get_trials(deepcopy=False), settings)
+        if mismatch is not None:
+            raise FimloraError(
+                f"Tuning stopped: {cell.describe()}, study {cell.study_name}: {mismatch}. Probes are a "
+                "study's last trials; give tune.trials and tune.probes the values the study ran with, or "
+                "start a new study (docs/experiments.md, Tuning)."
+            )
 
 
 def retry_failed_trials(
@@ -220,6 +270,7 @@ def run_workers(
         raise FimloraError(f"--threads must be at least 1, got {threads}.")
     threads = threads or threads_per_worker(workers)
     create_studies(cells, settings, url)
+    check_probe_places(cells, settings, url)
     tasks = [WorkerTask(tuple(cells), settings, url, worker) for worker in range(workers)]
     if workers == 1:
         import torch
