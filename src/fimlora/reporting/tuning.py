@@ -142,10 +142,11 @@ def budget_blocks(tuning: pd.DataFrame, baseline: str) -> list[Any]:
                     int(r["failed"]),
                     int(r["lost"] or 0) + int(r.get("retried") or 0),
                     _best_validation(r),
-                    _chosen(r["params"], r["probes"]),
+                    _chosen(r["params"], r.get("probes") or []),
                 ]
             )
-    probes = {json.dumps(p, sort_keys=True): p for ps in tuning["probes"] for p in ps}
+    listed = tuning["probes"] if "probes" in tuning.columns else []
+    probes = {json.dumps(p, sort_keys=True): p for ps in listed for p in ps or []}
     fixed = (
         f"; the last {len(probes)} trials of every study tried fixed points (tune.probes: "
         + "; ".join(_chosen(p, []) for p in probes.values())
