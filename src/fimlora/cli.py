@@ -572,6 +572,13 @@ def tune(
             "the failed one stays on record as retried and no longer counts."
         ),
     ] = False,
+    status: Annotated[
+        bool,
+        typer.Option(
+            help="Only say where each study stands (trials ended, running, best so far) and exit; reads "
+            "the storage, trains and writes nothing, also while other processes tune."
+        ),
+    ] = False,
 ) -> None:
     """Tune every cell of a sweep on the validation split, the same search for every method; write
     tuned.yaml. Run again to resume; then `fimlora sweep SPEC --tuned <store>/tuned.yaml`."""
@@ -582,6 +589,13 @@ def tune(
     loaded = load_spec(spec)
     if output_dir is not None:
         loaded = loaded.model_copy(update={"output_dir": str(output_dir.resolve())})
+    if status:
+        from fimlora.tune.status import print_status, tuning_status
+
+        if retry_failed:
+            raise FimloraError("--status only reads the studies; run --retry-failed without it.")
+        print_status(*tuning_status(loaded, trials=trials, seeds=seeds, storage=storage), log=_echo)
+        return
     report = run_tuning(
         loaded,
         trials=trials,

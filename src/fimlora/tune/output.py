@@ -136,6 +136,7 @@ class TuningSummary:
     cell: Cell
     entry: TunedCell
     rows: list[dict[str, Any]]
+    best_number: int | None = None  # the best complete trial's number (None: no trial completed)
 
 
 def seed_scores(cell: Cell, trial: Any) -> dict[int, float]:
@@ -215,7 +216,7 @@ def summarize_study(cell: Cell, study: Any) -> TuningSummary:
         row.update({f"score.seed{seed}": scores.get(seed) for seed in cell.seeds})
         row.update({f"param.{key}": value for key, value in trial.params.items()})
         rows.append(row)
-    return TuningSummary(cell, entry, rows)
+    return TuningSummary(cell, entry, rows, None if best is None else best.number)
 
 
 def write_outputs(

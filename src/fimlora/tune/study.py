@@ -49,7 +49,7 @@ from fimlora.tune.storage import (
 )
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     import optuna
 
     # fimlora logs one line per trial itself; heartbeats and the retry callback are "experimental".
@@ -61,7 +61,7 @@ def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> N
     """Create every study (or find it again) before any worker starts, with its cell as attributes."""
     import optuna
 
-    _quiet_optuna()
+    quiet_optuna()
     storage = open_storage(url, heartbeat_s=settings.heartbeat_s)
     for cell in cells:
         study = optuna.create_study(
@@ -232,7 +232,7 @@ class WorkerTask:
 
 def tune_worker(task: WorkerTask, log: Callable[[str], None] = print) -> None:
     """Tune every cell in order (a worker process's whole job)."""
-    _quiet_optuna()
+    quiet_optuna()
     storage = open_storage(task.url, heartbeat_s=task.settings.heartbeat_s)
     cache = PreparedCache(capacity=task.settings.seeds)
     for cell in task.cells:
@@ -368,7 +368,7 @@ def run_tuning(
         count = retry_failed_trials(cells, settings, url, log)
         log(f"  {count} failed trial(s) given again" if count else "  no failed trial to give again")
     run_workers(cells, settings, url, workers=workers, threads=threads, log=log)
-    _quiet_optuna()
+    quiet_optuna()
     opened = open_storage(url, heartbeat_s=settings.heartbeat_s)
     summaries = [
         summarize_study(cell, optuna.load_study(study_name=cell.study_name, storage=opened)) for cell in cells
