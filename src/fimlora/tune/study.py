@@ -35,7 +35,6 @@ from fimlora.tune.spec import METRIC_DIRECTIONS, TuneSettings, parse_tune
 from fimlora.tune.storage import (
     COUNTED,
     FAILURE_ATTR,
-    PENDING,
     PROBE_ATTR,
     RETRY_OF_ATTR,
     default_storage,
@@ -82,12 +81,10 @@ def probe_mismatch(trials: Sequence[Any], settings: TuneSettings) -> str | None:
     """How a study's ended trials disagree with ``settings`` about which places are probes (the sampler
     holds the first ``trials`` places, probe ``i`` place ``trials + i``), or None where they agree."""
     retried = retried_numbers(trials)
-    held = sorted(
-        (t for t in trials if trial_kind(t, retried) in (*COUNTED, *PENDING)), key=lambda t: t.number
-    )
-    for place, trial in enumerate(held):
+    for trial in sorted(trials, key=lambda t: t.number):
         if trial_kind(trial, retried) not in COUNTED:
-            continue  # its values may not be drawn yet; it is checked once it has ended
+            continue  # running: its values may not be drawn yet; it is checked once it has ended
+        place = taken(trials, before=trial.number)
         tried = trial.user_attrs.get(PROBE_ATTR)
         index = place - settings.trials
         if index < 0:
