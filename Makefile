@@ -38,12 +38,12 @@ assets: $(ASSETS_STAMP)
 demo: setup
 	$(BIN)/fimlora demo
 
-# What CI runs: lint, type-check, the documentation site (strict: a broken link or reference fails), then
-# every test not marked slow (the worked notebook among them, at tiny settings).
+# What CI runs: lint, type-check, then every test not marked slow. Among them are the documentation site's
+# strict build (a broken link or reference fails; tests/docs/test_site.py, so it is not built twice) and
+# the worked notebook at tiny settings.
 test: setup
 	$(BIN)/ruff check src tests benchmarks docs/hooks
 	$(BIN)/mypy
-	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The documentation site (MkDocs Material; references generated from the code) into build/site, offline.
