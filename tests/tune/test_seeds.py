@@ -32,8 +32,8 @@ TUNE = {
 }
 
 
-def tune(tmp_path, small_bert_dir, split_dir, aggregate):
-    directory = tmp_path / aggregate
+def tune(parent, small_bert_dir, split_dir, aggregate):
+    directory = parent / aggregate
     directory.mkdir()
     grid = {
         "model": [str(small_bert_dir)],
@@ -49,8 +49,14 @@ def tune(tmp_path, small_bert_dir, split_dir, aggregate):
     return spec, cell, sorted(study.trials, key=lambda t: t.number)
 
 
-def test_every_trial_trains_at_each_seed_and_is_scored_by_the_aggregate(small_bert_dir, split_dir, tmp_path):
-    spec, cell, trials = tune(tmp_path, small_bert_dir, split_dir, "worst")
+@pytest.fixture(scope="module")
+def worst(tmp_path_factory, small_bert_dir, split_dir):
+    """One tuning scored by the worst seed, read (never written) by the tests below."""
+    return tune(tmp_path_factory.mktemp("seeds"), small_bert_dir, split_dir, "worst")
+
+
+def test_every_trial_trains_at_each_seed_and_is_scored_by_the_aggregate(worst):
+    spec, cell, trials = worst
     assert cell.seeds == (0, 1)
     assert [trial_kind(t) for t in trials] == ["complete"] * TRIALS
     for trial in trials:
@@ -80,14 +86,14 @@ def test_every_trial_trains_at_each_seed_and_is_scored_by_the_aggregate(small_be
     assert document["storage"] == "sqlite:///store/tuning.db"
 
 
-def test_mean_and_worst_choose_from_the_same_per_seed_scores(small_bert_dir, split_dir, tmp_path):
-    _, _, worst = tune(tmp_path, small_bert_dir, split_dir, "worst")
-    _, _, mean = tune(tmp_path, small_bert_dir, split_dir, "mean")
-    scores = [t.user_attrs[SEED_SCORES_ATTR] for t in worst]
-    assert [t.params for t in mean] == [t.params for t in worst]  # the same learning rates...
-    assert [t.user_attrs[SEED_SCORES_ATTR] for t in mean] == scores  # ...the same runs
-    assert [t.value for t in mean] == pytest.approx([sum(s.values()) / 2 for s in scores])
-    assert [t.value for t in worst] == [max(s.values()) for s in scores]
+def test_mean_and_worst_choose_from_the_same_per_seed_scores(worst, small_bert_dir, split_dir, tmp_path):
+    _, _, by_worst = worst
+    _, _, by_mean = tune(tmp_path, small_bert_dir, split_dir, "mean")
+    scores = [t.user_attrs[SEED_SCORES_ATTR] for t in by_worst]
+    assert [t.params for t in by_mean] == [t.params for t in by_worst]  # the same learning rates...
+    assert [t.user_attrs[SEED_SCORES_ATTR] for t in by_mean] == scores  # ...the same runs
+    assert [t.value for t in by_mean] == pytest.approx([sum(s.values()) / 2 for s in scores])
+    assert [t.value for t in by_worst] == [max(s.values()) for s in scores]
 
 
 def _trial(values: dict[int, float], state=TrialState.COMPLETE):
