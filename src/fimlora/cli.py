@@ -575,8 +575,9 @@ def tune(
     status: Annotated[
         bool,
         typer.Option(
-            help="Only say where each study stands (trials ended, running, best so far) and exit; reads "
-            "the storage, trains and writes nothing, also while other processes tune."
+            help="Only say where each study stands (trials ended, running, best so far) and what is left "
+            "(trials, and hours at the ended trials' wall time), then exit; reads the storage, trains and "
+            "writes nothing, also while other processes tune."
         ),
     ] = False,
 ) -> None:
