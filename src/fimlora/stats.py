@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -480,6 +480,35 @@ SAVINGS_VALUE_COLUMNS = (
 )
 
 
+def _budget_pairs(
+    frame: pd.DataFrame, baseline: str
+) -> Iterator[tuple[tuple[Hashable, ...], pd.DataFrame, pd.DataFrame, bool]]:
+    """Every group of ``frame`` with each ``baseline`` group of the same dataset, model and shared settings
+    at a budget that trains more adapter parameters: ``(group key, its runs, the baseline's runs, whether
+    both were tuned alike)``. Alike: ``fimlora tune`` chose the settings of all runs on both sides, or of
+    none; a smaller budget tuned against a larger one that was not (or the reverse) differs in settings as
+    well as in budget."""
+    pair_keys, _, _, groups = _groups(frame)
+    budget_at, n_pair = pair_keys.index("budget"), len(pair_keys)
+
+    def tuning(runs: pd.DataFrame) -> frozenset[bool]:
+        return frozenset(bool(v) for v in runs["tuned"]) if "tuned" in runs else frozenset()
+
+    for key, sub in groups.items():
+        for k, runs in groups.items():
+            if (
+                k[n_pair] == baseline
+                and k[budget_at] != key[budget_at]
+                and all(k[i] == key[i] for i in range(n_pair) if i != budget_at)
+                and _adapter_params(runs) > _adapter_params(sub)
+            ):
+                yield key, sub, runs, tuning(runs) == tuning(sub)
+
+
+def _adapter_params(runs: pd.DataFrame) -> float:
+    return float(runs["adapter_params"].mean()) if "adapter_params" in runs else math.nan
+
+
 def savings(
     frame: pd.DataFrame,
     metric: str,
@@ -492,7 +521,8 @@ def savings(
 ) -> pd.DataFrame:
     """Does a smaller budget reach the baseline at a larger one? Every method at a budget against the
     ``baseline`` at each budget of the same dataset, model and shared settings that trains more adapter
-    parameters, paired by seed (``method − baseline``): the columns of :func:`summarize`'s comparison
+    parameters and was tuned alike (both by ``fimlora tune``, or neither: :func:`savings_not_compared`
+    lists the rest), paired by seed (``method − baseline``): the columns of :func:`summarize`'s comparison
     (``diff_*``, ``p_*``) plus ``baseline_budget_label`` and ``baseline_params``. Holm's adjustment
     runs over each (dataset, model, metric)'s rows, a family of its own (these are not the results
     table's comparisons); with ``holm_family`` ``budget``, over each pair of budgets' rows (a method's
@@ -502,46 +532,30 @@ def savings(
     check_holm_family(holm_family)
     if metric not in frame.columns:
         return pd.DataFrame(columns=list(SAVINGS_VALUE_COLUMNS))
-    pair_keys, group_keys, _, groups = _groups(frame)
-    budget_at, n_pair = pair_keys.index("budget"), len(pair_keys)
-
-    def params(runs: pd.DataFrame) -> float:
-        return float(runs["adapter_params"].mean()) if "adapter_params" in runs else math.nan
-
+    _, group_keys, _, _ = _groups(frame)
     rows: list[dict[str, Any]] = []
-    for key, sub in groups.items():
+    for key, sub, base_runs, alike in _budget_pairs(frame, baseline):
         values = sub.drop_duplicates("seed", keep="first")[["seed", metric]].dropna()
-        if values.empty:
+        if values.empty or not alike:
             continue
-        larger = [
-            (k, runs)
-            for k, runs in groups.items()
-            if k[n_pair] == baseline
-            and k[budget_at] != key[budget_at]
-            and all(k[i] == key[i] for i in range(n_pair) if i != budget_at)
-            and params(runs) > params(sub)
-        ]
-        for _, base_runs in larger:
-            comparison, paired_seeds, _ = _compare(
-                values, base_runs, metric, n_resamples=n_resamples, confidence=confidence, seed=seed
-            )
-            if comparison is None:
-                continue
-            row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
-            row.update(
-                {
-                    "budget_label": sub["budget_label"].iloc[0] if "budget_label" in sub else None,
-                    "metric": metric,
-                    "adapter_params": params(sub),
-                    "baseline": baseline,
-                    "baseline_budget_label": base_runs["budget_label"].iloc[0]
-                    if "budget_label" in base_runs
-                    else None,
-                    "baseline_params": params(base_runs),
-                    **_comparison_row(comparison, paired_seeds),
-                }
-            )
-            rows.append(row)
+        comparison, paired_seeds, _ = _compare(
+            values, base_runs, metric, n_resamples=n_resamples, confidence=confidence, seed=seed
+        )
+        if comparison is None:
+            continue
+        row: dict[str, Any] = dict(zip(group_keys, key, strict=True))
+        row.update(
+            {
+                "budget_label": _label(sub),
+                "metric": metric,
+                "adapter_params": _adapter_params(sub),
+                "baseline": baseline,
+                "baseline_budget_label": _label(base_runs),
+                "baseline_params": _adapter_params(base_runs),
+                **_comparison_row(comparison, paired_seeds),
+            }
+        )
+        rows.append(row)
     if not rows:
         return pd.DataFrame(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS])
     pair = ("budget", "baseline_budget_label") if holm_family == "budget" else ()
@@ -550,6 +564,50 @@ def savings(
         ["dataset", "model", "baseline_params", "adapter_params", "method"], kind="stable"
     )
     return table.reindex(columns=[*group_keys, *SAVINGS_VALUE_COLUMNS]).reset_index(drop=True)
+
+
+#: The columns of :func:`savings_not_compared`.
+NOT_COMPARED_COLUMNS = (
+    "dataset",
+    "model",
+    "budget_label",
+    "method",
+    "tuned",
+    "baseline_budget_label",
+    "baseline_tuned",
+)
+
+
+def savings_not_compared(frame: pd.DataFrame, *, baseline: str = BASELINE) -> pd.DataFrame:
+    """The pairs :func:`savings` leaves out because one side's settings were chosen by ``fimlora tune`` and
+    the other's were not (e.g. a hindsight source trained at another budget's tuned rate): columns
+    ``dataset``, ``model``, ``budget_label``, ``method``, ``tuned``, ``baseline_budget_label`` and
+    ``baseline_tuned`` (True: every run tuned; False: none; None: some), one row per pair."""
+    rows = []
+    for _, sub, base_runs, alike in _budget_pairs(frame, baseline):
+        if alike:
+            continue
+        rows.append(
+            {
+                "dataset": sub["dataset"].iloc[0] if "dataset" in sub else None,
+                "model": sub["model"].iloc[0] if "model" in sub else None,
+                "budget_label": _label(sub),
+                "method": sub["method"].iloc[0],
+                "tuned": _all_or_none(sub["tuned"]),
+                "baseline_budget_label": _label(base_runs),
+                "baseline_tuned": _all_or_none(base_runs["tuned"]),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(NOT_COMPARED_COLUMNS))
+
+
+def _label(runs: pd.DataFrame) -> Any:
+    return runs["budget_label"].iloc[0] if "budget_label" in runs else None
+
+
+def _all_or_none(flags: pd.Series) -> bool | None:
+    values = {bool(v) for v in flags}
+    return values.pop() if len(values) == 1 else None
 
 
 def _with_holm(table: pd.DataFrame, family_keys: Sequence[str] = HOLM_FAMILY) -> pd.DataFrame:

@@ -154,3 +154,26 @@ def test_a_setting_chosen_by_a_probe_says_so(tmp_path):
     assert "| r=4 | fim-lora | 6 | 5 | 1 | 0 | 0 | accuracy 0.7500 | learning_rate=0.005 |" in section
     caption = "the last 2 trials of every study tried fixed points (tune.probes: learning_rate=0.002; "
     assert caption in section
+
+
+def test_savings_against_an_untuned_larger_budget_are_left_out_and_said_so(tmp_path):
+    # Tuned lora and fim-lora at r=4; lora at r=8 trained at lora's r=4 rate, its settings never tuned
+    # there (what a hindsight source is).
+    tuned_runs(tmp_path, {"lora": (3, 1, 0), "fim-lora": (3, 1, 0)})
+    for seed in range(5):
+        write_run(
+            tmp_path / f"lora-r8-s{seed}" / "lora",
+            method="lora",
+            seed=seed,
+            rank=8,
+            accuracy=0.74 + 0.01 * seed,
+            learning_rate=RATES["lora"],
+        )
+    report = build_report(tmp_path, n_resamples=1_000).markdown.read_text()
+    section = report.split("### Savings: smaller budgets against lora at a larger one", 1)[1].split("###")[0]
+    assert "| r=4 |" not in section  # no row: nothing tuned alike to compare
+    assert (
+        "Not compared, because fimlora tune chose the settings of one side and not of the other, so a "
+        "difference would mix the settings with the budget: r=4 fim-lora, lora (tuned) vs lora at r=8 "
+        "(not tuned)." in " ".join(section.split())
+    )

@@ -19,6 +19,7 @@ from fimlora.stats import (
     paired_t_test,
     primary_metric,
     savings,
+    savings_not_compared,
     sign_flip_p_value,
     summarize,
     t_interval,
@@ -330,6 +331,43 @@ def test_savings_pairs_each_smaller_budget_with_the_larger_baseline_by_seed(tmp_
     assert table.set_index("method").loc[["fim-lora", "lora"], "p_ttest_holm"].to_numpy() == pytest.approx(
         holm(p)
     )
+
+
+def _mark_tuned(directory, rate):
+    """Make a fabricated run one of `fimlora sweep --tuned` (its learning rate chosen by the tuning)."""
+    path = directory / "result.json"
+    result = json.loads(path.read_text(encoding="utf-8"))
+    result["hyperparameter_sources"] = {"train.learning_rate": {"value": rate, "source": "tuned"}}
+    path.write_text(json.dumps(result), encoding="utf-8")
+
+
+def test_savings_compares_budgets_tuned_alike_and_lists_the_pairs_it_leaves_out(tmp_path):
+    # r=1 and r=4 tuned by `fimlora tune` (each method at its own rate); lora at r=8 trained at r=1's rate
+    # (as a hindsight source is), its settings not tuned at that budget.
+    rates = {("lora", 1): 2e-3, ("fim-lora", 1): 5e-3, ("lora", 4): 1e-3, ("lora", 8): 2e-3}
+    for (method, rank), rate in rates.items():
+        for seed in range(5):
+            accuracy = 0.78 + 0.01 * rank + 0.002 * seed + (0.01 if method == "fim-lora" else 0.0)
+            directory = tmp_path / f"{method}-r{rank}-s{seed}" / method
+            write_run(directory, method=method, seed=seed, rank=rank, accuracy=accuracy, learning_rate=rate)
+            if rank != 8:
+                _mark_tuned(directory, rate)
+    frame = collect_results(tmp_path).frame
+    table = savings(frame, "accuracy", n_resamples=1_000, holm_family="budget")
+    compared = zip(table["budget_label"], table["method"], table["baseline_budget_label"], strict=True)
+    assert sorted(compared) == [("r=1", "fim-lora", "r=4"), ("r=1", "lora", "r=4")]
+    assert (table["holm_family_size"] == 2).all()  # the pairs left out do not enter Holm's family
+    left_out = savings_not_compared(frame)
+    columns = ["budget_label", "method", "tuned", "baseline_budget_label"]
+    assert sorted(map(tuple, left_out[columns].to_numpy())) == [
+        ("r=1", "fim-lora", True, "r=8"),
+        ("r=1", "lora", True, "r=8"),
+        ("r=4", "lora", True, "r=8"),
+    ]
+    assert not left_out["baseline_tuned"].any()
+    # Tuned alike at every budget (here: none tuned), every pair is compared and none left out.
+    untuned = frame.assign(tuned=False)
+    assert len(savings(untuned, "accuracy", n_resamples=1_000)) == 5 and savings_not_compared(untuned).empty
 
 
 def test_savings_is_empty_with_one_budget(tmp_path):

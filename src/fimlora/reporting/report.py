@@ -65,6 +65,7 @@ from fimlora.stats import (
     metrics_in,
     primary_metric,
     savings,
+    savings_not_compared,
     setting_columns,
     summarize,
     tuning_metric,
@@ -178,6 +179,24 @@ def findings(summary: pd.DataFrame, metric: str, family: str, label: Any, alpha:
 
 def _fmt_int(value: Any) -> str:
     return f"{round(float(value)):,}" if _finite(value) else "—"
+
+
+def _not_compared_note(left_out: pd.DataFrame, baseline: str) -> str:
+    """One sentence on the savings pairs left out because only one side was tuned."""
+
+    def tuning(flag: Any) -> str:
+        return {True: "tuned", False: "not tuned"}.get(flag, "partly tuned")
+
+    pairs = []
+    keys = ["budget_label", "tuned", "baseline_budget_label", "baseline_tuned"]
+    for (budget, tuned, larger, larger_tuned), rows in left_out.groupby(keys, sort=False, dropna=False):
+        methods = ", ".join(sorted(set(rows["method"])))
+        against = f"{baseline} at {larger} ({tuning(larger_tuned)})"
+        pairs.append(f"{budget} {methods} ({tuning(tuned)}) vs {against}")
+    return (
+        "Not compared, because fimlora tune chose the settings of one side and not of the other, so a "
+        "difference would mix the settings with the budget: " + "; ".join(pairs) + "."
+    )
 
 
 def _slug(text: str) -> str:
@@ -650,10 +669,17 @@ class _Builder:
             seed=self.seed,
             holm_family=self.holm_family,
         )
-        if table.empty:
+        left_out = savings_not_compared(frame, baseline=self.baseline)
+        if table.empty and left_out.empty:
             return
-        digits = _digits(metric)
         self.blocks.append(Heading(f"Savings: smaller budgets against {self.baseline} at a larger one", 3))
+        if not table.empty:
+            self._savings_rows(table, metric, alpha)
+        if not left_out.empty:
+            self.blocks.append(Paragraph(_not_compared_note(left_out, self.baseline)))
+
+    def _savings_rows(self, table: pd.DataFrame, metric: str, alpha: float) -> None:
+        digits = _digits(metric)
         header = [
             "budget",
             "method",
