@@ -181,6 +181,18 @@ def _fmt_int(value: Any) -> str:
     return f"{round(float(value)):,}" if _finite(value) else "—"
 
 
+def _untuned_beside_tuned(frame: pd.DataFrame) -> list[str]:
+    """``method at budget`` for every method and budget none of whose runs ``fimlora tune`` set, where
+    some run of ``frame`` was tuned (with no tuned run, nothing stands apart)."""
+    if "tuned" not in frame.columns or not frame["tuned"].astype(bool).any():
+        return []
+    return [
+        f"{method} at {budget}"
+        for (method, budget), runs in frame.groupby(["method", "budget_label"], sort=True)
+        if not runs["tuned"].astype(bool).any()
+    ]
+
+
 def _not_compared_note(left_out: pd.DataFrame, baseline: str) -> str:
     """One sentence on the savings pairs left out because only one side was tuned."""
 
@@ -384,7 +396,9 @@ class _Builder:
         self.tuning(frame, dataset, model)
         self.cost_table(frame)
         deployment.inference_table(self, frame)
-        self.pareto(summary[summary["metric"] == primary], primary, dataset, model)
+        self.pareto(
+            summary[summary["metric"] == primary], primary, dataset, model, _untuned_beside_tuned(frame)
+        )
         self.savings_table(frame, primary)
         deployment.memory_pareto(
             self,
@@ -629,7 +643,10 @@ class _Builder:
             )
         )
 
-    def pareto(self, summary: pd.DataFrame, metric: str, dataset: str, model: str) -> None:
+    def pareto(
+        self, summary: pd.DataFrame, metric: str, dataset: str, model: str, untuned: Sequence[str] = ()
+    ) -> None:
+        """``untuned``: the points whose settings ``fimlora tune`` did not choose, beside tuned ones."""
         series: dict[str, list[plots.ParetoPoint]] = {}
         for _, r in summary.iterrows():
             if not _finite(r["adapter_params"]):
@@ -655,7 +672,13 @@ class _Builder:
             png,
             f"{metric} (mean over seeds; error bars: {CONFIDENCE:.0%} bootstrap CI, none for a single seed) "
             "against the trainable LoRA parameters actually built, one line per method. Points at the same "
-            "budget are drawn a few pixels apart so that their error bars stay visible.",
+            "budget are drawn a few pixels apart so that their error bars stay visible."
+            + (
+                f" Not tuned, unlike the other points (fimlora tune did not choose their settings): "
+                f"{', '.join(untuned)}."
+                if untuned
+                else ""
+            ),
             alt=f"Pareto plot: {metric} vs adapter parameters",
         )
 
