@@ -156,7 +156,7 @@ def test_a_setting_chosen_by_a_probe_says_so(tmp_path):
     assert caption in section
 
 
-def test_an_untuned_larger_budget_is_left_out_of_the_savings_and_marked_in_the_pareto_plot(tmp_path):
+def test_an_untuned_larger_budget_is_left_out_of_the_savings_and_marked_in_the_pareto_plots(tmp_path):
     # Tuned lora and fim-lora at r=4; lora at r=8 trained at lora's r=4 rate, its settings never tuned
     # there (what a hindsight source is).
     tuned_runs(tmp_path, {"lora": (3, 1, 0), "fim-lora": (3, 1, 0)})
@@ -177,12 +177,14 @@ def test_an_untuned_larger_budget_is_left_out_of_the_savings_and_marked_in_the_p
         "difference would mix the settings with the budget: r=4 fim-lora, lora (tuned) vs lora at r=8 "
         "(not tuned)." in " ".join(section.split())
     )
-    # The Pareto plot draws lora r=8 on lora's line: its caption says that point was not tuned.
+    # The Pareto plots draw lora r=8 beside the tuned points: their captions say it was not tuned.
     pareto = report.split("### Accuracy–size trade-off", 1)[1].split("###")[0]
     assert (
         "Not tuned, unlike the other points (fimlora tune did not choose their settings): lora at r=8."
         in (" ".join(pareto.split()))
     )
+    memory = report.split("### accuracy against peak memory", 1)[1].split("###")[0]
+    assert "Not tuned, unlike the other points" in memory and "lora at r=8." in " ".join(memory.split())
     tuned_only = tmp_path / "tuned-only"
     tuned_runs(tuned_only, {"lora": (3, 1, 0), "fim-lora": (3, 1, 0)})
     assert "Not tuned" not in build_report(tuned_only, n_resamples=1_000).markdown.read_text()

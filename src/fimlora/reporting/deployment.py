@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from fimlora.reporting import plots
+from fimlora.reporting import plots, tuning
 from fimlora.reporting.document import Heading, Paragraph, Table
 from fimlora.results import METRICS, RESULT_FILE
 
@@ -120,9 +120,18 @@ def _key(row: Mapping[str, Any], keys: list[str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def memory_pareto(builder: Any, frame: pd.DataFrame, summary: pd.DataFrame, metric: str, title: str) -> None:
+def memory_pareto(
+    builder: Any,
+    frame: pd.DataFrame,
+    summary: pd.DataFrame,
+    metric: str,
+    title: str,
+    *,
+    untuned: Sequence[str] = (),
+) -> None:
     """The primary metric (mean over seeds, CI) against training peak memory and, where measured, the
-    peak memory of the deployed model (merged where the method merges, else unmerged)."""
+    peak memory of the deployed model (merged where the method merges, else unmerged); ``untuned``: the
+    points :func:`fimlora.reporting.tuning.untuned_beside_tuned` names, said so in the caption."""
     if "inference_merged_peak_mb" in frame:
         deployed = frame["inference_merged_peak_mb"].where(
             frame["inference_merged_peak_mb"].notna(), frame["inference_unmerged_peak_mb"]
@@ -173,7 +182,8 @@ def memory_pareto(builder: Any, frame: pd.DataFrame, summary: pd.DataFrame, metr
         png,
         f"{metric} (mean over seeds; error bars: bootstrap CI) against peak memory (mean over seeds). The "
         "dashed line joins the Pareto front, the methods no other method beats with less memory and a "
-        f"better {metric}. Deployed model: merged where the method merges, else unmerged. Fronts — {fronts}.",
+        f"better {metric}. Deployed model: merged where the method merges, else unmerged. Fronts — {fronts}."
+        + tuning.untuned_note(untuned),
         alt=f"Pareto plot: {metric} vs peak memory",
     )
 

@@ -181,18 +181,6 @@ def _fmt_int(value: Any) -> str:
     return f"{round(float(value)):,}" if _finite(value) else "—"
 
 
-def _untuned_beside_tuned(frame: pd.DataFrame) -> list[str]:
-    """``method at budget`` for every method and budget none of whose runs ``fimlora tune`` set, where
-    some run of ``frame`` was tuned (with no tuned run, nothing stands apart)."""
-    if "tuned" not in frame.columns or not frame["tuned"].astype(bool).any():
-        return []
-    return [
-        f"{method} at {budget}"
-        for (method, budget), runs in frame.groupby(["method", "budget_label"], sort=True)
-        if not runs["tuned"].astype(bool).any()
-    ]
-
-
 def _not_compared_note(left_out: pd.DataFrame, baseline: str) -> str:
     """One sentence on the savings pairs left out because only one side was tuned."""
 
@@ -396,9 +384,8 @@ class _Builder:
         self.tuning(frame, dataset, model)
         self.cost_table(frame)
         deployment.inference_table(self, frame)
-        self.pareto(
-            summary[summary["metric"] == primary], primary, dataset, model, _untuned_beside_tuned(frame)
-        )
+        untuned = tuning.untuned_beside_tuned(frame)
+        self.pareto(summary[summary["metric"] == primary], primary, dataset, model, untuned)
         self.savings_table(frame, primary)
         deployment.memory_pareto(
             self,
@@ -406,6 +393,7 @@ class _Builder:
             summary[summary["metric"] == primary],
             primary,
             f"{dataset} / {model}: {primary} vs peak memory",
+            untuned=untuned,
         )
         deployment.generations(self, frame, self.root)
         self.rank_heatmaps(frame, dataset, model)
@@ -673,12 +661,7 @@ class _Builder:
             f"{metric} (mean over seeds; error bars: {CONFIDENCE:.0%} bootstrap CI, none for a single seed) "
             "against the trainable LoRA parameters actually built, one line per method. Points at the same "
             "budget are drawn a few pixels apart so that their error bars stay visible."
-            + (
-                f" Not tuned, unlike the other points (fimlora tune did not choose their settings): "
-                f"{', '.join(untuned)}."
-                if untuned
-                else ""
-            ),
+            + tuning.untuned_note(untuned),
             alt=f"Pareto plot: {metric} vs adapter parameters",
         )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,26 @@ def tuning_of_runs(root: Path, frame: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def untuned_beside_tuned(frame: pd.DataFrame) -> list[str]:
+    """``method at budget`` for every method and budget none of whose runs ``fimlora tune`` set, where
+    some run of ``frame`` was tuned (with no tuned run, nothing stands apart)."""
+    if "tuned" not in frame.columns or not frame["tuned"].astype(bool).any():
+        return []
+    return [
+        f"{method} at {budget}"
+        for (method, budget), runs in frame.groupby(["method", "budget_label"], sort=True)
+        if not runs["tuned"].astype(bool).any()
+    ]
+
+
+def untuned_note(untuned: Sequence[str]) -> str:
+    """The sentence a plot's caption ends with when it draws :func:`untuned_beside_tuned` points."""
+    if not untuned:
+        return ""
+    names = ", ".join(untuned)
+    return f" Not tuned, unlike the other points (fimlora tune did not choose their settings): {names}."
 
 
 def _fmt_value(value: Any) -> str:
