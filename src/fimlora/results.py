@@ -20,7 +20,8 @@ Columns of the table (``None``/NaN where a run does not have the value):
   (classification: share of the evaluation split's most frequent class), and any other number there
 * per class (classification, from ``result.json["classes"]``): ``precision.<label>``,
   ``recall.<label>`` for each class name, ``class_labels`` (the names in class-id order) and
-  ``confusion_matrix`` (rows: true class, columns: predicted), both JSON-encoded
+  ``confusion_matrix`` (rows: true class, columns: predicted), both JSON-encoded, and ``at_chance``
+  (:func:`at_chance`: the run separates no class from the others)
 * parameters: ``adapter_params`` (what the method trains at the end: AdaLoRA after pruning,
   fim-lora-dynamic after its last re-allocation; the built adapter is ``peak_adapter_params``),
   ``head_params`` (fully trained task head), ``other_trainable_params``, ``num_target_modules``
@@ -60,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,7 +338,25 @@ def class_columns(classes: Any) -> dict[str, Any]:
             row.update({f"{key}.{label}": value for label, value in zip(labels, values, strict=True)})
     row["class_labels"] = json.dumps(labels)
     row["confusion_matrix"] = json.dumps(classes.get("confusion_matrix"))
+    recall = classes.get("recall")
+    if isinstance(recall, list) and len(recall) == len(labels) > 1:
+        row["at_chance"] = at_chance(recall)
     return row
+
+
+#: How far above chance (1/K) a run's mean recall per class may be and still count as at chance.
+CHANCE_MARGIN = 0.01
+
+
+def at_chance(recall: Sequence[float]) -> bool:
+    """Whether a classifier with these per-class recalls is at chance: their mean (balanced accuracy) is
+    at most 1/K + :data:`CHANCE_MARGIN` for K classes.
+
+    A run that collapsed to one class scores exactly 1/K whichever class it predicts, and so does one that
+    predicts that class for all but a few examples; its accuracy alone says neither (predicting the
+    minority class of a binary split scores below the majority rate, and the majority class of a skewed
+    split scores high)."""
+    return sum(recall) / len(recall) <= 1 / len(recall) + CHANCE_MARGIN
 
 
 def _tuned_params(result: Mapping[str, Any]) -> str | None:

@@ -360,6 +360,22 @@ def _warning(n_seeds: int, n_paired: int | None, extra: list[str], min_seeds: in
     return "; ".join(notes)
 
 
+def _at_chance_note(runs: pd.DataFrame) -> list[str]:
+    """A note naming the seeds of ``runs`` at chance (``at_chance``: mean recall per class within 0.01
+    of 1/K), which a mean ± std blends into one number with the seeds that learned."""
+    if "at_chance" not in runs:
+        return []
+    seeds = [
+        _canon(s)
+        for s, flag in zip(runs["seed"], runs["at_chance"], strict=True)
+        if isinstance(flag, bool | np.bool_) and flag
+    ]
+    if not seeds:
+        return []
+    listed = ", ".join(str(s) for s in seeds)
+    return [f"seed{'s' if len(seeds) > 1 else ''} {listed} at chance (mean recall per class ≤ 1/K + 0.01)"]
+
+
 def check_holm_family(name: str) -> None:
     """Refuse a Holm family that :data:`HOLM_FAMILIES` does not name."""
     if name not in HOLM_FAMILIES:
@@ -404,6 +420,7 @@ def summarize(
         duplicates = sub["seed"].duplicated(keep="first")
         dedup = sub[~duplicates]
         notes = [f"{int(duplicates.sum())} duplicate seed run(s) ignored"] if duplicates.any() else []
+        notes += _at_chance_note(dedup)
         base_rows, base_note = _baseline_rows(groups, key, n_pair, baseline, method_settings)
         for metric in metrics:
             values = dedup[["seed", metric]].dropna()

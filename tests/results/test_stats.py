@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 import pytest
-from results.fabricate import write_run, write_sweep
+from results.fabricate import class_record, write_run, write_sweep
 
 from fimlora.errors import FimloraError
-from fimlora.results import collect_results
+from fimlora.results import at_chance, collect_results
 from fimlora.stats import (
     bootstrap_ci,
     holm,
@@ -209,6 +209,49 @@ def test_missing_baseline_and_duplicate_seeds(tmp_path):
     assert "no lora runs to compare with" in fim["warning"]
     assert "1 duplicate seed run(s) ignored" in fim["warning"]
     assert fim["n_seeds"] == 2 and math.isnan(fim["diff_mean"])
+
+
+def test_a_run_is_at_chance_when_its_mean_recall_per_class_is_1_over_k():
+    assert at_chance([1.0, 0.0]) and at_chance([0.0, 1.0])  # one class for every example, either class
+    assert at_chance([0.98, 0.0]) and at_chance([1.0, 0.0, 0.0])  # all but a few; three classes
+    # Learned, though its accuracy (0.78) is below the majority rate (0.80) of a skewed split
+    # (80/10/10): "accuracy at most the majority rate" would flag it.
+    assert not at_chance([0.85, 0.5, 0.5])
+    assert not at_chance([0.6, 0.45])  # mean 0.525, above 1/2 + 0.01
+
+
+def test_seeds_at_chance_are_named_where_accuracy_alone_hides_them(tmp_path):
+    """fim-lora's seed 2 predicts the majority class for all but one example, which it gets wrong
+    (accuracy 0.51; it predicts both classes, so "never predicts a class" misses it); seed 3 predicts the
+    minority class for every example (accuracy 0.48, below the majority rate 0.52, so "accuracy near the
+    majority rate" misses it)."""
+    learned = [[40, 8], [8, 44]]
+    collapsed = {2: [[0, 48], [1, 51]], 3: [[48, 0], [52, 0]]}
+    for seed in range(5):
+        write_run(
+            tmp_path / f"lora-s{seed}" / "lora",
+            method="lora",
+            seed=seed,
+            accuracy=0.84,
+            classes=class_record(learned, ["neg", "pos"]),
+        )
+        matrix = collapsed.get(seed, learned)
+        accuracy = (matrix[0][0] + matrix[1][1]) / 100
+        write_run(
+            tmp_path / f"fim-s{seed}" / "fim-lora",
+            method="fim-lora",
+            seed=seed,
+            accuracy=accuracy,
+            classes=class_record(matrix, ["neg", "pos"]),
+        )
+    frame = collect_results(tmp_path).frame
+    assert sorted(frame.loc[frame["at_chance"].astype(bool), "run_dir"]) == [
+        "fim-s2/fim-lora",
+        "fim-s3/fim-lora",
+    ]
+    summary = summarize(frame, ["accuracy"], n_resamples=10_000)
+    assert _row(summary, "fim-lora")["warning"] == "seeds 2, 3 at chance (mean recall per class ≤ 1/K + 0.01)"
+    assert _row(summary, "lora")["warning"] == ""
 
 
 def test_varying_learning_rate_splits_groups_and_pairs_like_with_like(tmp_path):

@@ -1199,7 +1199,10 @@ class _Builder:
                     "one's, capped at 1). A difference is called a finding only when its Holm-adjusted "
                     "paired-t p is below 0.05; the sentence under each table lists them. Families are "
                     "per table, not across metrics or datasets.",
-                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds.",
+                    f"⚠ marks rows backed by fewer than {MIN_SEEDS} seeds, and names a row's seeds at "
+                    "chance (classification: mean recall per class at most 1/K + 0.01 for K classes, what a "
+                    "run that predicts one class for nearly every example scores, whichever class); their "
+                    "values stay in the row's mean ± std and Δ.",
                 ]
             ),
         ]
