@@ -11,6 +11,7 @@ from tune_runs import defaults, write_spec
 
 from fimlora.cli import main
 from fimlora.config import ExperimentConfig, parse_config
+from fimlora.data import tokenize
 from fimlora.errors import FimloraError
 from fimlora.experiment import prepare
 from fimlora.sweep import load_spec, parse_spec
@@ -188,3 +189,13 @@ def test_tuning_the_data_seed_on_a_single_file_dataset_is_refused(capsys, tmp_pa
     tuned.write_text(yaml.safe_dump({**document, "cells": [cell]}), encoding="utf-8")
     with pytest.raises(FimloraError, match=r"data_seed: data_seed defines the train/validation/test split"):
         expand_tuned(load_spec(spec_path), tuned)
+
+
+def test_a_trial_prepares_its_data_without_progress_bars(
+    small_bert_dir, split_dir, tmp_path, capfd, monkeypatch
+):
+    """A tuning worker's output is one line per trial; ``datasets``' tokenizing bars, drawn again by
+    every worker for every study, would bury those lines in a log."""
+    monkeypatch.setattr(tokenize, "_PROGRESS_MIN_ROWS", 0)  # a split large enough for a bar
+    PreparedCache().get(trial_config(small_bert_dir, split_dir, tmp_path))
+    assert "Tokenizing" not in capfd.readouterr().err

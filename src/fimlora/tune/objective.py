@@ -69,7 +69,8 @@ class PreparedCache:
         if prepared is None:
             while len(self._entries) >= self.capacity:  # free the oldest model first
                 self._entries.popitem(last=False)
-            prepared = prepare(config, splits=TUNING_SPLITS)
+            # Quiet as the trial's training is: a worker's output is one line per trial.
+            prepared = prepare(config, splits=TUNING_SPLITS, progress=False)
         self._entries[key] = prepared
         return prepared
 
