@@ -116,3 +116,34 @@ def test_nothing_is_left_once_every_budget_has_ended(capsys, small_bert_dir, spl
     _, statuses = tuning_status(spec)
     assert time_left(statuses) is None and all(len(s.ended_s) == 2 for s in statuses)
     assert "left:" not in tune(capsys, path, "--status")
+
+
+def test_before_any_trial_ends_what_is_left_is_counted_without_an_estimate(
+    capsys, small_bert_dir, split_dir, tmp_path
+):
+    path = write_spec(tmp_path, lora_grid(small_bert_dir, split_dir), {**TUNE, "trials": 3})
+    spec = load_spec(path)
+    (lora,) = plan_cells(spec, parse_tune(spec))
+    spec.output_path.mkdir()
+    study = optuna.create_study(
+        study_name=lora.study_name, storage=default_storage(spec.output_path), direction="minimize"
+    )
+    study.add_trial(
+        FrozenTrial(
+            number=0,
+            trial_id=0,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now() - timedelta(seconds=30),
+            datetime_complete=None,
+            params={"train.learning_rate": 1e-2},
+            distributions={"train.learning_rate": FloatDistribution(1e-3, 1e-1, log=True)},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+        )
+    )
+    _, statuses = tuning_status(spec)
+    assert time_left(statuses) is None
+    out = tune(capsys, path, "--status")
+    assert "left: 3 trials (1 running); no trial has ended yet, so no estimate of the time" in out

@@ -203,3 +203,7 @@ def print_status(url: str, statuses: list[StudyStatus], log: Callable[[str], Non
     left = time_left(statuses)
     if left is not None:
         log(left.describe())
+    elif places := sum(max(0, s.budget - s.ended) for s in statuses):
+        # Nothing has ended to time the rest by; the count is still what the user asked.
+        running = sum(len(s.running_s) for s in statuses)
+        log(f"left: {places} trials ({running} running); no trial has ended yet, so no estimate of the time")
