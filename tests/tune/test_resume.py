@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
+from optuna.distributions import FloatDistribution
 from processes import ONE_THREAD, fimlora_command, kill_when
 from tune_runs import lora_grid, write_spec
 
@@ -18,6 +21,7 @@ from fimlora.cli import main
 from fimlora.sweep import load_spec
 from fimlora.tune import TRIALS_FILE, TUNED_FILE, parse_tune, plan_cells
 from fimlora.tune.storage import SEED_SCORES_ATTR, default_storage, kind_counts, trial_kind
+from fimlora.tune.study import WorkerTask, create_studies, tune_worker
 
 
 def run_cli(capsys, *argv):
@@ -148,3 +152,35 @@ def test_worker_processes_share_each_study_budget_exactly(capsys, small_bert_dir
     assert not counts["lost"] and not counts["running"]
     trained = {json.dumps(t.params) for t in study.trials if trial_kind(t) != "surplus"}
     assert len(trained) == TUNE["trials"]  # each place draws its own values: no duplicate proposals
+
+
+def test_a_worker_tunes_other_cells_while_the_last_place_of_one_is_held(small_bert_dir, split_dir, tmp_path):
+    # The first study's only place is held by a running trial (another worker's): the worker must tune the
+    # second study meanwhile, not sleep until that trial ends, and then finish once it has ended.
+    grid = {**lora_grid(small_bert_dir, split_dir), "budget": [{"uniform_rank": 2}, {"uniform_rank": 1}]}
+    spec = load_spec(write_spec(tmp_path, grid, {**TUNE, "trials": 1, "heartbeat_s": 60}))
+    settings = parse_tune(spec)
+    first, second = plan_cells(spec, settings)
+    spec.output_path.mkdir()
+    url = default_storage(spec.output_path)
+    create_studies([first, second], settings, url)
+    held = optuna.load_study(study_name=first.study_name, storage=url)
+    held.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING,
+            params={"train.learning_rate": 1e-3},
+            distributions={"train.learning_rate": FloatDistribution(1e-5, 1e-1, log=True)},
+        )
+    )
+    worker = threading.Thread(target=tune_worker, args=(WorkerTask((first, second), settings, url, 0),))
+    worker.start()
+    other = optuna.load_study(study_name=second.study_name, storage=url)
+    deadline = time.monotonic() + 60
+    while not kind_counts(other.get_trials())["complete"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kind_counts(other.get_trials())["complete"] == 1, "the worker waited on the held study"
+    assert worker.is_alive()  # it comes back to the held study
+    held.tell(held.trials[0].number, 1.0)
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert kind_counts(held.get_trials())["complete"] == 1

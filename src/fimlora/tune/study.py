@@ -5,8 +5,9 @@ seed and the trial's place in the budget (so a resumed study draws what an unint
 parallel workers do not propose the same values), the same number of random start-up trials, the same
 seed-by-seed median pruner (:mod:`fimlora.tune.search`) and the same budget of ``trials`` trials (see
 :mod:`fimlora.tune.storage` for what counts). Each worker walks the cells in order and, for each,
-optimises until the budget is taken; when the last places are held by running trials (another worker's,
-or a dead worker's that the heartbeat will fail and retry), it waits for them. Running ``fimlora tune``
+optimises until the budget is taken; when the last places of a study are held by running trials (another
+worker's, or a dead worker's that the heartbeat will fail and retry), it goes on with the next cells and
+comes back to that study, waiting only once no cell has a trial left to start. Running ``fimlora tune``
 again resumes every study where it stopped.
 """
 
@@ -158,9 +159,10 @@ def tune_cell(
     cache: PreparedCache,
     *,
     log: Callable[[str], None] = print,
-) -> None:
+) -> bool:
     """Optimise ``cell``'s study until ``settings.budget`` trials (its trials, then its probes) ran to a
-    verdict."""
+    verdict (returns True), or until its places left are all held by running trials (returns False: come
+    back later; meanwhile a worker has other cells to tune rather than sleep beside this one)."""
     import optuna
 
     from fimlora.tune.search import pruner, sampler
@@ -184,16 +186,17 @@ def tune_cell(
         trials = study.get_trials(deepcopy=False)
         counts = kind_counts(trials)
         if sum(counts[k] for k in COUNTED) >= budget:
-            return
-        if not ready:  # only a study with trials to run loads the model
-            objective.setup()
-            ready = True
+            return True
         if taken(trials) >= budget and not counts["waiting"]:
             # The last places are held by running trials: another worker's, or a dead one's that the
             # heartbeat fails (and re-enqueues) once it has been silent for the grace period.
             optuna.storages.fail_stale_trials(study)
-            time.sleep(min(5.0, settings.heartbeat_s / 2))
+            if not kind_counts(study.get_trials(deepcopy=False))["waiting"]:
+                return False
             continue
+        if not ready:  # only a study with trials to run loads the model
+            objective.setup()
+            ready = True
         try:
             study.optimize(
                 objective,
@@ -228,13 +231,19 @@ class WorkerTask:
 
 
 def tune_worker(task: WorkerTask, log: Callable[[str], None] = print) -> None:
-    """Tune every cell in order (a worker process's whole job)."""
+    """Tune every cell in order (a worker process's whole job). A cell whose last places are held by
+    running trials is passed over and visited again after the others, until every cell's budget ended."""
     quiet_optuna()
     storage = open_storage(task.url, heartbeat_s=task.settings.heartbeat_s)
     cache = PreparedCache(capacity=task.settings.seeds)
-    for cell in task.cells:
+    held = list(task.cells)
+    first_pass = True
+    while held:
+        if not first_pass:
+            time.sleep(min(5.0, task.settings.heartbeat_s / 2))
+        first_pass = False
         try:
-            tune_cell(cell, task.settings, storage, cache, log=log)
+            held = [cell for cell in held if not tune_cell(cell, task.settings, storage, cache, log=log)]
         except SetupError as exc:
             raise FimloraError(f"Tuning stopped: {exc}") from None
 
