@@ -14,14 +14,17 @@ modules); the count is taken after the optimizer froze A.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.optimizers import create_lorafa_optimizer
 
 from fimlora.methods.base import CostModel, MethodContext, OptimizerKind
 from fimlora.methods.optimizers._groups import TRAINER_ADAM_BETAS, TRAINER_ADAM_EPS, split_weight_decay
+
+_TAKES_RANK = "r" in inspect.signature(create_lorafa_optimizer).parameters
 
 
 class LoraFa(OptimizerKind):
@@ -34,14 +37,20 @@ class LoraFa(OptimizerKind):
 
     def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
         train = ctx.config.train
-        # r and lora_alpha give PEFT's default scaling; per-module scalings are read from the layers.
-        optimizer = create_lorafa_optimizer(
-            model,
-            r=ctx.config.budget.reference_rank,
-            lora_alpha=ctx.config.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses float
-            lr=train.learning_rate,
-            weight_decay=train.weight_decay,
-        )
+        if _TAKES_RANK:
+            # PEFT before 0.22 requires r and lora_alpha (its default scaling; per-module scalings are
+            # read from the layers); 0.22 reads everything from the layers and deprecates them.
+            optimizer = cast(Any, create_lorafa_optimizer)(
+                model,
+                r=ctx.config.budget.reference_rank,
+                lora_alpha=ctx.config.lora_alpha,
+                lr=train.learning_rate,
+                weight_decay=train.weight_decay,
+            )
+        else:
+            optimizer = create_lorafa_optimizer(
+                model, lr=train.learning_rate, weight_decay=train.weight_decay
+            )
         # A and B of a module stay adjacent in one group (LoRA-FA pairs them by order): both are decayed.
         return split_weight_decay(
             optimizer,
