@@ -13,6 +13,7 @@ again resumes every study where it stopped.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -48,6 +49,27 @@ from fimlora.tune.storage import (
     trial_kind,
 )
 
+#: The logger of ``optuna.study._optimize``, which reports every trial's end.
+_OPTIMIZE_LOGGER = "optuna.study._optimize"
+
+
+class _SurplusTrialFilter(logging.Filter):
+    """Drops Optuna's report of a surplus trial: a failure with a traceback and a second line, where the
+    trial only lost the race for a study's last place and trained nothing (see :class:`SurplusTrial`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.surplus: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(maxsplit=2)
+        number = words[1] if len(words) > 1 and words[0] == "Trial" else None
+        if record.exc_info and isinstance(record.exc_info[1], SurplusTrial):
+            if number is not None:
+                self.surplus.add(number)
+            return False
+        return not (number in self.surplus and "failed with value" in record.getMessage())
+
 
 def quiet_optuna() -> None:
     import optuna
@@ -55,6 +77,9 @@ def quiet_optuna() -> None:
     # fimlora logs one line per trial itself; heartbeats and the retry callback are "experimental".
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logger = logging.getLogger(_OPTIMIZE_LOGGER)
+    if not any(isinstance(f, _SurplusTrialFilter) for f in logger.filters):
+        logger.addFilter(_SurplusTrialFilter())
 
 
 def create_studies(cells: Sequence[Cell], settings: TuneSettings, url: str) -> None:
