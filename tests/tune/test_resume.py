@@ -4,6 +4,7 @@ draws; --trials extends it; workers share the budget."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from tune_runs import lora_grid, write_spec
 from fimlora.cli import main
 from fimlora.sweep import load_spec
 from fimlora.tune import TRIALS_FILE, TUNED_FILE, parse_tune, plan_cells
-from fimlora.tune.storage import SEED_SCORES_ATTR, default_storage, kind_counts, trial_kind
+from fimlora.tune.storage import SEED_SCORES_ATTR, default_storage, kind_counts, open_storage, trial_kind
 from fimlora.tune.study import WorkerTask, create_studies, tune_worker
 
 
@@ -158,7 +159,7 @@ def test_a_worker_tunes_other_cells_while_the_last_place_of_one_is_held(small_be
     # The first study's only place is held by a running trial (another worker's): the worker must tune the
     # second study meanwhile, not sleep until that trial ends, and then finish once it has ended.
     grid = {**lora_grid(small_bert_dir, split_dir), "budget": [{"uniform_rank": 2}, {"uniform_rank": 1}]}
-    spec = load_spec(write_spec(tmp_path, grid, {**TUNE, "trials": 1, "heartbeat_s": 60}))
+    spec = load_spec(write_spec(tmp_path, grid, {**TUNE, "trials": 1, "heartbeat_s": 600}))
     settings = parse_tune(spec)
     first, second = plan_cells(spec, settings)
     spec.output_path.mkdir()
@@ -184,3 +185,30 @@ def test_a_worker_tunes_other_cells_while_the_last_place_of_one_is_held(small_be
     worker.join(timeout=60)
     assert not worker.is_alive()
     assert kind_counts(held.get_trials())["complete"] == 1
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_given_again(tmp_path):
+    # Optuna creates a trial RUNNING, then starts its heartbeat thread: a process killed in between left
+    # a trial with no heartbeat, which Optuna's check skips, and the resumed study waited for it forever.
+    study = optuna.create_study(
+        study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'tuning.db'}", heartbeat_s=1)
+    )
+
+    def running(x: float, age_s: float) -> None:
+        started = datetime.datetime.now() - datetime.timedelta(seconds=age_s)
+        study.add_trial(
+            optuna.trial.FrozenTrial(
+                number=0, trial_id=0, state=optuna.trial.TrialState.RUNNING, value=None,
+                datetime_start=started, datetime_complete=None, params={"x": x},
+                distributions={"x": FloatDistribution(0, 1)}, user_attrs={}, system_attrs={},
+                intermediate_values={},
+            )
+        )  # fmt: skip
+
+    running(0.25, age_s=10)  # killed 10 s ago, past the grace period (2 s)
+    running(0.75, age_s=0)  # just created: its heartbeat may not be written yet
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].params == {"x": 0.25}  # the retry, with the lost trial's values

@@ -78,13 +78,11 @@ def open_storage(url: str, *, heartbeat_s: int, attempts: int = 5) -> Any:
     import sqlalchemy.exc
 
     engine: dict[str, Any] = {}
-    kind: Any = optuna.storages.RDBStorage
     lock = claims_lock(url)
     if url.startswith("sqlite"):
         # Several local workers write one file: wait for the lock rather than fail at once.
         engine["connect_args"] = {"timeout": 60}
-    if lock is not None:
-        kind = functools.partial(_serialised_claims_storage(), lock)
+    kind = functools.partial(_fimlora_storage(), lock)
     for attempt in range(attempts):
         try:
             return kind(
@@ -116,26 +114,64 @@ def claims_lock(url: str) -> Path | None:
 
 
 @functools.cache
-def _serialised_claims_storage() -> type:
-    """``RDBStorage`` whose trial state changes hold :func:`claims_lock`. Optuna claims a waiting trial
-    (an enqueued retry) by reading it WAITING and then writing RUNNING, and fails a stale one by reading
-    RUNNING and writing FAIL; PostgreSQL makes each atomic (``SELECT … FOR UPDATE``), SQLite does not,
-    so two local workers could both claim one retry and run it twice, or both fail one stale trial and
-    enqueue two retries of it (seen: two workers ran one trial side by side, appending to one log)."""
+def _fimlora_storage() -> type:
+    """``RDBStorage`` with two repairs (the class is built on first use: Optuna loads lazily).
+
+    - A trial whose heartbeat never arrived is stale too. Optuna creates a trial RUNNING and then starts
+      its heartbeat thread; a process killed before that thread's first write left a trial that
+      Optuna's check skips (it has no heartbeat to be late), so the study waited for it forever (seen
+      under load: the trial's config was written, its heartbeat was not). Here such a trial is failed,
+      and retried, once it is older than the grace period.
+    - On SQLite (``lock`` not None), every trial state change holds :func:`claims_lock`. Optuna claims
+      a waiting trial (an enqueued retry) by reading it WAITING and then writing RUNNING, and fails a
+      stale one by reading RUNNING and writing FAIL; PostgreSQL makes each atomic (``SELECT … FOR
+      UPDATE``), SQLite does not, so two local workers could both claim one retry and run it twice, or
+      both fail one stale trial and enqueue two retries of it (seen: two workers ran one trial side by
+      side, appending to one log).
+    """
+    import datetime
+
     import optuna
+    from optuna.storages._rdb import models
 
     from fimlora.sweep.lock import exclusive
 
-    class SerialisedClaimsStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
-        def __init__(self, lock: Path, *args: Any, **kwargs: Any) -> None:
+    class FimloraStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
+        def __init__(self, lock: Path | None, *args: Any, **kwargs: Any) -> None:
             self.claims_lock = lock
             super().__init__(*args, **kwargs)
 
         def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            if self.claims_lock is None:
+                return bool(super().set_trial_state_values(trial_id, state, values))
             with exclusive(self.claims_lock):
                 return bool(super().set_trial_state_values(trial_id, state, values))
 
-    return SerialisedClaimsStorage
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = list(super()._get_stale_trial_ids(study_id))
+            grace = datetime.timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+            # datetime_start is written by the process that created the trial, in its local time.
+            now = datetime.datetime.now()
+            session = self.scoped_session()
+            try:
+                running = (
+                    session.query(models.TrialModel)
+                    .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+                    .filter(models.TrialModel.study_id == study_id)
+                    .all()
+                )
+                stale += [
+                    trial.trial_id
+                    for trial in running
+                    if not trial.heartbeats
+                    and trial.datetime_start is not None
+                    and now - trial.datetime_start > grace
+                ]
+            finally:
+                session.close()
+            return stale
+
+    return FimloraStorage
 
 
 def recorded_storage(url: str, spec_dir: Path) -> str:
