@@ -9,6 +9,7 @@ STAMP := $(VENV)/.fimlora-installed
 ASSETS_STAMP := $(VENV)/.fimlora-assets
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
+TEST_TIMEOUT_S ?= 600
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -38,13 +39,14 @@ assets: $(ASSETS_STAMP)
 demo: setup
 	$(BIN)/fimlora demo
 
-# What CI runs: lint, type-check, then every test not marked slow. Among them are the documentation site's
-# strict build (a broken link or reference fails; tests/docs/test_site.py, so it is not built twice) and
-# the worked notebook at tiny settings.
+# What CI runs: lint, type-check, then every test not marked slow, each stopped after TEST_TIMEOUT_S seconds
+# (pytest-timeout; the whole suite takes about that long), so a hang fails its own test instead of holding
+# CI to its limit. Among them are the documentation site's strict build (a broken link or reference fails;
+# tests/docs/test_site.py, so it is not built twice) and the worked notebook at tiny settings.
 test: setup
 	$(BIN)/ruff check src tests benchmarks docs/hooks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=$(TEST_TIMEOUT_S) $(PYTEST_ARGS)
 
 # The documentation site (MkDocs Material; references generated from the code) into build/site, offline.
 docs: setup
