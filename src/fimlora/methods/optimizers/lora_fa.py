@@ -37,10 +37,12 @@ class LoraFa(OptimizerKind):
 
     def build(self, model: Any, ctx: MethodContext) -> torch.optim.Optimizer:
         train = ctx.config.train
+        # Untyped: PEFT's annotations differ between the two signatures (and its versions).
+        create = cast(Any, create_lorafa_optimizer)
         if _TAKES_RANK:
             # PEFT before 0.22 requires r and lora_alpha (its default scaling; per-module scalings are
             # read from the layers); 0.22 reads everything from the layers and deprecates them.
-            optimizer = cast(Any, create_lorafa_optimizer)(
+            optimizer = create(
                 model,
                 r=ctx.config.budget.reference_rank,
                 lora_alpha=ctx.config.lora_alpha,
@@ -48,9 +50,7 @@ class LoraFa(OptimizerKind):
                 weight_decay=train.weight_decay,
             )
         else:
-            optimizer = create_lorafa_optimizer(
-                model, lr=train.learning_rate, weight_decay=train.weight_decay
-            )
+            optimizer = create(model, lr=train.learning_rate, weight_decay=train.weight_decay)
         # A and B of a module stay adjacent in one group (LoRA-FA pairs them by order): both are decayed.
         return split_weight_decay(
             optimizer,
