@@ -75,6 +75,34 @@ if plateau > steps:
 PY
 }
 
+# Every run of the study so far recorded the same library versions (environment.json); a fresh venv
+# may install newer ones (PEFT 0.22 arrived mid-study, with the tenth session's new checkout). Stop before
+# anything trains unless the installed versions are the recorded ones, so that no cell mixes versions.
+# Skipped once the study's last step has run: rebuilding the table and report needs no particular versions.
+same_libraries() {
+  "$PYTHON" - "$E" <<'PY'
+import glob, json, sys
+from importlib import metadata
+recorded = {}
+for path in glob.glob(f"{sys.argv[1]}/runs*/**/environment.json", recursive=True, include_hidden=True):
+    for name, version in json.load(open(path, encoding="utf-8"))["packages"].items():
+        if name != "fimlora":
+            recorded.setdefault(name, set()).add(version)
+def installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+wrong = {n: (sorted(v), installed(n)) for n, v in recorded.items() if installed(n) not in v}
+if wrong:
+    pins = " ".join(f"{n}=={sorted(v)[-1].split('+')[0]}" for n, (v, _) in wrong.items())
+    sys.exit("the study's runs were made with other library versions than these: "
+             + "; ".join(f"{n} {have} installed, runs have {', '.join(v)}" for n, (v, have) in wrong.items())
+             + f". Install theirs (.venv/bin/pip install {pins}), then run again (study README, tenth session)")
+PY
+}
+[ -f $E/runs/brown-genre-r1/fisher-trajectory/fisher-trajectory.json ] || same_libraries
+
 # Task 1, MiniLM × movie-reviews: uniform rank 1 (r_min 0), then uniform rank 4.
 "$FIMLORA" tune $E/movie-reviews-r1.yaml --workers "$WORKERS"
 sweep $E/source-full-ft.yaml            # the hindsight sources, before any hindsight run
