@@ -81,11 +81,12 @@ PY
 # Skipped once the study's last step has run: rebuilding the table and report needs no particular versions.
 same_libraries() {
   "$PYTHON" - "$E" <<'PY'
-import glob, json, sys
+import json, sys
 from importlib import metadata
+from pathlib import Path
 recorded = {}
-for path in glob.glob(f"{sys.argv[1]}/runs*/**/environment.json", recursive=True, include_hidden=True):
-    for name, version in json.load(open(path, encoding="utf-8"))["packages"].items():
+for path in Path(sys.argv[1]).glob("runs*/**/environment.json"):  # tuning trials are under .tuning/
+    for name, version in json.loads(path.read_text(encoding="utf-8"))["packages"].items():
         if name != "fimlora":
             recorded.setdefault(name, set()).add(version)
 def installed(name):
