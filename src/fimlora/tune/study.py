@@ -262,15 +262,14 @@ def tune_worker(task: WorkerTask, log: Callable[[str], None] = print) -> None:
     storage = open_storage(task.url, heartbeat_s=task.settings.heartbeat_s)
     cache = PreparedCache(capacity=task.settings.seeds)
     held = list(task.cells)
-    first_pass = True
-    while held:
-        if not first_pass:
-            time.sleep(min(5.0, task.settings.heartbeat_s / 2))
-        first_pass = False
+    while True:
         try:
             held = [cell for cell in held if not tune_cell(cell, task.settings, storage, cache, log=log)]
         except SetupError as exc:
             raise FimloraError(f"Tuning stopped: {exc}") from None
+        if not held:
+            return
+        time.sleep(min(5.0, task.settings.heartbeat_s / 2))
 
 
 def _prefixed_print(prefix: str) -> Callable[[str], None]:
