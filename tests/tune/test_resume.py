@@ -191,12 +191,13 @@ def test_a_worker_tunes_other_cells_while_the_last_place_of_one_is_held(small_be
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_given_again(tmp_path):
     # Optuna creates a trial RUNNING, then starts its heartbeat thread: a process killed in between left
     # a trial with no heartbeat, which Optuna's check skips, and the resumed study waited for it forever.
-    study = optuna.create_study(
-        study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'tuning.db'}", heartbeat_s=1)
-    )
+    # Silence is timed from when this process first saw it, never from datetime_start: that is the
+    # creating machine's local time, so a creator in another time zone writes it hours off.
+    storage = open_storage(f"sqlite:///{tmp_path / 'tuning.db'}", heartbeat_s=1)
+    study = optuna.create_study(study_name="s", storage=storage)
 
-    def running(x: float, age_s: float) -> None:
-        started = datetime.datetime.now() - datetime.timedelta(seconds=age_s)
+    def running(x: float, clock_off_h: float) -> int:
+        started = datetime.datetime.now() + datetime.timedelta(hours=clock_off_h)
         study.add_trial(
             optuna.trial.FrozenTrial(
                 number=0, trial_id=0, state=optuna.trial.TrialState.RUNNING, value=None,
@@ -205,10 +206,22 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_given_again(tmp
                 intermediate_values={},
             )
         )  # fmt: skip
+        return study.get_trials()[-1]._trial_id
 
-    running(0.25, age_s=10)  # killed 10 s ago, past the grace period (2 s)
-    running(0.75, age_s=0)  # just created: its heartbeat may not be written yet
+    killed_east = running(0.25, clock_off_h=+5)  # creator 5 h ahead: "starts in the future"
+    killed_west = running(0.5, clock_off_h=-5)  # creator 5 h behind: "5 h old" at once
+    alive = running(0.75, clock_off_h=-5)  # will write its first heartbeat late, but write it
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"] * 3  # silent, but not for long yet
+
+    storage.record_heartbeat(alive)
+    time.sleep(2.5)  # past the grace period (2 × heartbeat_s)
+    storage.record_heartbeat(alive)
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "WAITING"]
-    assert trials[2].params == {"x": 0.25}  # the retry, with the lost trial's values
+    assert {t._trial_id: t.state.name for t in trials[:3]} == {
+        killed_east: "FAIL",
+        killed_west: "FAIL",
+        alive: "RUNNING",
+    }
+    assert sorted(t.params["x"] for t in trials[3:] if t.state.name == "WAITING") == [0.25, 0.5]  # retries

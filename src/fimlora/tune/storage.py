@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 FAILURE_ATTR = "failure"
 SURPLUS_ATTR = "surplus"
@@ -121,7 +121,10 @@ def _fimlora_storage() -> type:
       its heartbeat thread; a process killed before that thread's first write left a trial that
       Optuna's check skips (it has no heartbeat to be late), so the study waited for it forever (seen
       under load: the trial's config was written, its heartbeat was not). Here such a trial is failed,
-      and retried, once it is older than the grace period.
+      and retried, once this process has seen it without a heartbeat for the grace period. That
+      waiting is timed on this process's own monotonic clock, not against the trial's
+      ``datetime_start``: Optuna writes that in the creating machine's local time, so across machines
+      in other time zones (PostgreSQL) it would fail a trial in its first second, or never.
     - On SQLite (``lock`` not None), every trial state change holds :func:`claims_lock`. Optuna claims
       a waiting trial (an enqueued retry) by reading it WAITING and then writing RUNNING, and fails a
       stale one by reading RUNNING and writing FAIL; PostgreSQL makes each atomic (``SELECT … FOR
@@ -129,14 +132,17 @@ def _fimlora_storage() -> type:
       both fail one stale trial and enqueue two retries of it (seen: two workers ran one trial side by
       side, appending to one log).
     """
-    import datetime
-
     import optuna
     from optuna.storages._rdb import models
 
     from fimlora.sweep.lock import exclusive
 
     class FimloraStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
+        # (storage URL, trial id) -> when this process first saw that trial RUNNING without a heartbeat.
+        # Class-wide: a worker opens the storage again for each pass over its studies, and the
+        # waiting must carry over between passes.
+        first_seen_silent: ClassVar[dict[tuple[str, int], float]] = {}
+
         def __init__(self, lock: Path | None, *args: Any, **kwargs: Any) -> None:
             self.claims_lock = lock
             super().__init__(*args, **kwargs)
@@ -149,26 +155,24 @@ def _fimlora_storage() -> type:
 
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             stale = list(super()._get_stale_trial_ids(study_id))
-            grace = datetime.timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
-            # datetime_start is written by the process that created the trial, in its local time.
-            now = datetime.datetime.now()
+            grace_s = self.grace_period or 2 * (self.heartbeat_interval or 0)
+            now = time.monotonic()
             session = self.scoped_session()
             try:
-                running = (
-                    session.query(models.TrialModel)
+                silent = [
+                    trial.trial_id
+                    for trial in session.query(models.TrialModel)
                     .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
                     .filter(models.TrialModel.study_id == study_id)
                     .all()
-                )
-                stale += [
-                    trial.trial_id
-                    for trial in running
                     if not trial.heartbeats
-                    and trial.datetime_start is not None
-                    and now - trial.datetime_start > grace
                 ]
             finally:
                 session.close()
+            for trial_id in silent:
+                first_seen = self.first_seen_silent.setdefault((self.url, trial_id), now)
+                if now - first_seen > grace_s:
+                    stale.append(trial_id)
             return stale
 
     return FimloraStorage
