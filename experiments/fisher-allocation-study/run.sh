@@ -38,22 +38,9 @@ if abs(rate - want) > 1e-12 * want:
 PY
 }
 
-# Task 2's rule for its LoRA r = 8 source's rate (brown-genre-source-lora-r8-rate-check.yaml, fixed before
-# brown-genre was tuned): both check seeds reach validation macro-F1 >= the lora cell's tuned validation
-# macro-F1 minus 0.035. Arguments: the check's store, tuned.yaml.
-rate_check_holds() {
-  "$PYTHON" - "$1" "$2" <<'PY'
-import glob, json, sys, yaml
-store, tuned = sys.argv[1:3]
-cell = next(c for c in yaml.safe_load(open(tuned, encoding="utf-8"))["cells"] if c["method"] == "lora")
-floor = cell["validation_score"] - 0.035
-results = [json.load(open(p, encoding="utf-8")) for p in sorted(glob.glob(f"{store}/*/lora/result.json"))]
-scores = {r["seed"]: r["metrics"]["macro_f1"] for r in results}
-if sorted(scores) != [0, 1] or min(scores.values()) < floor:
-    sys.exit(f"{store}: validation macro-F1 by seed {scores}, the rule asks both >= {floor:.4f}: check the "
-             "next-best lora rate of tuning-trials.csv the same way (study README, change 5)")
-PY
-}
+# Task 2's rule for its LoRA r = 8 source's rate (change 5; fixed before brown-genre was tuned): the lora
+# cell's validation-ranked rates, checked at r = 8 in turn until one passes (source_rate_rule.py says how).
+source_rate_rule() { "$PYTHON" $E/source_rate_rule.py "$@"; }
 
 # The rule that chose each task's step count from its convergence curve: the first step at which the
 # 3-point moving average of validation accuracy (centred) comes within 0.5 points of its maximum. Stops
@@ -130,10 +117,13 @@ plateau_within $E/runs-convergence-brown-genre-grouped 1000
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
 spectra $E/runs/brown-genre-full-ft/*/full-ft
-source_rate_is_tuned $E/brown-genre-source-lora-r8-rate-check.yaml $E/runs/brown-genre-r1/tuned.yaml
+G=$E/runs/brown-genre-r1
+source_rate_rule spec $E/brown-genre-source-lora-r8-rate-check.yaml $E/runs-source-rate-check-brown-genre \
+  $G/tuning-trials.csv $G/tuned.yaml
 sweep $E/brown-genre-source-lora-r8-rate-check.yaml
-rate_check_holds $E/runs-source-rate-check-brown-genre $E/runs/brown-genre-r1/tuned.yaml
-source_rate_is_tuned $E/brown-genre-source-lora-r8.yaml $E/runs/brown-genre-r1/tuned.yaml
+source_rate_rule holds $E/runs-source-rate-check-brown-genre $G/tuned.yaml
+source_rate_rule spec $E/brown-genre-source-lora-r8.yaml $E/runs-source-rate-check-brown-genre \
+  $G/tuning-trials.csv $G/tuned.yaml
 sweep $E/brown-genre-source-lora-r8.yaml
 spectra $E/runs/brown-genre-lora-r8/*/lora
 "$FIMLORA" tune $E/brown-genre-r1-own-rate.yaml --workers "$WORKERS"
