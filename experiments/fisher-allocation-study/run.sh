@@ -39,7 +39,8 @@ PY
 }
 
 # Task 2's rule for its LoRA r = 8 source's rate (change 5; fixed before brown-genre was tuned): the lora
-# cell's validation-ranked rates, checked at r = 8 in turn until one passes (source_rate_rule.py says how).
+# cell's validation-ranked rates, checked at r = 8 in turn until one passes; if none does, the source's
+# rate is tuned for it (change 14). source_rate_rule.py says how.
 source_rate_rule() { "$PYTHON" $E/source_rate_rule.py "$@"; }
 
 # The rule that chose each task's step count from its convergence curve: the first step at which the
@@ -117,13 +118,17 @@ plateau_within $E/runs-convergence-brown-genre-grouped 1000
 "$FIMLORA" tune $E/brown-genre-r1.yaml --workers "$WORKERS"
 sweep $E/brown-genre-source-full-ft.yaml
 spectra $E/runs/brown-genre-full-ft/*/full-ft
-G=$E/runs/brown-genre-r1
-source_rate_rule spec $E/brown-genre-source-lora-r8-rate-check.yaml $E/runs-source-rate-check-brown-genre \
-  $G/tuning-trials.csv $G/tuned.yaml
-sweep $E/brown-genre-source-lora-r8-rate-check.yaml
-source_rate_rule holds $E/runs-source-rate-check-brown-genre $G/tuned.yaml
-source_rate_rule spec $E/brown-genre-source-lora-r8.yaml $E/runs-source-rate-check-brown-genre \
-  $G/tuning-trials.csv $G/tuned.yaml
+G=$E/runs/brown-genre-r1 CHECKS=$E/runs-source-rate-check-brown-genre
+if source_rate_rule exhausted $CHECKS $G/tuning-trials.csv $G/tuned.yaml; then
+  # Change 14's last resort, every candidate having failed: the source's own rate, tuned on validation.
+  "$FIMLORA" tune $E/brown-genre-source-lora-r8-tune.yaml --workers "$WORKERS"
+  source_rate_rule tuned $E/brown-genre-source-lora-r8.yaml $E/runs-source-rate-tune-brown-genre/tuned.yaml
+else
+  source_rate_rule spec $E/brown-genre-source-lora-r8-rate-check.yaml $CHECKS $G/tuning-trials.csv $G/tuned.yaml
+  sweep $E/brown-genre-source-lora-r8-rate-check.yaml
+  source_rate_rule holds $CHECKS $G/tuned.yaml
+  source_rate_rule spec $E/brown-genre-source-lora-r8.yaml $CHECKS $G/tuning-trials.csv $G/tuned.yaml
+fi
 sweep $E/brown-genre-source-lora-r8.yaml
 spectra $E/runs/brown-genre-lora-r8/*/lora
 "$FIMLORA" tune $E/brown-genre-r1-own-rate.yaml --workers "$WORKERS"

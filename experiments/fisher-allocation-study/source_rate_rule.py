@@ -8,8 +8,14 @@ minus 0.035; otherwise the next candidate is checked the same way. The two runs 
 failed are kept in ``<check store>/.rejected-lr-<rate>/`` (hidden: out of the check's own lookup), and
 this script re-applies the rule to them before it passes over that candidate.
 
-    python source_rate_rule.py spec SPEC STORE TRIALS_CSV TUNED  # stop unless SPEC trains at the candidate due
-    python source_rate_rule.py holds STORE TUNED                 # stop unless STORE's check passed the rule
+If every candidate fails, the rule is exhausted, and the source's rate is tuned on validation for the
+source itself (change 14's last resort, decided before the last candidates' results:
+brown-genre-source-lora-r8-tune.yaml).
+
+    python source_rate_rule.py spec SPEC STORE TRIALS_CSV TUNED  # stop unless SPEC has the candidate due
+    python source_rate_rule.py holds STORE TUNED                 # stop unless STORE's check passed
+    python source_rate_rule.py exhausted STORE TRIALS_CSV TUNED  # exit 0 iff every candidate failed
+    python source_rate_rule.py tuned SPEC SOURCE_TUNED           # stop unless SPEC has the tuned rate
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ def check_failure(runs: Path, rate: float, floor: float) -> str | None:
     return None
 
 
-def due_rate(store: Path, trials_csv: Path, tuned: Path) -> float:
-    """The first candidate whose check has not failed (kept under ``.rejected-lr-<rate>/``)."""
+def due_rate(store: Path, trials_csv: Path, tuned: Path) -> float | None:
+    """The first candidate whose check has not failed (kept under ``.rejected-lr-<rate>/``); None when
+    every candidate's check failed."""
     cell = tuned_lora(tuned)
     floor = cell["validation_score"] - MARGIN
     rates = candidates(trials_csv)
@@ -70,18 +77,38 @@ def due_rate(store: Path, trials_csv: Path, tuned: Path) -> float:
             return rate
         if check_failure(rejected, rate, floor) is None:
             sys.exit(f"{rejected}: passed over, but its runs pass the rule; move them back")
-    sys.exit(f"every lora rate of {trials_csv} failed the check at r = 8; the rule names no further candidate")
+    return None
+
+
+def spec_rate(spec_path: Path) -> float:
+    spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    return float(spec["defaults"]["train"]["learning_rate"])
+
+
+def require_rate(spec_path: Path, due: float, what: str) -> None:
+    rate = spec_rate(spec_path)
+    if abs(rate - due) > 1e-12 * due:
+        sys.exit(f"{spec_path}: learning_rate {rate}, {what} is {due!r}; set it, then run again")
 
 
 def main(argv: list[str]) -> None:
     command, *args = argv
     if command == "spec":
         spec_path, store, trials_csv, tuned = map(Path, args)
-        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
-        rate = float(spec["defaults"]["train"]["learning_rate"])
         due = due_rate(store, trials_csv, tuned)
-        if abs(rate - due) > 1e-12 * due:
-            sys.exit(f"{spec_path}: learning_rate {rate}, the rule's candidate due is {due!r}; set it, then run again")
+        if due is None:
+            sys.exit(
+                f"every lora rate of {trials_csv} failed the check at r = 8: the rate is tuned (change 14)"
+            )
+        require_rate(spec_path, due, "the rule's candidate due")
+    elif command == "exhausted":
+        store, trials_csv, tuned = map(Path, args)
+        sys.exit(0 if due_rate(store, trials_csv, tuned) is None else 1)
+    elif command == "tuned":
+        spec_path, source_tuned = map(Path, args)
+        require_rate(
+            spec_path, tuned_lora(source_tuned)["params"]["train.learning_rate"], "the source's tuned rate"
+        )
     elif command == "holds":
         store, tuned = map(Path, args)
         cell = tuned_lora(tuned)
