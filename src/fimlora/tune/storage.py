@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 FAILURE_ATTR = "failure"
 SURPLUS_ATTR = "surplus"
@@ -138,13 +138,11 @@ def _fimlora_storage() -> type:
     from fimlora.sweep.lock import exclusive
 
     class FimloraStorage(optuna.storages.RDBStorage):  # type: ignore[misc]
-        # (storage URL, trial id) -> when this process first saw that trial RUNNING without a heartbeat.
-        # Class-wide: a worker opens the storage again for each pass over its studies, and the
-        # waiting must carry over between passes.
-        first_seen_silent: ClassVar[dict[tuple[str, int], float]] = {}
-
         def __init__(self, lock: Path | None, *args: Any, **kwargs: Any) -> None:
             self.claims_lock = lock
+            # trial id -> when this storage first saw that trial RUNNING without a heartbeat (a worker
+            # keeps one storage across its passes over the studies, so the waiting carries over).
+            self.first_seen_silent: dict[int, float] = {}
             super().__init__(*args, **kwargs)
 
         def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
@@ -170,7 +168,7 @@ def _fimlora_storage() -> type:
             finally:
                 session.close()
             for trial_id in silent:
-                first_seen = self.first_seen_silent.setdefault((self.url, trial_id), now)
+                first_seen = self.first_seen_silent.setdefault(trial_id, now)
                 if now - first_seen > grace_s:
                     stale.append(trial_id)
             return stale
