@@ -333,7 +333,7 @@ def calibration(
     seed: Annotated[
         int | None, typer.Option(help="Seed of the subsets and MC labels (default: the config's).")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Fisher ranking stability across disjoint calibration subsets, per size; empirical vs MC Fisher."""
     from fimlora.analysis import calibration_stability
@@ -346,7 +346,7 @@ def calibration(
         raise FimloraError(f"--sizes must be comma-separated integers, got {sizes!r}.") from None
     cfg = load_config(config)
     target = ensure_directory(out or Path(cfg.output_dir) / "calibration", "--out" if out else "output_dir")
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, progress=progress)
     result = calibration_stability(
         prepared,
         size_list,
@@ -393,7 +393,7 @@ def fisher_trajectory(
             "(evaluation stays on the config's split)."
         ),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Does the Fisher move during training? Its per-module scores along a LoRA run vs init and hindsight."""
     from fimlora.analysis.fisher_trajectory import VERSUS_HINDSIGHT, fisher_trajectory
@@ -413,7 +413,7 @@ def fisher_trajectory(
     target = ensure_directory(
         out or Path(cfg.output_dir) / "fisher-trajectory", "--out" if out else "output_dir"
     )
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, progress=progress)
     result = fisher_trajectory(
         prepared,
         target,

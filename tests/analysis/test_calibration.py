@@ -141,7 +141,7 @@ def test_calibration_stability_on_a_tiny_model(prepared, tmp_path):
 
 def test_cli_calibration(prepared, tiny_bert_dir, reviews_csv, tmp_path, capsys, monkeypatch):
     # The command's own prepare() would load the same tiny model again: reuse the prepared one.
-    monkeypatch.setattr("fimlora.experiment.prepare", lambda config: prepared)
+    monkeypatch.setattr("fimlora.experiment.prepare", lambda config, **_: prepared)
     config = tmp_path / "experiment.yaml"
     config.write_text(
         f"model: {tiny_bert_dir}\ndataset: {reviews_csv}\n"

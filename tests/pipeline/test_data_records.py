@@ -1,6 +1,7 @@
 """What a run records and says about its data: the share of examples cut at ``train.max_length`` and the
 evaluation rows that also occur in an earlier split (``result.json``, one warning line, the report, the
-results table), ``drop_eval_duplicates``, and ``--no-progress`` hiding ``datasets``' tokenizing bars."""
+results table), ``drop_eval_duplicates``, and ``--no-progress`` hiding ``datasets``' tokenizing bars (bars
+shown by default, by ``run`` and by the analyses that train or take the Fisher too)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,29 @@ def test_no_progress_also_hides_the_tokenizing_bars(
     err = capsys.readouterr().err
     assert exit_info.value.code == 0, err
     assert ("Tokenizing" in err) is progress, err
+
+
+# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training.
+ANALYSES = {
+    "calibration": (["--sizes", "4", "--repeats", "2", "--no-mc"], "Fisher diagonal (empirical)"),
+    "fisher-trajectory": ([], "loss="),
+}
+
+
+@pytest.mark.parametrize("command", sorted(ANALYSES))
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]], ids=["default", "no-progress"])
+def test_the_analyses_show_progress_by_default_and_hide_all_of_it_when_asked(
+    capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, command, flag
+):
+    monkeypatch.setattr(tokenize_module, "_PROGRESS_MIN_ROWS", 1)
+    options, own_bar = ANALYSES[command]
+    data = write_sentiment_csv(tmp_path / "reviews.csv", n=60, seed=2 + len(flag) + 2 * len(options))
+    config = tmp_path / "config.yaml"
+    settings = config_for(tiny_vocab_bert_dir, data, tmp_path / "runs").model_dump(mode="json")
+    config.write_text(json.dumps(settings), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(config), *options, *flag])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 0, err
+    assert ("Tokenizing" in err) is (not flag), err
+    assert (own_bar in err) is (not flag), err
