@@ -102,27 +102,36 @@ def test_drop_eval_duplicates_scores_only_unseen_rows(tiny_vocab_bert_dir, leaky
     assert result["data"]["duplicates"]["test_in_train"] == 5  # what was found stays on record
 
 
+def stderr_of(capsys, monkeypatch, model: Path, tmp_path: Path, argv: list[str], seed: int) -> str:
+    """``fimlora <argv[0]> CONFIG <argv[1:]>`` on fresh reviews; its stderr once it exited 0. ``seed``
+    must differ between the calls of a session, so that no split's tokenized copy is cached."""
+    # Small data shows no tokenizing bar anyway; make every split count as large, as a big file would.
+    monkeypatch.setattr(tokenize_module, "_PROGRESS_MIN_ROWS", 1)
+    data = write_sentiment_csv(tmp_path / "reviews.csv", n=60, seed=seed)
+    config = tmp_path / "config.yaml"
+    settings = config_for(model, data, tmp_path / "runs").model_dump(mode="json")
+    config.write_text(json.dumps(settings), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], str(config), *argv[1:]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 0, err
+    return err
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_no_progress_also_hides_the_tokenizing_bars(
     capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, progress
 ):
-    # Small data shows no tokenizing bar anyway; make every split count as large, as a big file would.
-    monkeypatch.setattr(tokenize_module, "_PROGRESS_MIN_ROWS", 1)
-    data = write_sentiment_csv(tmp_path / "reviews.csv", n=60, seed=int(progress))  # nothing cached
-    config = tmp_path / "config.yaml"
-    settings = config_for(tiny_vocab_bert_dir, data, tmp_path / "runs").model_dump(mode="json")
-    config.write_text(json.dumps(settings), encoding="utf-8")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(config), "--progress" if progress else "--no-progress"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 0, err
+    argv = ["run", "--progress" if progress else "--no-progress"]
+    err = stderr_of(capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, argv, seed=int(progress))
     assert ("Tokenizing" in err) is progress, err
 
 
-# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training.
+# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training;
+# and a data seed of its own per case (2 to 5: the test above takes 0 and 1).
 ANALYSES = {
-    "calibration": (["--sizes", "4", "--repeats", "2", "--no-mc"], "Fisher diagonal (empirical)"),
-    "fisher-trajectory": ([], "loss="),
+    "calibration": (["--sizes", "4", "--repeats", "2", "--no-mc"], "Fisher diagonal (empirical)", 2),
+    "fisher-trajectory": ([], "loss=", 4),
 }
 
 
@@ -131,15 +140,8 @@ ANALYSES = {
 def test_the_analyses_show_progress_by_default_and_hide_all_of_it_when_asked(
     capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, command, flag
 ):
-    monkeypatch.setattr(tokenize_module, "_PROGRESS_MIN_ROWS", 1)
-    options, own_bar = ANALYSES[command]
-    data = write_sentiment_csv(tmp_path / "reviews.csv", n=60, seed=2 + len(flag) + 2 * len(options))
-    config = tmp_path / "config.yaml"
-    settings = config_for(tiny_vocab_bert_dir, data, tmp_path / "runs").model_dump(mode="json")
-    config.write_text(json.dumps(settings), encoding="utf-8")
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, str(config), *options, *flag])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 0, err
+    options, own_bar, seed = ANALYSES[command]
+    argv = [command, *options, *flag]
+    err = stderr_of(capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, argv, seed=seed + len(flag))
     assert ("Tokenizing" in err) is (not flag), err
     assert (own_bar in err) is (not flag), err
