@@ -193,6 +193,7 @@ def methods(
         Path | None, typer.Argument(help="Experiment YAML: count parameters at its budget (no training).")
     ] = None,
     every_preset: Annotated[bool, typer.Option("--all", help="Count every preset instead.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """List the method presets, or what each method trains at a config's budget (nothing is trained, and
     the config's output_dir is left untouched)."""
@@ -205,7 +206,7 @@ def methods(
     from fimlora.methods import PRESETS
 
     cfg = load_config(config)
-    rows = parameter_inventory(cfg, list(PRESETS) if every_preset else None, log=_echo)
+    rows = parameter_inventory(cfg, list(PRESETS) if every_preset else None, progress=progress, log=_echo)
     _echo(inventory_table(rows))
     failed = [row for row in rows if row["error"]]
     if failed and not every_preset:  # the config's own methods: its run would fail the same way

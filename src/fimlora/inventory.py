@@ -25,7 +25,8 @@ def parameter_inventory(
     Runs the calibration passes the methods need (Fisher, gradients, K-FAC; EVA's and LoRA-GA's inits),
     but no training, in a temporary directory: the config's ``output_dir`` (a run store) is never read
     nor written. A method that cannot be built at this budget is a row with ``error`` set (the others
-    are still counted); ``note`` explains counts that differ from the budget by design.
+    are still counted); ``note`` explains counts that differ from the budget by design. ``progress``
+    shows the calibration passes' bars and ``datasets``' tokenizing bars (off, all of them are hidden).
     """
     data = config.model_dump(mode="json", by_alias=True)
     unsourced: list[str] = []
@@ -42,7 +43,7 @@ def parameter_inventory(
     with tempfile.TemporaryDirectory(prefix="fimlora-methods-") as scratch:
         data["output_dir"] = scratch
         config = parse_config(data)
-        prepared = prepare(config)
+        prepared = prepare(config, progress=progress)
         needs: set[str] = set()
         for entry in config.methods:
             needs |= get_allocation(resolve_method(entry).allocation).needs

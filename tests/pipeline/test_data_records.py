@@ -102,7 +102,9 @@ def test_drop_eval_duplicates_scores_only_unseen_rows(tiny_vocab_bert_dir, leaky
     assert result["data"]["duplicates"]["test_in_train"] == 5  # what was found stays on record
 
 
-def stderr_of(capsys, monkeypatch, model: Path, tmp_path: Path, argv: list[str], seed: int) -> str:
+def stderr_of(
+    capsys, monkeypatch, model: Path, tmp_path: Path, argv: list[str], seed: int, methods=("lora",)
+) -> str:
     """``fimlora <argv[0]> CONFIG <argv[1:]>`` on fresh reviews; its stderr once it exited 0. ``seed``
     must differ between the calls of a session, so that no split's tokenized copy is cached."""
     # Small data shows no tokenizing bar anyway; make every split count as large, as a big file would.
@@ -110,6 +112,7 @@ def stderr_of(capsys, monkeypatch, model: Path, tmp_path: Path, argv: list[str],
     data = write_sentiment_csv(tmp_path / "reviews.csv", n=60, seed=seed)
     config = tmp_path / "config.yaml"
     settings = config_for(model, data, tmp_path / "runs").model_dump(mode="json")
+    settings["methods"] = list(methods)
     config.write_text(json.dumps(settings), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
         main([argv[0], str(config), *argv[1:]])
@@ -127,12 +130,16 @@ def test_no_progress_also_hides_the_tokenizing_bars(
     assert ("Tokenizing" in err) is progress, err
 
 
-# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training;
-# and a data seed of its own per case (2 to 5: the test above takes 0 and 1).
+# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training,
+# the Fisher pass `methods` takes to count fim-lora; and a data seed of its own per case (2 to 7: the test
+# above takes 0 and 1).
 ANALYSES = {
     "calibration": (["--sizes", "4", "--repeats", "2", "--no-mc"], "Fisher diagonal (empirical)", 2),
     "fisher-trajectory": ([], "loss=", 4),
+    "methods": ([], "Fisher trace (empirical)", 6),
 }
+# fim-lora's Fisher is what `methods` calibrates; the other analyses take the config's methods as given.
+METHODS = {"methods": ("lora", "fim-lora")}
 
 
 @pytest.mark.parametrize("command", sorted(ANALYSES))
@@ -142,6 +149,9 @@ def test_the_analyses_show_progress_by_default_and_hide_all_of_it_when_asked(
 ):
     options, own_bar, seed = ANALYSES[command]
     argv = [command, *options, *flag]
-    err = stderr_of(capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, argv, seed=seed + len(flag))
+    methods = METHODS.get(command, ("lora",))
+    err = stderr_of(
+        capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, argv, seed=seed + len(flag), methods=methods
+    )
     assert ("Tokenizing" in err) is (not flag), err
     assert (own_bar in err) is (not flag), err
