@@ -173,6 +173,8 @@ def test_cli_and_report(tiny_bert_dir, reviews_csv, tmp_path, capsys):
     report = (tmp_path / "runs" / "report.md").read_text()
     assert "Does the Fisher move during training?" in report
     assert "fisher-trajectory-" in report and "vs the Fisher at init" in report
+    # The source (here the analysis's own run) is named below the report's root, not by its absolute path.
+    assert f"hindsight source `fisher-trajectory/{RUN_DIR}/lora`." in report, report
     # The analysis's own training run is hidden: the report counts only the experiment's run.
     assert "1 finished run(s)" in report
     with pytest.raises(SystemExit) as exit_info:

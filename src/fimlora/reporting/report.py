@@ -1104,6 +1104,8 @@ class _Builder:
             frame = pd.DataFrame(result.records)
             chosen = frame[frame["aggregation"] == aggregation].sort_values(["versus", "step"])
             source = info.get("hindsight_source") or {}
+            # Recorded resolved; named below the report's root like every other run of the report.
+            source_path = _rel(Path(source["path"]), self.root) if source.get("path") else "?"
             labels = {
                 VERSUS_INIT: "vs the Fisher at init",
                 VERSUS_HINDSIGHT: f"vs hindsight ({source.get('kind', '?')})",
@@ -1129,7 +1131,7 @@ class _Builder:
                 png,
                 f"{info.get('num_modules', '?')} modules, {info.get('num_examples', '?')} calibration "
                 f"examples ({info.get('estimator', '?')} Fisher), {info.get('steps', '?')} training "
-                f"steps; hindsight source `{source.get('path', '?')}`.",
+                f"steps; hindsight source `{source_path}`.",
                 alt="Fisher ranking over training",
             )
             rows = [
