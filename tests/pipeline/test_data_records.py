@@ -130,16 +130,19 @@ def test_no_progress_also_hides_the_tokenizing_bars(
     assert ("Tokenizing" in err) is progress, err
 
 
-# What each analysis shows besides tokenizing: the calibration's Fisher passes, the trajectory's training,
-# the Fisher pass `methods` takes to count fim-lora; and a data seed of its own per case (2 to 7: the test
-# above takes 0 and 1).
+# Per analysis: its options, what it shows besides tokenizing (the calibration's Fisher passes, the
+# trajectory's training, the Fisher pass `methods` takes to count fim-lora), a data seed of its own (2 to
+# 7: the test above takes 0 and 1) and the config's methods.
 ANALYSES = {
-    "calibration": (["--sizes", "4", "--repeats", "2", "--no-mc"], "Fisher diagonal (empirical)", 2),
-    "fisher-trajectory": ([], "loss=", 4),
-    "methods": ([], "Fisher trace (empirical)", 6),
+    "calibration": (
+        ["--sizes", "4", "--repeats", "2", "--no-mc"],
+        "Fisher diagonal (empirical)",
+        2,
+        ("lora",),
+    ),
+    "fisher-trajectory": ([], "loss=", 4, ("lora",)),
+    "methods": ([], "Fisher trace (empirical)", 6, ("lora", "fim-lora")),
 }
-# fim-lora's Fisher is what `methods` calibrates; the other analyses take the config's methods as given.
-METHODS = {"methods": ("lora", "fim-lora")}
 
 
 @pytest.mark.parametrize("command", sorted(ANALYSES))
@@ -147,9 +150,8 @@ METHODS = {"methods": ("lora", "fim-lora")}
 def test_the_analyses_show_progress_by_default_and_hide_all_of_it_when_asked(
     capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, command, flag
 ):
-    options, own_bar, seed = ANALYSES[command]
+    options, own_bar, seed, methods = ANALYSES[command]
     argv = [command, *options, *flag]
-    methods = METHODS.get(command, ("lora",))
     err = stderr_of(
         capsys, monkeypatch, tiny_vocab_bert_dir, tmp_path, argv, seed=seed + len(flag), methods=methods
     )
